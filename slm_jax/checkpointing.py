@@ -1,0 +1,133 @@
+"""Orbax checkpoints of the trainable state only.
+
+A checkpoint holds: the train state (step, adapter parameters, optimizer state, guard counters),
+the data position (batches consumed + seed), and metadata that identifies the frozen models by
+their *source* (e.g. 'random:seed=0', 'gguf:smollm2-135m-instruct@sha256:...') plus the adapter
+shapes. Frozen weights are never copied into a checkpoint.
+
+Orbax writes each step into a temporary directory and renames it when complete, so a
+checkpoint cut off by SIGKILL is never picked up by ``latest_step``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable or belongs to another configuration."""
+
+
+def _shape_table(tree: Any) -> dict[str, list[int]]:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(path): list(np.shape(leaf)) for path, leaf in flat}
+
+
+def describe_state(adapter_params: Any, frozen_sources: Mapping[str, str]) -> dict[str, Any]:
+    """What a checkpoint must agree with to be resumed: adapter shapes and frozen sources."""
+    return {"adapter_shapes": _shape_table(adapter_params), "frozen_sources": dict(frozen_sources)}
+
+
+def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], where: str) -> None:
+    problems = []
+    for name, source in current["frozen_sources"].items():
+        old = saved.get("frozen_sources", {}).get(name)
+        if old != source:
+            problems.append(f"frozen {name} was {old!r}, now {source!r}")
+    old_shapes, new_shapes = saved.get("adapter_shapes", {}), current["adapter_shapes"]
+    for key in sorted(set(old_shapes) | set(new_shapes)):
+        if old_shapes.get(key) != new_shapes.get(key):
+            problems.append(f"adapter{key} shape was {old_shapes.get(key)}, now {new_shapes.get(key)}")
+    if problems:
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise CheckpointError(f"checkpoint in {where} was written by a different configuration: {shown}")
+
+
+def ensure_writable(directory: str, min_free_bytes: int = 0) -> None:
+    """Fails before training starts if the model directory cannot take checkpoints."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write_test_"):
+            pass
+    except OSError as e:
+        raise CheckpointError(f"model directory {directory} is not writable: {e.strerror or e}") from None
+    free = shutil.disk_usage(directory).free
+    if free < min_free_bytes:
+        raise CheckpointError(
+            f"model directory {directory} has {free / 2**20:.1f} MiB free; checkpoints need about "
+            f"{min_free_bytes / 2**20:.1f} MiB"
+        )
+
+
+class Checkpointer:
+    """Saves and restores {state, data position, metadata} under ``directory``."""
+
+    def __init__(self, directory: str, max_to_keep: int = 3, async_save: bool = False):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state: Any, data_position: Mapping[str, Any], metadata: Mapping[str, Any]) -> None:
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave(dict(data_position)),
+                meta=ocp.args.JsonSave(dict(metadata)),
+            ),
+            force=True,
+        )
+        self._manager.wait_until_finished()
+
+    def read_metadata(self, step: int) -> dict[str, Any]:
+        path = os.path.join(self.directory, str(step), "meta", "metadata")
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"cannot read checkpoint metadata {path}: {e}") from None
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+        """Restores onto the shardings carried by ``abstract_state`` (ShapeDtypeStructs)."""
+        try:
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+                ),
+            )
+        except FileNotFoundError as e:
+            raise CheckpointError(f"checkpoint step {step} in {self.directory} is incomplete: {e}") from None
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"checkpoint step {step} in {self.directory} does not fit this model: {e}") from None
+        return restored["state"], dict(restored["data"])
+
+    def close(self) -> None:
+        self._manager.close()
+
+
+def find_checkpoint_dir(path: str) -> tuple[str, int]:
+    """Accepts a model directory (latest step) or a step directory; returns (model dir, step)."""
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"no checkpoint at {path}: directory does not exist")
+    base = os.path.basename(path)
+    if base.isdigit() and os.path.isdir(os.path.join(path, "state")):
+        return os.path.dirname(path), int(base)
+    steps = [int(d) for d in os.listdir(path) if d.isdigit() and os.path.isdir(os.path.join(path, d, "state"))]
+    if not steps:
+        raise CheckpointError(f"no checkpoint in {path}: it holds no completed step directories")
+    return path, max(steps)

@@ -1,0 +1,115 @@
+"""Shared command-line plumbing: gin flags (T5X style), logging, and one-line user errors."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import pathlib
+import sys
+from typing import Callable, Sequence
+
+REPO_GIN_DIR = pathlib.Path(__file__).resolve().parents[2] / "gin"
+
+GIN_HELP = (
+    "gin: --gin_file=FILE (repeatable; searched in the current directory and in the repo's gin/ "
+    "folder) and --gin.NAME=VALUE overrides, e.g. --gin.TRAIN_STEPS=50 or "
+    "--gin.train.batch_size=16."
+)
+
+
+def add_gin_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gin_file", action="append", default=[], help="a gin config file (repeatable)")
+    parser.add_argument(
+        "--gin_bindings", action="append", default=[], help="a gin binding 'NAME=VALUE' (same as --gin.NAME=VALUE)"
+    )
+
+
+def split_gin_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Pulls '--gin.NAME=VALUE' out of argv (argparse cannot declare them)."""
+    rest, bindings = [], []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a.startswith("--gin."):
+            body = a[len("--gin."):]
+            if "=" not in body:
+                if i + 1 >= len(args):
+                    raise UserError(f"{a} needs a value: --gin.NAME=VALUE")
+                body = f"{body}={args[i + 1]}"
+                i += 1
+            name, _, value = body.partition("=")
+            bindings.append(f"{name}={value}")
+        else:
+            rest.append(a)
+        i += 1
+    return rest, bindings
+
+
+class UserError(Exception):
+    """An error in what the user asked for: reported as one line, no traceback."""
+
+
+def parse_gin(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
+    import gin
+
+    from slm_jax import gin_registry  # noqa: F401  (registers every configurable)
+
+    gin.add_config_file_search_path(str(REPO_GIN_DIR))
+    gin.add_config_file_search_path(os.getcwd())
+    for f in gin_files:
+        if not (os.path.exists(f) or (REPO_GIN_DIR / f).exists() or (REPO_GIN_DIR / os.path.basename(f)).exists()):
+            raise UserError(f"gin file not found: {f}")
+    files = [f if os.path.exists(f) else str(REPO_GIN_DIR / os.path.basename(f)) for f in gin_files]
+    try:
+        gin.parse_config_files_and_bindings(files, list(bindings), finalize_config=False)
+    except (ValueError, KeyError, SyntaxError, IOError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"bad gin configuration: {first}") from None
+
+
+def setup_logging(verbose: bool = False) -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("absl", "jax._src", "orbax", "tensorflow", "h5py", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """Errors that mean 'the input or configuration is wrong', not 'the program is broken'."""
+    from slm_jax.checkpointing import CheckpointError
+    from slm_jax.frozen import FrozenSourceError
+
+    types: list[type[BaseException]] = [UserError, CheckpointError, FrozenSourceError, FileNotFoundError]
+    for module, name in (
+        ("slm_jax.audio", "AudioError"),
+        ("slm_jax.train", "TrainingStopped"),
+        ("slm_jax.convert.errors", "ConversionError"),
+        ("slm_jax.assets", "AssetError"),
+        ("slm_jax.data.errors", "DataError"),
+    ):
+        try:
+            types.append(getattr(__import__(module, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(types)
+
+
+def run_main(prog: str, main: Callable[[], int | None]) -> int:
+    """Runs ``main``; user errors become 'prog: error: message' on stderr and exit status 2."""
+    try:
+        return int(main() or 0)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - filtered just below
+        if isinstance(e, user_error_types()):
+            message = " ".join(str(e).split()) or type(e).__name__
+            print(f"{prog}: error: {message}", file=sys.stderr)
+            return 2
+        raise

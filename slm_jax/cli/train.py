@@ -1,0 +1,52 @@
+"""slm-train: train an SLM adapter (frozen speech encoder and LLM) from gin configs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from slm_jax.cli import common
+
+DESCRIPTION = """\
+Train the adapter of a speech-language model. The speech encoder and the LLM stay frozen;
+only the adapter gets gradients, optimizer state and checkpoints.
+
+Running the same command again resumes from the latest checkpoint in --model_dir (parameters,
+optimizer state, step and data position). SIGTERM saves a checkpoint and exits.
+Progress goes to the console and to TensorBoard event files in MODEL_DIR/train and MODEL_DIR/eval.
+
+examples:
+  slm-train --gin_file=gin/tiny.gin --model_dir=runs/tiny --gin.TRAIN_STEPS=50
+  slm-train --gin_file=gin/whisper_base_smollm2.gin --model_dir=runs/default
+"""
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+
+    def run():
+        rest, overrides = common.split_gin_overrides(argv)
+        parser = argparse.ArgumentParser(
+            prog="slm-train", description=DESCRIPTION, epilog=common.GIN_HELP,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        common.add_gin_flags(parser)
+        parser.add_argument("--model_dir", required=True, help="where checkpoints, logs and config.gin go")
+        parser.add_argument("--verbose", action="store_true", help="debug logging")
+        args = parser.parse_args(rest)
+        if not args.gin_file:
+            raise common.UserError("give at least one --gin_file (e.g. gin/tiny.gin)")
+        common.setup_logging(args.verbose)
+        common.parse_gin(args.gin_file, args.gin_bindings + overrides)
+        from slm_jax import train
+
+        metrics = train.train(args.model_dir)
+        if "loss" in metrics:
+            print(f"finished at step {metrics['step']}: loss {metrics['loss']:.4f}")
+        return 0
+
+    return common.run_main("slm-train", run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

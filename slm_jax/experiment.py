@@ -1,0 +1,61 @@
+"""What a run is made of: the model (which encoder, adapter and LLM, and where the frozen weights
+come from) and the data (which corpus, mixture, vocabulary and prompt layout).
+
+Both are plain dataclasses bound by gin (gin/*.gin); nothing here trains or reads data by itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+from slm_jax.models import registry
+from slm_jax.models.adapter import AdapterConfig
+from slm_jax.models.slm import SLM, build_slm
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    speech_encoder: Any  # an encoder config (WhisperEncoderConfig, ConformerConfig)
+    llm: Any  # an LLM config (T5Config, LlamaConfig)
+    adapter: AdapterConfig
+    # Where the frozen weights come from (see slm_jax/frozen.py): 'random:SEED', 'hf:DIR',
+    # 'package:whisper-base', 'gguf:PATH' or 'package:smollm2-135m-instruct'.
+    speech_encoder_source: str = "random:0"
+    llm_source: str = "random:1"
+
+    def build(self) -> SLM:
+        adapter = self.adapter
+        if adapter.output_dim in (0, None):
+            adapter = dataclasses.replace(adapter, output_dim=registry.llm_embed_dim(self.llm))
+        elif adapter.output_dim != registry.llm_embed_dim(self.llm):
+            raise ValueError(
+                f"adapter output_dim {adapter.output_dim} != LLM embedding width {registry.llm_embed_dim(self.llm)}"
+            )
+        return build_slm(registry.module_for(self.speech_encoder), registry.module_for(self.llm), adapter)
+
+    @property
+    def frozen_sources(self) -> Mapping[str, str]:
+        return {"speech_encoder": self.speech_encoder_source, "llm": self.llm_source}
+
+
+def sample_batch(
+    batch_size: int, feature_lengths: Mapping[str, int], num_mel_bins: int = 80
+) -> dict[str, Any]:
+    """A zero batch with the model's input signature (shapes for init, compile and planning)."""
+    import numpy as np
+
+    audio = feature_lengths["audio_frames"]
+    lp, ls, lt = feature_lengths["prefix"], feature_lengths["suffix"], feature_lengths["targets"]
+    ones = lambda n: np.ones((batch_size, n), np.int32)  # noqa: E731
+    return {
+        "audio_features": np.zeros((batch_size, audio, num_mel_bins), np.float32),
+        "audio_mask": ones(audio),
+        "prefix_tokens": np.zeros((batch_size, lp), np.int32),
+        "prefix_mask": ones(lp),
+        "suffix_tokens": np.zeros((batch_size, ls), np.int32),
+        "suffix_mask": ones(ls),
+        "decoder_input_tokens": np.zeros((batch_size, lt), np.int32),
+        "target_tokens": np.zeros((batch_size, lt), np.int32),
+        "target_mask": ones(lt),
+    }

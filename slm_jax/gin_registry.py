@@ -1,0 +1,49 @@
+"""Registers every configurable that gin files may name. Imported by the CLIs before parsing.
+
+Model files stay free of gin: their config dataclasses and presets are registered here, under
+the module paths a reader would look for them in.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import gin
+
+from slm_jax import experiment, synthetic_data, train  # noqa: F401  (train.train is @gin.configurable)
+from slm_jax.models import adapter
+
+_REGISTERED = False
+
+
+def _register(obj, module: str) -> None:
+    gin.external_configurable(obj, module=module)
+
+
+def register_all() -> None:
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    _REGISTERED = True
+    _register(experiment.ModelSpec, "slm_jax.experiment")
+    _register(adapter.AdapterConfig, "slm_jax.models.adapter")
+    _register(synthetic_data.SyntheticData, "slm_jax.synthetic_data")
+    # Model configs: gin files spell out every dimension (configs as data, T5X style).
+    for module_name, names in {
+        "slm_jax.models.whisper_encoder": ["WhisperEncoderConfig"],
+        "slm_jax.models.conformer": ["ConformerConfig"],
+        "slm_jax.models.t5": ["T5Config"],
+        "slm_jax.models.llama": ["LlamaConfig"],
+    }.items():
+        module = importlib.import_module(module_name)
+        for name in names:
+            _register(getattr(module, name), module_name)
+    try:
+        data_spec = importlib.import_module("slm_jax.data.spec")
+    except ImportError:
+        data_spec = None
+    if data_spec is not None:
+        _register(data_spec.CorpusData, "slm_jax.data.spec")
+
+
+register_all()

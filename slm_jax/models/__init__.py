@@ -1,0 +1,1 @@
+"""Speech encoders, the adapter and the SLM composition."""

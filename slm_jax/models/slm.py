@@ -1,0 +1,110 @@
+"""The SLM: frozen speech encoder -> trainable adapter -> frozen LLM.
+
+Parameters live under three top-level names, which is what lets the trainer keep the frozen
+parts out of gradients, optimizer state and checkpoints:
+  params['speech_encoder']  frozen
+  params['adapter']         trained
+  params['llm']             frozen
+
+Prompt layout (built by the data pipeline, see slm_jax/data/feature_converter.py):
+  [prefix text | adapted speech | suffix text]  -> encoder input (encoder-decoder LLM)
+  [prefix text | adapted speech | suffix text | decoder input] -> one sequence (decoder-only)
+Each block is right-padded; positions come from the combined mask so the padding between
+blocks is invisible to the LLM.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from slm_jax.layers.embeddings import positions_from_mask
+from slm_jax.models.adapter import Adapter, AdapterConfig
+
+FROZEN_COLLECTIONS = ("speech_encoder", "llm")
+TRAINABLE_COLLECTION = "adapter"
+
+
+def is_encoder_decoder(llm: nn.Module) -> bool:
+    return hasattr(type(llm), "encode")
+
+
+class SLM(nn.Module):
+    speech_encoder: nn.Module
+    adapter: Adapter
+    llm: nn.Module
+
+    # --- the three stages -------------------------------------------------------------
+    def encode_speech(self, features: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Frozen encoder: log-mel [B, T, 80] -> hidden [B, T', D]. Run outside the gradient."""
+        return self.speech_encoder(features, mask)
+
+    def adapt(self, speech_hidden: jax.Array, speech_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return self.adapter(speech_hidden, speech_mask)
+
+    def prompt_embeddings(
+        self, speech_embeds: jax.Array, speech_mask: jax.Array, batch: Mapping[str, jax.Array]
+    ) -> tuple[jax.Array, jax.Array]:
+        """[prefix | speech | suffix] embeddings and mask; text goes through the LLM's own table."""
+        prefix = self.llm.embed(batch["prefix_tokens"]).astype(speech_embeds.dtype)
+        suffix = self.llm.embed(batch["suffix_tokens"]).astype(speech_embeds.dtype)
+        embeds = jnp.concatenate([prefix, speech_embeds, suffix], axis=1)
+        mask = jnp.concatenate(
+            [batch["prefix_mask"], speech_mask.astype(batch["prefix_mask"].dtype), batch["suffix_mask"]], axis=1
+        )
+        return embeds, mask
+
+    # --- training forward pass ---------------------------------------------------------
+    def logits_from_speech(
+        self, speech_hidden: jax.Array, speech_mask: jax.Array, batch: Mapping[str, jax.Array]
+    ) -> jax.Array:
+        """Teacher-forced logits over the target block [B, Lt, V], from encoder outputs."""
+        speech_embeds, speech_mask = self.adapt(speech_hidden, speech_mask)
+        embeds, mask = self.prompt_embeddings(speech_embeds, speech_mask, batch)
+        decoder_input, target_mask = batch["decoder_input_tokens"], batch["target_mask"]
+        if is_encoder_decoder(self.llm):
+            memory = self.llm.encode(embeds, mask, positions_from_mask(mask))
+            hidden, _ = self.llm.decode(memory, mask, decoder_input, target_mask)
+        else:
+            decoder_embeds = self.llm.embed(decoder_input).astype(embeds.dtype)
+            full = jnp.concatenate([embeds, decoder_embeds], axis=1)
+            full_mask = jnp.concatenate([mask, target_mask.astype(mask.dtype)], axis=1)
+            hidden, _ = self.llm(full, full_mask, positions_from_mask(full_mask))
+            # Only the decoder block is scored: skip the vocabulary projection of the prompt.
+            hidden = hidden[:, -decoder_input.shape[1]:]
+        return self.llm.logits(hidden)
+
+    def __call__(self, batch: Mapping[str, jax.Array]) -> jax.Array:
+        """Full forward from log-mel features (used for initialisation and tests)."""
+        speech_hidden, speech_mask = self.encode_speech(batch["audio_features"], batch["audio_mask"])
+        return self.logits_from_speech(speech_hidden, speech_mask, batch)
+
+
+def build_slm(speech_encoder: nn.Module, llm: nn.Module, adapter_config: AdapterConfig) -> SLM:
+    return SLM(speech_encoder=speech_encoder, adapter=Adapter(adapter_config), llm=llm)
+
+
+def split_params(params: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """params -> (adapter params, {frozen name: params})."""
+    missing = {TRAINABLE_COLLECTION, *FROZEN_COLLECTIONS} - set(params)
+    if missing:
+        raise KeyError(f"SLM params lack {sorted(missing)}; got {sorted(params)}")
+    return params[TRAINABLE_COLLECTION], {k: params[k] for k in FROZEN_COLLECTIONS}
+
+
+def merge_params(adapter_params: Any, frozen_params: Mapping[str, Any]) -> dict[str, Any]:
+    return {**frozen_params, TRAINABLE_COLLECTION: adapter_params}
+
+
+def masked_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Sum of token cross-entropies over real target tokens, and the number of those tokens.
+
+    Log-softmax in float32: the frozen LLM may run in bf16, the loss must not.
+    """
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    mask = mask.astype(jnp.float32)
+    return jnp.sum(nll * mask), jnp.sum(mask)

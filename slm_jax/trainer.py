@@ -1,0 +1,245 @@
+"""Jitted, sharded train and eval steps for an SLM. Only the adapter is trained.
+
+What is frozen and how that is enforced:
+  * The speech encoder runs before ``jax.value_and_grad`` and its output passes through
+    ``stop_gradient``: no backward pass through it is ever traced.
+  * ``value_and_grad`` differentiates with respect to the adapter parameters only; the frozen
+    LLM parameters are ordinary (non-differentiated) inputs of the step, so XLA computes the
+    cotangents that flow *through* the LLM to the adapter but none *for* its weights.
+  * The optimizer is built over the adapter tree only, so moment buffers exist for adapter
+    parameters alone; the frozen trees are inputs and never outputs of the step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Mapping
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from slm_jax import partitioning
+from slm_jax.models.slm import SLM, masked_cross_entropy, merge_params
+
+Batch = Mapping[str, Any]
+
+# Keys a batch may carry. 'speech_hidden'/'speech_mask' replace the audio features when the
+# frozen encoder's outputs were computed offline (encoder caching).
+AUDIO_KEYS = ("audio_features", "audio_mask")
+CACHED_SPEECH_KEYS = ("speech_hidden", "speech_mask")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    adapter_params: Any
+    opt_state: Any
+    # Numerical guard: updates with a non-finite loss or gradient are skipped and counted.
+    nonfinite_streak: jax.Array
+    nonfinite_total: jax.Array
+
+
+def make_optimizer(
+    learning_rate: float = 1e-3,
+    warmup_steps: int = 100,
+    total_steps: int = 10_000,
+    end_learning_rate_fraction: float = 0.1,
+    weight_decay: float = 0.01,
+    clip_norm: float = 1.0,
+    b1: float = 0.9,
+    b2: float = 0.98,
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with linear warm-up and cosine decay, after global-norm clipping."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=learning_rate,
+        warmup_steps=max(1, min(warmup_steps, total_steps - 1)),
+        decay_steps=max(total_steps, 2),
+        end_value=learning_rate * end_learning_rate_fraction,
+    )
+    tx = optax.chain(
+        optax.clip_by_global_norm(clip_norm),
+        optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay),
+    )
+    return tx, schedule
+
+
+def _has_cached_speech(batch: Batch) -> bool:
+    return all(k in batch for k in CACHED_SPEECH_KEYS)
+
+
+class Trainer:
+    """Builds the sharded initialisation, train step and eval step for one model and mesh."""
+
+    def __init__(
+        self,
+        model: SLM,
+        optimizer: optax.GradientTransformation,
+        schedule: optax.Schedule | None,
+        mesh: Mesh,
+        rules=partitioning.DEFAULT_RULES,
+    ):
+        self.model = model
+        self.optimizer = optimizer
+        self.schedule = schedule
+        self.mesh = mesh
+        self.rules = tuple(rules)
+        self.batch_sharding = partitioning.batch_sharding(mesh, self.rules)
+        self._train_step = None
+        self._eval_step = None
+        self._encode = None
+
+    # --- shapes and shardings ------------------------------------------------------------
+    def abstract_variables(self, sample_batch: Batch) -> Any:
+        """Boxed (logically named) abstract parameters of the whole SLM; nothing is allocated."""
+        return jax.eval_shape(lambda: self.model.init(jax.random.key(0), dict(sample_batch)))
+
+    def param_shardings(self, sample_batch: Batch) -> Any:
+        with nn.logical_axis_rules(self.rules):
+            return partitioning.shardings_for_tree(self.abstract_variables(sample_batch)["params"], self.mesh, self.rules)
+
+    def init_frozen_randomly(self, name: str, seed: int, sample_batch: Batch) -> Any:
+        """Random weights for one frozen part (tiny configs and tests), created in place sharded."""
+        shardings = self.param_shardings(sample_batch)[name]
+
+        def init():
+            return nn.unbox(self.model.init(jax.random.key(seed), dict(sample_batch)))["params"][name]
+
+        return jax.jit(init, out_shardings=shardings)()
+
+    def _boxed_state(self, rng: jax.Array, sample_batch: Batch) -> TrainState:
+        adapter = self.model.init(rng, dict(sample_batch))["params"]["adapter"]
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            adapter_params=adapter,
+            opt_state=self.optimizer.init(adapter),
+            nonfinite_streak=jnp.zeros((), jnp.int32),
+            nonfinite_total=jnp.zeros((), jnp.int32),
+        )
+
+    def state_shardings(self, sample_batch: Batch) -> TrainState:
+        # Optimizer moments mirror the boxed adapter tree, so they inherit its logical names.
+        abstract = jax.eval_shape(lambda: self._boxed_state(jax.random.key(0), sample_batch))
+        return partitioning.shardings_for_tree(abstract, self.mesh, self.rules)
+
+    def abstract_state(self, sample_batch: Batch) -> TrainState:
+        """ShapeDtypeStructs with shardings: the restore target for checkpoints."""
+        abstract = nn.unbox(jax.eval_shape(lambda: self._boxed_state(jax.random.key(0), sample_batch)))
+        shardings = self.state_shardings(sample_batch)
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+    def init_state(self, seed: int, sample_batch: Batch) -> TrainState:
+        shardings = self.state_shardings(sample_batch)
+        init = lambda rng: nn.unbox(self._boxed_state(rng, sample_batch))  # noqa: E731
+        return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
+
+    # --- data placement --------------------------------------------------------------------
+    def place_batch(self, batch: Batch) -> dict[str, jax.Array]:
+        """Host numpy batch -> global arrays sharded over the batch mesh axes.
+
+        Each process passes only its own rows (multi-host: every host reads its data shard).
+        """
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v)) for k, v in batch.items()}
+
+    # --- steps -----------------------------------------------------------------------------
+    def _speech(self, frozen: Mapping[str, Any], batch: Batch) -> tuple[jax.Array, jax.Array]:
+        if _has_cached_speech(batch):
+            hidden, mask = batch["speech_hidden"], batch["speech_mask"]
+        else:
+            hidden, mask = self.model.apply(
+                {"params": {"speech_encoder": frozen["speech_encoder"]}},
+                batch["audio_features"], batch["audio_mask"], method=SLM.encode_speech,
+            )
+        # The encoder is frozen: its output is a constant of the step.
+        return jax.lax.stop_gradient(hidden), mask
+
+    def _loss(self, adapter_params, frozen, speech, speech_mask, batch):
+        params = merge_params(adapter_params, {"llm": frozen["llm"]})
+        logits = self.model.apply({"params": params}, speech, speech_mask, batch, method=SLM.logits_from_speech)
+        loss_sum, num_tokens = masked_cross_entropy(logits, batch["target_tokens"], batch["target_mask"])
+        return loss_sum / jnp.maximum(num_tokens, 1.0), (loss_sum, num_tokens)
+
+    def loss_and_grads(self, adapter_params, frozen, batch):
+        """(loss, (loss_sum, num_tokens)), adapter gradients. Exposed for tests and tools."""
+        speech, speech_mask = self._speech(frozen, batch)
+        return jax.value_and_grad(self._loss, has_aux=True)(adapter_params, frozen, speech, speech_mask, batch)
+
+    def _train_step_fn(self, state: TrainState, frozen, batch):
+        with nn.logical_axis_rules(self.rules):
+            (loss, (_, num_tokens)), grads = self.loss_and_grads(state.adapter_params, frozen, batch)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt_state = self.optimizer.update(grads, state.opt_state, state.adapter_params)
+        new_params = optax.apply_updates(state.adapter_params, updates)
+        # Skip the update (keep parameters and optimizer state) when anything is non-finite.
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        opt_count = _adam_count(state.opt_state)
+        new_state = TrainState(
+            step=state.step + 1,
+            adapter_params=keep(new_params, state.adapter_params),
+            opt_state=keep(new_opt_state, state.opt_state),
+            nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
+            nonfinite_total=state.nonfinite_total + jnp.where(finite, 0, 1),
+        )
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "num_target_tokens": num_tokens,
+            "finite": finite,
+            "learning_rate": self.schedule(opt_count) if self.schedule is not None else jnp.nan,
+        }
+        return new_state, metrics
+
+    def _eval_step_fn(self, state: TrainState, frozen, batch):
+        with nn.logical_axis_rules(self.rules):
+            speech, speech_mask = self._speech(frozen, batch)
+            params = merge_params(state.adapter_params, {"llm": frozen["llm"]})
+            logits = self.model.apply({"params": params}, speech, speech_mask, batch, method=SLM.logits_from_speech)
+        loss_sum, num_tokens = masked_cross_entropy(logits, batch["target_tokens"], batch["target_mask"])
+        correct = (jnp.argmax(logits, -1) == batch["target_tokens"]) * batch["target_mask"]
+        return {"loss_sum": loss_sum, "num_target_tokens": num_tokens, "correct_tokens": jnp.sum(correct)}
+
+    def compile(self, sample_batch: Batch, frozen_shardings: Any) -> None:
+        state_sh = self.state_shardings(sample_batch)
+        self._train_step = jax.jit(
+            self._train_step_fn,
+            in_shardings=(state_sh, frozen_shardings, self.batch_sharding),
+            out_shardings=(state_sh, partitioning.replicated(self.mesh)),
+            donate_argnums=(0,),
+        )
+        self._eval_step = jax.jit(
+            self._eval_step_fn,
+            in_shardings=(state_sh, frozen_shardings, self.batch_sharding),
+            out_shardings=partitioning.replicated(self.mesh),
+        )
+
+    def train_step(self, state: TrainState, frozen, batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        if self._train_step is None:
+            raise RuntimeError("call Trainer.compile(sample_batch, frozen_shardings) first")
+        return self._train_step(state, frozen, batch)
+
+    def eval_step(self, state: TrainState, frozen, batch) -> dict[str, jax.Array]:
+        if self._eval_step is None:
+            raise RuntimeError("call Trainer.compile(sample_batch, frozen_shardings) first")
+        return self._eval_step(state, frozen, batch)
+
+
+def _adam_count(opt_state: Any) -> jax.Array:
+    """The optimizer's own update counter (it does not advance on skipped steps)."""
+    has_count = lambda x: "count" in getattr(type(x), "_fields", ())  # noqa: E731 (optax NamedTuples)
+    for leaf in jax.tree_util.tree_leaves(opt_state, is_leaf=has_count):
+        if has_count(leaf):
+            return leaf.count
+    return jnp.zeros((), jnp.int32)
+
+
+def count_params(tree: Any) -> int:
+    return int(sum(np.prod(np.shape(x)) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def tree_bytes(tree: Any) -> int:
+    return int(sum(np.prod(np.shape(x)) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree)))

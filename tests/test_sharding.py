@@ -1,0 +1,73 @@
+"""The same loss and adapter gradients on 1 device and on 8 devices in several mesh shapes."""
+
+import jax
+import numpy as np
+import pytest
+
+from slm_jax import partitioning
+from slm_jax.frozen import load_frozen_params
+from slm_jax.synthetic_data import SyntheticData
+from slm_jax.trainer import Trainer, make_optimizer
+from tiny_models import FEATURE_LENGTHS, VOCAB, model_spec
+
+MESHES = [(1, 1), (8, 1), (2, 4), (1, 8)]  # (data, model)
+
+
+def _run(llm: str, data: int, model: int):
+    mesh = partitioning.make_mesh(data=data, model=model, devices=jax.devices()[: data * model])
+    spec = model_spec(llm)
+    optimizer, schedule = make_optimizer(learning_rate=3e-3, warmup_steps=1, total_steps=10)
+    trainer = Trainer(spec.build(), optimizer, schedule, mesh)
+    synthetic = SyntheticData(FEATURE_LENGTHS, VOCAB, seed=3)
+    example = synthetic.batch(8, 0)
+    frozen = load_frozen_params(trainer, spec, example)
+    state = trainer.init_state(0, example)
+    trainer.compile(example, jax.tree.map(lambda x: x.sharding, frozen))
+    batch = trainer.place_batch(example)
+    (loss, _), grads = jax.jit(trainer.loss_and_grads)(state.adapter_params, frozen, batch)
+    losses = []
+    for i in range(3):
+        state, metrics = trainer.train_step(state, frozen, trainer.place_batch(synthetic.batch(8, i)))
+        losses.append(float(metrics["loss"]))
+    return {
+        "loss": float(loss),
+        "grads": jax.device_get(grads),
+        "losses": losses,
+        "params": jax.device_get(state.adapter_params),
+        "frozen_specs": jax.tree.map(lambda x: x.sharding.spec, frozen),
+    }
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12))
+
+
+@pytest.mark.parametrize("llm", ["t5", "llama"])
+def test_mesh_shapes_agree_with_one_device(llm):
+    assert len(jax.devices()) >= 8, "conftest.py must give 8 host CPU devices"
+    reference = _run(llm, 1, 1)
+    assert np.isfinite(reference["loss"])
+    for data, model in MESHES[1:]:
+        got = _run(llm, data, model)
+        assert abs(got["loss"] - reference["loss"]) <= 1e-5 * abs(reference["loss"]), (data, model)
+        np.testing.assert_allclose(got["losses"], reference["losses"], rtol=2e-5)
+        for g, r in zip(jax.tree.leaves(got["grads"]), jax.tree.leaves(reference["grads"])):
+            assert _rel(g, r) < 1e-4, (data, model)
+        for p, r in zip(jax.tree.leaves(got["params"]), jax.tree.leaves(reference["params"])):
+            assert _rel(p, r) < 1e-4, (data, model)
+        if model == 8:
+            # The test is only meaningful if the model axis really splits the frozen LLM.
+            specs = [s for s in jax.tree.leaves(got["frozen_specs"], is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))]
+            assert any("model" in str(s) for s in specs)
+
+
+def test_logical_rules_degrade_to_replication_when_not_divisible():
+    mesh = partitioning.make_mesh(data=2, model=4, devices=jax.devices()[:8])
+    # 3 key/value heads cannot be split 4 ways: replicated rather than a compile error.
+    spec = partitioning.logical_to_mesh_spec(("embed", "kv_heads", "kv"), (64, 3, 16), mesh)
+    assert spec == jax.sharding.PartitionSpec(None, None, None)
+    spec = partitioning.logical_to_mesh_spec(("embed", "heads", "kv"), (64, 8, 16), mesh)
+    assert spec == jax.sharding.PartitionSpec(None, "model", None)
+    spec = partitioning.logical_to_mesh_spec(("batch", "length"), (8, 5), mesh)
+    assert spec == jax.sharding.PartitionSpec("data", None)
