@@ -42,20 +42,21 @@ class ModelSpec:
 def sample_batch(
     batch_size: int, feature_lengths: Mapping[str, int], num_mel_bins: int = 80
 ) -> dict[str, Any]:
-    """A zero batch with the model's input signature (shapes for init, compile and planning)."""
+    """The model's input signature as ShapeDtypeStructs (init, compile and planning; no data)."""
+    import jax
     import numpy as np
 
     audio = feature_lengths["audio_frames"]
     lp, ls, lt = feature_lengths["prefix"], feature_lengths["suffix"], feature_lengths["targets"]
-    ones = lambda n: np.ones((batch_size, n), np.int32)  # noqa: E731
+    ints = lambda n: jax.ShapeDtypeStruct((batch_size, n), np.int32)  # noqa: E731
     return {
-        "audio_features": np.zeros((batch_size, audio, num_mel_bins), np.float32),
-        "audio_mask": ones(audio),
-        "prefix_tokens": np.zeros((batch_size, lp), np.int32),
-        "prefix_mask": ones(lp),
-        "suffix_tokens": np.zeros((batch_size, ls), np.int32),
-        "suffix_mask": ones(ls),
-        "decoder_input_tokens": np.zeros((batch_size, lt), np.int32),
-        "target_tokens": np.zeros((batch_size, lt), np.int32),
-        "target_mask": ones(lt),
+        "audio_features": jax.ShapeDtypeStruct((batch_size, audio, num_mel_bins), np.float32),
+        "audio_mask": ints(audio),
+        "prefix_tokens": ints(lp),
+        "prefix_mask": ints(lp),
+        "suffix_tokens": ints(ls),
+        "suffix_mask": ints(ls),
+        "decoder_input_tokens": ints(lt),
+        "target_tokens": ints(lt),
+        "target_mask": ints(lt),
     }

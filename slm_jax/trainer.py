@@ -68,6 +68,16 @@ def make_optimizer(
     return tx, schedule
 
 
+def _shapes(batch: Batch) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shape-only view of a batch. Parameter shapes never depend on batch size, so one row is
+    enough, which keeps planning a paper-scale batch free of host allocations."""
+    return {k: jax.ShapeDtypeStruct((1,) + tuple(v.shape[1:]), v.dtype) for k, v in batch.items()}
+
+
+def _zeros(batch: Batch) -> dict[str, jax.Array]:
+    return {k: jnp.zeros(s.shape, s.dtype) for k, s in _shapes(batch).items()}
+
+
 def _has_cached_speech(batch: Batch) -> bool:
     return all(k in batch for k in CACHED_SPEECH_KEYS)
 
@@ -96,7 +106,7 @@ class Trainer:
     # --- shapes and shardings ------------------------------------------------------------
     def abstract_variables(self, sample_batch: Batch) -> Any:
         """Boxed (logically named) abstract parameters of the whole SLM; nothing is allocated."""
-        return jax.eval_shape(lambda: self.model.init(jax.random.key(0), dict(sample_batch)))
+        return jax.eval_shape(lambda b: self.model.init(jax.random.key(0), b), _shapes(sample_batch))
 
     def param_shardings(self, sample_batch: Batch) -> Any:
         with nn.logical_axis_rules(self.rules):
@@ -106,13 +116,13 @@ class Trainer:
         """Random weights for one frozen part (tiny configs and tests), created in place sharded."""
         shardings = self.param_shardings(sample_batch)[name]
 
-        def init():
-            return nn.unbox(self.model.init(jax.random.key(seed), dict(sample_batch)))["params"][name]
+        def init(batch):
+            return nn.unbox(self.model.init(jax.random.key(seed), batch))["params"][name]
 
-        return jax.jit(init, out_shardings=shardings)()
+        return jax.jit(init, out_shardings=shardings)(_zeros(sample_batch))
 
     def _boxed_state(self, rng: jax.Array, sample_batch: Batch) -> TrainState:
-        adapter = self.model.init(rng, dict(sample_batch))["params"]["adapter"]
+        adapter = self.model.init(rng, dict(sample_batch))["params"]["adapter"]  # traced: batch is abstract
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             adapter_params=adapter,
@@ -123,19 +133,19 @@ class Trainer:
 
     def state_shardings(self, sample_batch: Batch) -> TrainState:
         # Optimizer moments mirror the boxed adapter tree, so they inherit its logical names.
-        abstract = jax.eval_shape(lambda: self._boxed_state(jax.random.key(0), sample_batch))
+        abstract = jax.eval_shape(lambda b: self._boxed_state(jax.random.key(0), b), _shapes(sample_batch))
         return partitioning.shardings_for_tree(abstract, self.mesh, self.rules)
 
     def abstract_state(self, sample_batch: Batch) -> TrainState:
         """ShapeDtypeStructs with shardings: the restore target for checkpoints."""
-        abstract = nn.unbox(jax.eval_shape(lambda: self._boxed_state(jax.random.key(0), sample_batch)))
+        abstract = nn.unbox(jax.eval_shape(lambda b: self._boxed_state(jax.random.key(0), b), _shapes(sample_batch)))
         shardings = self.state_shardings(sample_batch)
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
     def init_state(self, seed: int, sample_batch: Batch) -> TrainState:
         shardings = self.state_shardings(sample_batch)
-        init = lambda rng: nn.unbox(self._boxed_state(rng, sample_batch))  # noqa: E731
-        return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
+        init = lambda rng, batch: nn.unbox(self._boxed_state(rng, batch))  # noqa: E731
+        return jax.jit(init, out_shardings=shardings)(jax.random.key(seed), _zeros(sample_batch))
 
     # --- data placement --------------------------------------------------------------------
     def place_batch(self, batch: Batch) -> dict[str, jax.Array]:

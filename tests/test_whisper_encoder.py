@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 
 import flax.linen as nn
 import jax
@@ -15,6 +14,7 @@ import pytest
 from slm_jax.convert.hf_whisper import (
     ConversionError,
     config_from_hf,
+    load_params,
     load_whisper_encoder,
     params_from_state_dict,
 )
@@ -116,6 +116,16 @@ def test_state_dict_prefixes_are_accepted(hf_model, checkpoint_dir, prefix):
     cfg, from_file = load_whisper_encoder(checkpoint_dir)
     from_dict = params_from_state_dict(encoder_state_dict(hf_model, prefix), cfg)
     jax.tree.map(np.testing.assert_array_equal, from_dict, from_file)
+
+
+def test_load_params_for_a_chosen_config(checkpoint_dir):
+    cfg, expected = load_whisper_encoder(checkpoint_dir)
+    # The trainer picks the config (e.g. mask_padding=True); the weights must still fit it.
+    chosen = WhisperEncoderConfig(**{**cfg.__dict__, "mask_padding": True, "dtype": "bfloat16"})
+    jax.tree.map(np.testing.assert_array_equal, load_params(checkpoint_dir, chosen), expected)
+    wider = WhisperEncoderConfig(**{**cfg.__dict__, "ffn_dim": 256})
+    with pytest.raises(ConversionError, match="ffn_dim=128 but the configured encoder has ffn_dim=256"):
+        load_params(checkpoint_dir, wider)
 
 
 def test_params_tree_matches_the_module(checkpoint_dir):

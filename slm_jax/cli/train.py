@@ -33,11 +33,24 @@ def main(argv=None) -> int:
         common.add_gin_flags(parser)
         parser.add_argument("--model_dir", required=True, help="where checkpoints, logs and config.gin go")
         parser.add_argument("--verbose", action="store_true", help="debug logging")
+        multihost = parser.add_argument_group("multi-host (TPU pods, multi-node GPU)")
+        multihost.add_argument("--multihost", action="store_true",
+                               help="call jax.distributed.initialize() first (auto-detected on Cloud TPU pods)")
+        multihost.add_argument("--coordinator_address", default=None, help="HOST:PORT of process 0 (GPU clusters)")
+        multihost.add_argument("--num_processes", type=int, default=None)
+        multihost.add_argument("--process_id", type=int, default=None)
         args = parser.parse_args(rest)
         if not args.gin_file:
             raise common.UserError("give at least one --gin_file (e.g. gin/tiny.gin)")
         common.setup_logging(args.verbose)
         common.parse_gin(args.gin_file, args.gin_bindings + overrides)
+        if args.multihost or args.coordinator_address:
+            import jax
+
+            jax.distributed.initialize(
+                coordinator_address=args.coordinator_address, num_processes=args.num_processes,
+                process_id=args.process_id,
+            )
         from slm_jax import train
 
         metrics = train.train(args.model_dir)

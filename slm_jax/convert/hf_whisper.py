@@ -255,6 +255,29 @@ def _read_bf16(path: str, name: str) -> np.ndarray:
     return np.frombuffer(raw, dtype=ml_dtypes.bfloat16).reshape(entry["shape"]).astype(np.float32)
 
 
+_STRUCTURE_FIELDS = ("num_mel_bins", "d_model", "num_layers", "num_heads", "ffn_dim", "max_source_positions", "activation")
+
+
+def load_params(path: str, config: WhisperEncoderConfig, dtype=np.float32) -> dict:
+    """Params for an already chosen ``config`` from a HF checkpoint directory.
+
+    The directory's config.json (when present) must describe the same architecture: a
+    mismatch names the field rather than surfacing later as a tensor shape error.
+    """
+    config_path = os.path.join(path, "config.json")
+    if os.path.exists(config_path):
+        with open(config_path) as f:
+            on_disk = config_from_hf(json.load(f))
+        for field in _STRUCTURE_FIELDS:
+            if getattr(on_disk, field) != getattr(config, field):
+                raise ConversionError(
+                    f"{config_path} has {field}={getattr(on_disk, field)!r} but the configured encoder "
+                    f"has {field}={getattr(config, field)!r}"
+                )
+    reader = _SafetensorsReader.from_directory(path)
+    return convert_tensors(reader.names(), reader.get, config, dtype)
+
+
 def load_whisper_encoder(path: str, dtype=np.float32, **config_overrides) -> tuple[WhisperEncoderConfig, dict]:
     """Reads a HF Whisper checkpoint directory (config.json + safetensors, single or sharded).
 
@@ -268,5 +291,4 @@ def load_whisper_encoder(path: str, dtype=np.float32, **config_overrides) -> tup
         raise ConversionError(f"{path} has no config.json")
     with open(config_path) as f:
         cfg = config_from_hf(json.load(f), **config_overrides)
-    reader = _SafetensorsReader.from_directory(path)
-    return cfg, convert_tensors(reader.names(), reader.get, cfg, dtype)
+    return cfg, load_params(path, cfg, dtype)
