@@ -37,7 +37,7 @@ def tree_step_fn(log_probs_table):
     return step
 
 
-def random_tree(seed, batch=2, sharpness=2.0):
+def random_tree(seed, batch=2, sharpness=1.0):
     logits = np.random.RandomState(seed).normal(size=(batch, NUM_NODES, VOCAB)) * sharpness
     return logits - np.log(np.sum(np.exp(logits), axis=-1, keepdims=True))
 
@@ -115,7 +115,7 @@ def test_two_beams_beat_greedy_on_a_garden_path():
     is followed by eos with 0.9: beam search returns [1, eos] (0.36), greedy [0, 0] (0.125)."""
     probs = np.full((1, NUM_NODES, VOCAB), 0.25)
     probs[0, 0] = [0.5, 0.4, 0.0, 0.1]
-    probs[0, 1 * VOCAB + 1 + 1] = [0.05, 0.05, 0.0, 0.9]  # after token 1
+    probs[0, 0 * VOCAB + 1 + 1] = [0.05, 0.05, 0.0, 0.9]  # node of the prefix [1]
     table = np.log(np.maximum(probs, 1e-30))
     out = run_beam(table, num_beams=2, length_penalty=0.0)
     np.testing.assert_array_equal(out.tokens[0], [1, EOS, 0, 0])
@@ -188,8 +188,8 @@ def _tiny_models():
     t5_cfg = t5.t5_tiny()
     embeds = jnp.zeros((1, 3, 64))
     ones = jnp.ones((1, 3), jnp.int32)
-    llama_params = Llama(llama_cfg).init(jax.random.PRNGKey(0), embeds, ones)["params"]
-    t5_params = T5(t5_cfg).init(jax.random.PRNGKey(1), embeds[..., :32], ones, ones, ones)["params"]
+    llama_params = jax.jit(Llama(llama_cfg).init)(jax.random.PRNGKey(0), embeds, ones)["params"]
+    t5_params = jax.jit(T5(t5_cfg).init)(jax.random.PRNGKey(1), embeds[..., :32], ones, ones, ones)["params"]
     return {"llama": (Llama(llama_cfg), llama_params), "t5": (T5(t5_cfg), t5_params)}
 
 
@@ -202,10 +202,10 @@ def _prompt(model, params, seed):
     """Two prompts of different lengths (the second right-padded) as embeddings."""
     ids = jax.random.randint(jax.random.PRNGKey(seed), (2, 6), 2, model.config.vocab_size)
     mask = jnp.asarray([[1] * 6, [1] * 4 + [0] * 2], jnp.int32)
-    return model.apply({"params": params}, ids, method=type(model).embed), mask
+    return jax.jit(lambda p, x: model.apply({"params": p}, x, method=type(model).embed))(params, ids), mask
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4))
+@functools.partial(jax.jit, static_argnums=0)
 def _sequence_log_prob(model, params, embeds, mask, start, tokens):
     """Teacher-forced sum of log-probs of ``tokens`` (all of them, no eos)."""
     inputs = jnp.concatenate([start[:, None], tokens[:, :-1]], axis=1)
@@ -256,5 +256,5 @@ def test_generate_rejects_bad_prompts(tiny_models):
 def test_prefill_state_leaves_lead_with_the_batch(tiny_models):
     for model, params in tiny_models.values():
         embeds, mask = _prompt(model, params, seed=1)
-        state = decoding.prefill(model, params, embeds, mask, 5)
+        state = jax.jit(lambda: decoding.prefill(model, params, embeds, mask, 5))()
         assert all(leaf.shape[0] == 2 for leaf in jax.tree.leaves(state))

@@ -78,6 +78,10 @@ def setup_logging(verbose: bool = False) -> None:
     )
     for noisy in ("absl", "jax._src", "orbax", "tensorflow", "h5py", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # gin logs every include-path probe on the root logger ("Path not found: base.gin") even
+    # when a later search path has the file; keep those out of the console.
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(lambda r: not str(r.msg).startswith(("Path not found", "system_path_file_exists")))
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:

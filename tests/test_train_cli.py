@@ -1,0 +1,77 @@
+"""slm-train end to end: trains, checkpoints, resumes, and refuses bad input with one clear line."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = [sys.executable, "-m", "slm_jax.cli.train"]
+
+CONFIG = """
+include 'base.gin'
+include 'model_tiny.gin'
+include 'synthetic_data.gin'
+CHECKPOINT_EVERY = 3
+EVAL_EVERY = 3
+LOG_EVERY = 1
+AUDIO_FRAMES = 64
+TARGET_TOKENS = 8
+LEARNING_RATE = 3e-3
+WARMUP_STEPS = 2
+"""
+
+
+def _train(tmp_path, model_dir, *extra):
+    gin_file = tmp_path / "run.gin"
+    gin_file.write_text(CONFIG)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    return subprocess.run(TRAIN + [f"--gin_file={gin_file}", f"--model_dir={model_dir}", *extra],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+
+
+def _losses(output: str) -> dict[int, float]:
+    out = {}
+    for line in output.splitlines():
+        parts = line.split()
+        if len(parts) > 3 and parts[0] == "step" and parts[2] == "loss":
+            out[int(parts[1])] = float(parts[3])
+    return out
+
+
+@pytest.mark.slow
+def test_train_checkpoint_resume_and_refusals(tmp_path):
+    model_dir = tmp_path / "run"
+    first = _train(tmp_path, model_dir, "--gin.TRAIN_STEPS=6")
+    assert first.returncode == 0, first.stderr[-3000:]
+    losses = _losses(first.stdout + first.stderr)
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+    assert losses[6] < losses[1]
+    assert sorted(d for d in os.listdir(model_dir) if d.isdigit()) == ["3", "6"]
+    assert os.listdir(model_dir / "train"), "TensorBoard event files"
+
+    # The same command with more steps resumes at step 6 (no step 1..6 lines again).
+    second = _train(tmp_path, model_dir, "--gin.TRAIN_STEPS=8")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming" in second.stderr and "from step 6" in second.stderr
+    assert sorted(_losses(second.stdout + second.stderr)) == [7, 8]
+
+    # A different adapter shape is refused in one line, and the checkpoints are untouched.
+    before = sorted(os.listdir(model_dir))
+    mtimes = {d: os.path.getmtime(model_dir / d) for d in before if d.isdigit()}
+    third = _train(tmp_path, model_dir, "--gin.TRAIN_STEPS=10", "--gin.AdapterConfig.d_model=64")
+    assert third.returncode == 2
+    error_lines = [l for l in third.stderr.splitlines() if "error:" in l]
+    assert len(error_lines) == 1 and "different configuration" in error_lines[0]
+    assert "Traceback" not in third.stderr
+    assert sorted(os.listdir(model_dir)) == before
+    assert {d: os.path.getmtime(model_dir / d) for d in mtimes} == mtimes
+
+
+def test_unknown_gin_binding_is_one_clear_line(tmp_path):
+    result = _train(tmp_path, tmp_path / "x", "--gin.NoSuchThing.value=3")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "bad gin configuration" in result.stderr and "NoSuchThing" in result.stderr
+    assert not (tmp_path / "x").exists()
