@@ -101,6 +101,7 @@ def train(
     warmup_steps: int = 100,
     weight_decay: float = 0.01,
     clip_norm: float = 1.0,
+    optimizer: str = "adamw",
     log_every: int = 10,
     eval_every: int = 100,
     eval_batches: int = 4,
@@ -111,12 +112,12 @@ def train(
     """Trains the adapter for ``steps`` steps; returns the final metrics."""
     checkpointing.ensure_writable(model_dir)
     mesh = partitioning.make_mesh(**partitioning.parse_mesh_spec(mesh_shape))
-    optimizer, schedule = make_optimizer(
+    tx, schedule = make_optimizer(
         learning_rate=learning_rate, warmup_steps=warmup_steps, total_steps=steps,
-        weight_decay=weight_decay, clip_norm=clip_norm,
+        weight_decay=weight_decay, clip_norm=clip_norm, name=optimizer,
     )
     slm = model.build()
-    trainer = Trainer(slm, optimizer, schedule, mesh)
+    trainer = Trainer(slm, tx, schedule, mesh)
     host_batch = batch_size // jax.process_count()
     if host_batch * jax.process_count() != batch_size:
         raise ValueError(f"batch_size {batch_size} is not divisible by {jax.process_count()} processes")

@@ -43,6 +43,9 @@ class TrainState:
     nonfinite_total: jax.Array
 
 
+OPTIMIZERS = ("adamw", "adafactor")
+
+
 def make_optimizer(
     learning_rate: float = 1e-3,
     warmup_steps: int = 100,
@@ -52,8 +55,15 @@ def make_optimizer(
     clip_norm: float = 1.0,
     b1: float = 0.9,
     b2: float = 0.98,
+    name: str = "adamw",
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with linear warm-up and cosine decay, after global-norm clipping."""
+    """AdamW or Adafactor with linear warm-up and cosine decay, after global-norm clipping.
+
+    Adafactor (T5X's default) factors the second moment into row and column statistics, so its
+    state is a small fraction of AdamW's two full moments: the choice for paper-scale adapters.
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; known: {OPTIMIZERS}")
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=learning_rate,
@@ -61,10 +71,11 @@ def make_optimizer(
         decay_steps=max(total_steps, 2),
         end_value=learning_rate * end_learning_rate_fraction,
     )
-    tx = optax.chain(
-        optax.clip_by_global_norm(clip_norm),
-        optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay),
-    )
+    if name == "adamw":
+        inner = optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay)
+    else:
+        inner = optax.adafactor(schedule, weight_decay_rate=weight_decay or None, multiply_by_parameter_scale=False)
+    tx = optax.chain(optax.clip_by_global_norm(clip_norm), inner)
     return tx, schedule
 
 

@@ -1,0 +1,94 @@
+"""Answering instructions about speech with a trained adapter: the library behind slm-infer and
+slm-eval.
+
+The whole path runs in one jitted function per shape bucket: frozen encoder -> adapter ->
+prompt embeddings -> LLM decoding (greedy or beam search) with a preallocated KV cache inside one
+``lax.while_loop``. Audio and prompt lengths are padded up to buckets so that a new file rarely
+means a new compile.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from slm_jax import decoding
+from slm_jax.experiment import ModelSpec
+from slm_jax.models import registry
+from slm_jax.models.slm import SLM, merge_params
+from slm_jax.prompting import PromptFormat
+
+
+def _bucket(n: int, quantum: int) -> int:
+    return max(quantum, -(-n // quantum) * quantum)
+
+
+def _pad_rows(rows: Sequence[Sequence[int]], length: int) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.zeros((len(rows), length), np.int32)
+    mask = np.zeros((len(rows), length), np.int32)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = r
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+class SpeechLanguageModel:
+    """A ready-to-run SLM: model, frozen weights, trained adapter, vocabulary and prompt format."""
+
+    def __init__(
+        self, model: ModelSpec, frozen: Mapping[str, Any], adapter_params: Any, vocabulary: Any,
+        prompt_format: PromptFormat, audio_bucket_frames: int = 200, token_bucket: int = 8,
+    ):
+        self.spec = model
+        self.slm: SLM = model.build()
+        self.llm = registry.module_for(model.llm)
+        self.params = merge_params(adapter_params, frozen)
+        self.vocabulary = vocabulary
+        self.prompt_format = prompt_format
+        self.audio_bucket_frames = audio_bucket_frames
+        self.token_bucket = token_bucket
+
+    @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("max_new_tokens", "num_beams"))
+    def _generate(self, params, batch, start_tokens, *, max_new_tokens: int, num_beams: int):
+        variables = {"params": params}
+        hidden, mask = self.slm.apply(variables, batch["audio_features"], batch["audio_mask"], method=SLM.encode_speech)
+        speech, speech_mask = self.slm.apply(variables, hidden, mask, method=SLM.adapt)
+        prompt, prompt_mask = self.slm.apply(variables, speech, speech_mask, batch, method=SLM.prompt_embeddings)
+        return decoding.generate(
+            self.llm, params["llm"], prompt, prompt_mask, start_tokens, max_new_tokens,
+            eos_id=int(self.vocabulary.eos_id), num_beams=num_beams,
+        )
+
+    def generate(
+        self, features: Sequence[np.ndarray], instructions: Sequence[str] | str, max_new_tokens: int = 64,
+        num_beams: int = 1,
+    ) -> list[str]:
+        """Answers for a batch of log-mel feature arrays [frames, mels] and their instructions."""
+        if isinstance(instructions, str):
+            instructions = [instructions] * len(features)
+        if len(instructions) != len(features):
+            raise ValueError(f"{len(features)} audio inputs but {len(instructions)} instructions")
+        if not features:
+            return []
+        frames = _bucket(max(f.shape[0] for f in features), self.audio_bucket_frames)
+        mels = features[0].shape[1]
+        audio = np.zeros((len(features), frames, mels), np.float32)
+        audio_mask = np.zeros((len(features), frames), np.int32)
+        for i, f in enumerate(features):
+            audio[i, : f.shape[0]] = f
+            audio_mask[i, : f.shape[0]] = 1
+        prompts = [self.prompt_format.encode(self.vocabulary, text) for text in instructions]
+        prefix, prefix_mask = _pad_rows([p.prefix for p in prompts], _bucket(max(len(p.prefix) for p in prompts), self.token_bucket))
+        suffix, suffix_mask = _pad_rows([p.suffix for p in prompts], _bucket(max(len(p.suffix) for p in prompts), self.token_bucket))
+        batch = {
+            "audio_features": audio, "audio_mask": audio_mask, "prefix_tokens": prefix, "prefix_mask": prefix_mask,
+            "suffix_tokens": suffix, "suffix_mask": suffix_mask,
+        }
+        start = np.asarray([p.decoder_start for p in prompts], np.int32)
+        out = self._generate(self.params, batch, start, max_new_tokens=max_new_tokens, num_beams=num_beams)
+        tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+        return [self.vocabulary.decode([int(t) for t in row[:n]]).strip() for row, n in zip(tokens, lengths)]
