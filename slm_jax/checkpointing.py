@@ -70,10 +70,11 @@ def ensure_writable(directory: str, min_free_bytes: int = 0) -> None:
 class Checkpointer:
     """Saves and restores {state, data position, metadata} under ``directory``."""
 
-    def __init__(self, directory: str, max_to_keep: int = 3, async_save: bool = False):
+    def __init__(self, directory: str, max_to_keep: int = 3, async_save: bool = False, read_only: bool = False):
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
+            max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
+            enable_async_checkpointing=async_save,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 

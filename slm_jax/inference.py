@@ -92,3 +92,43 @@ class SpeechLanguageModel:
         out = self._generate(self.params, batch, start, max_new_tokens=max_new_tokens, num_beams=num_beams)
         tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
         return [self.vocabulary.decode([int(t) for t in row[:n]]).strip() for row, n in zip(tokens, lengths)]
+
+
+def load_trained(checkpoint: str, model: ModelSpec, data: Any) -> tuple[SpeechLanguageModel, int]:
+    """The SLM of a training run: frozen weights from their sources, the adapter from ``checkpoint``
+    (a model directory, for its latest step, or one step directory). Returns (model, step)."""
+    from slm_jax import checkpointing, partitioning
+    from slm_jax.experiment import sample_batch
+    from slm_jax.frozen import load_frozen_params
+    from slm_jax.trainer import Trainer, make_optimizer
+
+    for attribute in ("vocabulary", "prompt_format", "feature_lengths"):
+        if not hasattr(data, attribute):
+            raise ValueError(f"the configured data source {type(data).__name__} has no {attribute}; "
+                             "inference needs a corpus/task data source (e.g. gin/tiny.gin)")
+    directory, step = checkpointing.find_checkpoint_dir(checkpoint)
+    checkpointer = checkpointing.Checkpointer(directory, read_only=True)
+    optimizer, schedule = make_optimizer(name=_optimizer_name())
+    mesh = partitioning.make_mesh(data=1, devices=jax.devices()[:1])
+    trainer = Trainer(model.build(), optimizer, schedule, mesh)
+    example = sample_batch(1, data.feature_lengths)
+    abstract = trainer.abstract_state(example)
+    checkpointing.check_compatible(
+        checkpointer.read_metadata(step),
+        checkpointing.describe_state(abstract.adapter_params, model.frozen_sources),
+        directory,
+    )
+    state, _ = checkpointer.restore(step, abstract)
+    checkpointer.close()
+    frozen = load_frozen_params(trainer, model, example)
+    return SpeechLanguageModel(model, frozen, state.adapter_params, data.vocabulary, data.prompt_format), step
+
+
+def _optimizer_name() -> str:
+    """The optimizer the run was configured with (its state shape is part of the checkpoint)."""
+    import gin
+
+    try:
+        return gin.query_parameter("train.optimizer")
+    except ValueError:
+        return "adamw"

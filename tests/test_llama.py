@@ -3,6 +3,7 @@ cache, padding between prompt blocks, greedy generation and the converter's erro
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 
@@ -212,7 +213,7 @@ def test_remat_policies_give_the_same_values_and_gradients(llama_pair):
     mask = jnp.ones((2, 6), jnp.int32)
 
     def loss(x, policy):
-        hidden, _ = Llama(llama.LlamaConfig(**{**cfg.__dict__, "remat_policy": policy})).apply(
+        hidden, _ = Llama(dataclasses.replace(cfg, remat_policy=policy)).apply(
             {"params": params}, x, mask)
         return jnp.sum(hidden ** 2)
 
@@ -250,7 +251,7 @@ def test_load_checkpoint_from_single_and_sharded_safetensors(llama_pair, tmp_pat
         assert loaded_cfg == cfg
         jax.tree.map(np.testing.assert_array_equal, loaded, params)
         jax.tree.map(np.testing.assert_array_equal, hf_llama.load_params(tmp_path / sub, cfg), params)
-    other = LlamaConfig(**{**cfg.__dict__, "rope_theta": 500000.0})
+    other = dataclasses.replace(cfg, rope_theta=500000.0)
     with pytest.raises(ConversionError, match="rope_theta=10000.0 but the configured model has 500000.0"):
         hf_llama.load_params(tmp_path / "single", other)
 
@@ -263,7 +264,8 @@ def test_missing_tensor_is_named(llama_pair):
     reference, cfg, _ = llama_pair
     state = _state_dict(reference)
     del state["model.layers.1.mlp.up_proj.weight"]
-    with pytest.raises(ConversionError, match=r"missing tensor 'model.layers.1.mlp.up_proj.weight' \(expected shape \(128, 64\)"):
+    message = r"missing tensor 'model.layers.1.mlp.up_proj.weight' \(expected shape \(128, 64\)"
+    with pytest.raises(ConversionError, match=message):
         hf_llama.params_from_state_dict(state, cfg)
 
 
@@ -271,16 +273,18 @@ def test_wrong_shape_is_named(llama_pair):
     reference, cfg, _ = llama_pair
     state = _state_dict(reference)
     state["model.layers.0.self_attn.k_proj.weight"] = np.zeros((64, 64), np.float32)
-    with pytest.raises(ConversionError, match=r"'model.layers.0.self_attn.k_proj.weight' has shape \(64, 64\) but the config expects \(32, 64\)"):
+    message = r"'model.layers.0.self_attn.k_proj.weight' has shape \(64, 64\) but the config expects \(32, 64\)"
+    with pytest.raises(ConversionError, match=message):
         hf_llama.params_from_state_dict(state, cfg)
 
 
 def test_extra_layers_and_untied_heads_are_rejected(llama_pair):
     reference, cfg, _ = llama_pair
     with pytest.raises(ConversionError, match="no place for.*model.layers.1"):
-        hf_llama.params_from_state_dict(_state_dict(reference), LlamaConfig(**{**cfg.__dict__, "num_layers": 1}))
+        hf_llama.params_from_state_dict(_state_dict(reference), dataclasses.replace(cfg, num_layers=1))
     with pytest.raises(ConversionError, match="own lm_head.weight but the config ties"):
-        hf_llama.params_from_state_dict(_state_dict(reference), LlamaConfig(**{**cfg.__dict__, "tie_word_embeddings": True}))
+        tied = dataclasses.replace(cfg, tie_word_embeddings=True)
+        hf_llama.params_from_state_dict(_state_dict(reference), tied)
 
 
 def test_unknown_architecture_and_unsupported_rope_are_rejected():

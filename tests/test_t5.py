@@ -3,6 +3,7 @@ decoder cache, padding between prompt blocks, greedy generation, presets and con
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 
@@ -37,7 +38,8 @@ def _untie_head(model):
 HF_MODELS = {
     "t5_v1_1": lambda: _untie_head(transformers.T5ForConditionalGeneration(
         transformers.T5Config(**_SIZES, feed_forward_proj="gated-gelu", tie_word_embeddings=False))),
-    "t5_v1_0": lambda: transformers.T5ForConditionalGeneration(transformers.T5Config(**_SIZES, feed_forward_proj="relu")),
+    "t5_v1_0": lambda: transformers.T5ForConditionalGeneration(
+        transformers.T5Config(**_SIZES, feed_forward_proj="relu")),
     "mt5": lambda: _untie_head(transformers.MT5ForConditionalGeneration(transformers.MT5Config(**_SIZES))),
 }
 
@@ -143,7 +145,8 @@ def test_padding_between_blocks_equals_compacted_prompt(v1_1_pair):
     embed = jax.jit(lambda x: model.apply({"params": params}, x, method=T5.embed))
     start = jnp.zeros((1,), jnp.int32)
     a = decoding.generate(model, params, embed(jnp.asarray(padded)), jnp.asarray(padded_mask), start, 8, None)
-    b = decoding.generate(model, params, embed(jnp.asarray(compact)), jnp.ones(compact.shape, jnp.int32), start, 8, None)
+    b = decoding.generate(model, params, embed(jnp.asarray(compact)), jnp.ones(compact.shape, jnp.int32), start, 8,
+                          None)
     np.testing.assert_array_equal(a.tokens, b.tokens)
 
 
@@ -182,7 +185,8 @@ def _abstract_param_count(cfg: T5Config) -> int:
 def test_mt0_xxl_has_12_9b_parameters():
     """mT0-XXL = mT5-XXL shape: d_model 4096, 24 + 24 layers, 64 heads, vocab 250112, untied."""
     cfg = t5.mt0_xxl()
-    assert (cfg.d_model, cfg.d_ff, cfg.num_heads, cfg.vocab_size, cfg.tie_word_embeddings) == (4096, 10240, 64, 250112, False)
+    shape = (cfg.d_model, cfg.d_ff, cfg.num_heads, cfg.vocab_size, cfg.tie_word_embeddings)
+    assert shape == (4096, 10240, 64, 250112, False)
     count = _abstract_param_count(cfg)  # shapes only: nothing is allocated
     assert count == cfg.num_params() == 12_921_057_280
 
@@ -213,14 +217,15 @@ def test_transformers_5_tied_save_loads_as_untied_head(v1_1_pair, tmp_path):
     assert relative_error(_logits(cfg, params, ids, mask, decoder_ids), want) < 1e-4
     jax.tree.map(np.testing.assert_array_equal, hf_t5.load_params(tmp_path / "tied", cfg), params)
     with pytest.raises(ConversionError, match="d_ff=64 but the configured model has 128"):
-        hf_t5.load_params(tmp_path / "tied", T5Config(**{**cfg.__dict__, "d_ff": 128}))
+        hf_t5.load_params(tmp_path / "tied", dataclasses.replace(cfg, d_ff=128))
 
 
 def test_transformers_4_configs_map_tying_and_scaling():
     base = {k: v for k, v in _SIZES.items() if not k.endswith("token_id")}
     assert hf_t5.config_from_hf({"model_type": "t5", **base, "feed_forward_proj": "relu"}).tie_word_embeddings
     assert not hf_t5.config_from_hf({"model_type": "t5", **base, "tie_word_embeddings": False}).tie_word_embeddings
-    assert not hf_t5.config_from_hf({"model_type": "mt5", **base, "feed_forward_proj": "gated-gelu"}).tie_word_embeddings
+    mt5 = {"model_type": "mt5", **base, "feed_forward_proj": "gated-gelu"}
+    assert not hf_t5.config_from_hf(mt5).tie_word_embeddings
 
 
 def _state_dict(reference):
@@ -231,7 +236,8 @@ def test_missing_tensor_is_named(v1_1_pair):
     reference, cfg, _ = v1_1_pair
     state = _state_dict(reference)
     del state["decoder.block.1.layer.1.EncDecAttention.k.weight"]
-    with pytest.raises(ConversionError, match=r"missing tensor 'decoder.block.1.layer.1.EncDecAttention.k.weight' \(expected shape \(32, 32\)"):
+    message = r"missing tensor 'decoder.block.1.layer.1.EncDecAttention.k.weight' \(expected shape \(32, 32\)"
+    with pytest.raises(ConversionError, match=message):
         hf_t5.params_from_state_dict(state, cfg)
 
 
@@ -239,19 +245,20 @@ def test_wrong_shape_is_named(v1_1_pair):
     reference, cfg, _ = v1_1_pair
     state = _state_dict(reference)
     state["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = np.zeros((32, 4), np.float32)
-    with pytest.raises(ConversionError, match=r"relative_attention_bias.weight' has shape \(32, 4\) but the config expects \(8, 4\)"):
+    message = r"relative_attention_bias.weight' has shape \(32, 4\) but the config expects \(8, 4\)"
+    with pytest.raises(ConversionError, match=message):
         hf_t5.params_from_state_dict(state, cfg)
 
 
 def test_mismatched_architecture_tensors_are_rejected(v1_1_pair):
     reference, cfg, _ = v1_1_pair
-    relu = T5Config(**{**cfg.__dict__, "feed_forward_proj": "relu"})
+    relu = dataclasses.replace(cfg, feed_forward_proj="relu")
     with pytest.raises(ConversionError, match="missing tensor 'encoder.block.0.layer.1.DenseReluDense.wi.weight'"):
         hf_t5.params_from_state_dict(_state_dict(reference), relu)
     with pytest.raises(ConversionError, match="no place for.*decoder.block.1"):
-        hf_t5.params_from_state_dict(_state_dict(reference), T5Config(**{**cfg.__dict__, "num_decoder_layers": 1}))
+        hf_t5.params_from_state_dict(_state_dict(reference), dataclasses.replace(cfg, num_decoder_layers=1))
     with pytest.raises(ConversionError, match="own lm_head.weight but the config ties"):
-        hf_t5.params_from_state_dict(_state_dict(reference), T5Config(**{**cfg.__dict__, "tie_word_embeddings": True}))
+        hf_t5.params_from_state_dict(_state_dict(reference), dataclasses.replace(cfg, tie_word_embeddings=True))
 
 
 def test_unknown_architecture_is_rejected():

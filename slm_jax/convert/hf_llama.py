@@ -75,7 +75,9 @@ def config_from_hf(config_json: Mapping[str, Any], **overrides) -> LlamaConfig:
         raise ConversionError(f"{model_type}: sliding-window attention is not supported")
     hidden_act = config_json.get("hidden_activation") or config_json.get("hidden_act", "silu")
     if hidden_act not in _HF_ACTIVATIONS:
-        raise ConversionError(f"{model_type}: unsupported hidden_act {hidden_act!r}; supported: {sorted(_HF_ACTIVATIONS)}")
+        raise ConversionError(
+            f"{model_type}: unsupported hidden_act {hidden_act!r}; supported: {sorted(_HF_ACTIVATIONS)}"
+        )
     try:
         hidden, heads = int(config_json["hidden_size"]), int(config_json["num_attention_heads"])
         is_gemma = model_type == "gemma"
@@ -128,7 +130,8 @@ def _rules(cfg: LlamaConfig, prefix: str) -> list[TensorRule]:
                                 linear_to_kernel((h, dh), (d,))))
         if cfg.out_bias:
             rules.append(TensorRule(f"{hf}self_attn.o_proj.bias", (d,), (*attn, "out", "bias")))
-        for proj, name, shape in (("gate_proj", "wi_0", (f, d)), ("up_proj", "wi_1", (f, d)), ("down_proj", "wo", (d, f))):
+        mlp = (("gate_proj", "wi_0", (f, d)), ("up_proj", "wi_1", (f, d)), ("down_proj", "wo", (d, f)))
+        for proj, name, shape in mlp:
             rules.append(TensorRule(f"{hf}mlp.{proj}.weight", shape, (ours, "mlp", name, "kernel"),
                                     linear_to_kernel((shape[1],), (shape[0],))))
             if cfg.mlp_bias:
@@ -158,7 +161,9 @@ def convert_tensors(names, get_tensor: GetTensor, cfg: LlamaConfig, dtype=np.flo
                 "the checkpoint has its own lm_head.weight but the config ties it to the embeddings "
                 "(tie_word_embeddings=True); set tie_word_embeddings=False"
             )
-    ignore = lambda name: bool(_IGNORED.search(name)) or (cfg.tie_word_embeddings and name == "lm_head.weight")  # noqa: E731
+    def ignore(name: str) -> bool:
+        return bool(_IGNORED.search(name)) or (cfg.tie_word_embeddings and name == "lm_head.weight")
+
     return apply_rules(_rules(cfg, prefix), names, get_tensor, ignore=ignore, dtype=dtype, model_name="Llama")
 
 

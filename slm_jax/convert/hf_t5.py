@@ -2,7 +2,7 @@
 
 Architectures (config.json ``model_type``): t5 (T5 v1.0, T5 v1.1, Flan-T5) and mt5 (mT5, mT0).
 
-HF layout -> ours (N = layer index; E = encoder, D = decoder):
+HF layout -> ours (N = layer index):
   shared.weight [V, d]                                  -> token_embedder.embedding
   {enc,dec}oder.block.0.layer.0.SelfAttention.relative_attention_bias.weight [buckets, H]
                                                         -> {encoder,decoder}_relative_bias.rel_embedding
@@ -10,7 +10,8 @@ HF layout -> ours (N = layer index; E = encoder, D = decoder):
   *.o.weight [d, H*dkv]                                 -> *_attention.out.kernel [H, dkv, d]
   *.DenseReluDense.{wi_0,wi_1,wi,wo}.weight             -> mlp.{wi_0,wi_1,wi,wo}.kernel (transposed)
   encoder.block.N.layer.{0,1}.layer_norm                -> encoder_layers_N.{self_attention_norm,mlp_norm}
-  decoder.block.N.layer.{0,1,2}.layer_norm              -> decoder_layers_N.{self_attention_norm,cross_attention_norm,mlp_norm}
+  decoder.block.N.layer.{0,1,2}.layer_norm              -> decoder_layers_N.{self_attention_norm,
+                                                           cross_attention_norm,mlp_norm}
   {enc,dec}oder.final_layer_norm.weight                 -> {encoder,decoder}_final_norm.scale
   lm_head.weight [V, d]                                 -> lm_head.kernel [d, V] (untied configs)
 
@@ -171,7 +172,9 @@ def convert_tensors(names, get_tensor: GetTensor, cfg: T5Config, dtype=np.float3
         # A tied save (transformers 5) stores the head only as shared.weight.
         lm_head_name = "lm_head.weight" if has_head else "shared.weight"
     rules = _rules(cfg, lm_head_name)
-    ignore = lambda name: name in _IGNORED or (lm_head_name is None and name == "lm_head.weight")  # noqa: E731
+    def ignore(name: str) -> bool:
+        return name in _IGNORED or (lm_head_name is None and name == "lm_head.weight")
+
     return apply_rules(rules, names, get_tensor, ignore=ignore, dtype=dtype, model_name="T5")
 
 

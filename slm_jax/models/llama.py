@@ -65,7 +65,8 @@ class LlamaConfig:
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
-                f"num_heads {self.num_heads} must be a multiple of num_kv_heads {self.num_kv_heads} (grouped-query attention)"
+                f"num_heads {self.num_heads} must be a multiple of num_kv_heads {self.num_kv_heads} "
+                "(grouped-query attention)"
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim {self.head_dim} must be even for rotary embeddings")
@@ -180,7 +181,9 @@ class Llama(nn.Module):
             epsilon=cfg.rms_norm_eps, scale_offset=cfg.norm_scale_offset, dtype=cfg.dtype, param_dtype=cfg.param_dtype
         )
         if not cfg.tie_word_embeddings:
-            self.lm_head = DenseGeneral(cfg.vocab_size, ("embed", "vocab"), dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+            self.lm_head = DenseGeneral(
+                cfg.vocab_size, ("embed", "vocab"), dtype=cfg.dtype, param_dtype=cfg.param_dtype
+            )
 
     def embed(self, ids: jax.Array) -> jax.Array:
         """Token ids [B, L] -> input embeddings [B, L, D] as the first layer receives them."""
@@ -213,7 +216,9 @@ class Llama(nn.Module):
             # `init` through __call__ alone must still create the embedding table and the head.
             self.logits(self.embed(jnp.zeros((1, 1), jnp.int32)))
         if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != cfg.hidden_size:
-            raise ValueError(f"Llama expects inputs_embeds [batch, length, {cfg.hidden_size}], got {inputs_embeds.shape}")
+            raise ValueError(
+                f"Llama expects inputs_embeds [batch, length, {cfg.hidden_size}], got {inputs_embeds.shape}"
+            )
         batch, length = inputs_embeds.shape[:2]
         if mask.shape != (batch, length):
             raise ValueError(f"Llama: mask shape {mask.shape} does not match inputs_embeds {(batch, length)}")

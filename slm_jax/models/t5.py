@@ -43,7 +43,8 @@ def parse_feed_forward_proj(name: str) -> tuple[str, bool]:
     act = name[len("gated-"):] if gated else name
     if act not in _FF_ACTIVATIONS:
         raise ValueError(
-            f"unknown feed_forward_proj {name!r}: expected '<act>' or 'gated-<act>' with act in {sorted(_FF_ACTIVATIONS)}"
+            f"unknown feed_forward_proj {name!r}: expected '<act>' or 'gated-<act>' with act in "
+            f"{sorted(_FF_ACTIVATIONS)}"
         )
     if name == "gated-gelu":
         return "gelu_tanh", True
@@ -113,13 +114,19 @@ def _preset(**sizes) -> Callable[..., T5Config]:
     return make
 
 
+def _published(vocab_size: int, d_model: int, d_ff: int, layers: int, heads: int) -> Callable[..., T5Config]:
+    """The released T5 v1.1 / mT5 sizes: d_kv 64 and as many decoder as encoder layers."""
+    return _preset(vocab_size=vocab_size, d_model=d_model, d_kv=64, d_ff=d_ff, num_layers=layers,
+                   num_decoder_layers=layers, num_heads=heads)
+
+
 _T5_VOCAB, _MT5_VOCAB = 32128, 250112
-t5_v1_1_small = _preset(vocab_size=_T5_VOCAB, d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_decoder_layers=8, num_heads=6)
-t5_v1_1_base = _preset(vocab_size=_T5_VOCAB, d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_decoder_layers=12, num_heads=12)
-mt5_small = _preset(vocab_size=_MT5_VOCAB, d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_decoder_layers=8, num_heads=6)
-mt5_base = _preset(vocab_size=_MT5_VOCAB, d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_decoder_layers=12, num_heads=12)
-mt5_xl = _preset(vocab_size=_MT5_VOCAB, d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_decoder_layers=24, num_heads=32)
-mt5_xxl = _preset(vocab_size=_MT5_VOCAB, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_decoder_layers=24, num_heads=64)
+t5_v1_1_small = _published(_T5_VOCAB, d_model=512, d_ff=1024, layers=8, heads=6)
+t5_v1_1_base = _published(_T5_VOCAB, d_model=768, d_ff=2048, layers=12, heads=12)
+mt5_small = _published(_MT5_VOCAB, d_model=512, d_ff=1024, layers=8, heads=6)
+mt5_base = _published(_MT5_VOCAB, d_model=768, d_ff=2048, layers=12, heads=12)
+mt5_xl = _published(_MT5_VOCAB, d_model=2048, d_ff=5120, layers=24, heads=32)
+mt5_xxl = _published(_MT5_VOCAB, d_model=4096, d_ff=10240, layers=24, heads=64)
 mt0_xxl = mt5_xxl  # mT0 = mT5 fine-tuned on xP3: same shapes
 t5_tiny = _preset(
     vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
@@ -227,7 +234,9 @@ class T5(nn.Module):
         ]
         self.decoder_final_norm = _norm(cfg)
         if not cfg.tie_word_embeddings:
-            self.lm_head = DenseGeneral(cfg.vocab_size, ("embed", "vocab"), dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+            self.lm_head = DenseGeneral(
+                cfg.vocab_size, ("embed", "vocab"), dtype=cfg.dtype, param_dtype=cfg.param_dtype
+            )
 
     def embed(self, ids: jax.Array) -> jax.Array:
         """Token ids [B, L] -> embeddings [B, L, d_model] (the table shared by encoder and decoder)."""
@@ -237,9 +246,13 @@ class T5(nn.Module):
         """Prompt embeddings [B, L, D] + mask [B, L] -> encoder output [B, L, D]."""
         cfg = self.config
         if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != cfg.d_model:
-            raise ValueError(f"T5.encode expects inputs_embeds [batch, length, {cfg.d_model}], got {inputs_embeds.shape}")
+            raise ValueError(
+                f"T5.encode expects inputs_embeds [batch, length, {cfg.d_model}], got {inputs_embeds.shape}"
+            )
         if mask.shape != inputs_embeds.shape[:2]:
-            raise ValueError(f"T5.encode: mask shape {mask.shape} does not match inputs_embeds {inputs_embeds.shape[:2]}")
+            raise ValueError(
+                f"T5.encode: mask shape {mask.shape} does not match inputs_embeds {inputs_embeds.shape[:2]}"
+            )
         if positions is None:
             positions = positions_from_mask(mask)
         position_bias = self.encoder_relative_bias(positions, positions)  # [B, H, L, L], shared by all layers
