@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from slm_jax import decoding
+from slm_jax import batching, decoding
 from slm_jax.experiment import ModelSpec
 from slm_jax.models import registry
 from slm_jax.models.slm import SLM, merge_params
@@ -25,15 +25,6 @@ from slm_jax.prompting import PromptFormat
 
 def _bucket(n: int, quantum: int) -> int:
     return max(quantum, -(-n // quantum) * quantum)
-
-
-def _pad_rows(rows: Sequence[Sequence[int]], length: int) -> tuple[np.ndarray, np.ndarray]:
-    ids = np.zeros((len(rows), length), np.int32)
-    mask = np.zeros((len(rows), length), np.int32)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = r
-        mask[i, : len(r)] = 1
-    return ids, mask
 
 
 class SpeechLanguageModel:
@@ -74,16 +65,13 @@ class SpeechLanguageModel:
             raise ValueError(f"{len(features)} audio inputs but {len(instructions)} instructions")
         if not features:
             return []
-        frames = _bucket(max(f.shape[0] for f in features), self.audio_bucket_frames)
-        mels = features[0].shape[1]
-        audio = np.zeros((len(features), frames, mels), np.float32)
-        audio_mask = np.zeros((len(features), frames), np.int32)
-        for i, f in enumerate(features):
-            audio[i, : f.shape[0]] = f
-            audio_mask[i, : f.shape[0]] = 1
-        prompts = [self.prompt_format.encode(self.vocabulary, text) for text in instructions]
-        prefix, prefix_mask = _pad_rows([p.prefix for p in prompts], _bucket(max(len(p.prefix) for p in prompts), self.token_bucket))
-        suffix, suffix_mask = _pad_rows([p.suffix for p in prompts], _bucket(max(len(p.suffix) for p in prompts), self.token_bucket))
+        audio, audio_mask = batching.pad_frames(
+            features, _bucket(max(f.shape[0] for f in features), self.audio_bucket_frames))
+        prompts = batching.encode_prompts(self.vocabulary, self.prompt_format, instructions)
+        prefix, prefix_mask = batching.pad_rows(
+            [p.prefix for p in prompts], _bucket(max(len(p.prefix) for p in prompts), self.token_bucket))
+        suffix, suffix_mask = batching.pad_rows(
+            [p.suffix for p in prompts], _bucket(max(len(p.suffix) for p in prompts), self.token_bucket))
         batch = {
             "audio_features": audio, "audio_mask": audio_mask, "prefix_tokens": prefix, "prefix_mask": prefix_mask,
             "suffix_tokens": suffix, "suffix_mask": suffix_mask,
