@@ -10,7 +10,7 @@ import importlib
 
 import gin
 
-from slm_jax import experiment, synthetic_data, train  # noqa: F401  (train.train is @gin.configurable)
+from slm_jax import cached_corpus, experiment, prompting, synthetic_data, train  # noqa: F401
 from slm_jax.models import adapter
 
 _REGISTERED = False
@@ -28,6 +28,8 @@ def register_all() -> None:
     _register(experiment.ModelSpec, "slm_jax.experiment")
     _register(adapter.AdapterConfig, "slm_jax.models.adapter")
     _register(synthetic_data.SyntheticData, "slm_jax.synthetic_data")
+    _register(cached_corpus.CachedCorpusData, "slm_jax.cached_corpus")
+    _register(prompting.PromptFormat, "slm_jax.prompting")
     # Model configs: gin files spell out every dimension (configs as data, T5X style).
     for module_name, names in {
         "slm_jax.models.whisper_encoder": ["WhisperEncoderConfig"],

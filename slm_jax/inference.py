@@ -46,7 +46,11 @@ class SpeechLanguageModel:
     @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("max_new_tokens", "num_beams"))
     def _generate(self, params, batch, start_tokens, *, max_new_tokens: int, num_beams: int):
         variables = {"params": params}
-        hidden, mask = self.slm.apply(variables, batch["audio_features"], batch["audio_mask"], method=SLM.encode_speech)
+        if "speech_hidden" in batch:  # encoder outputs computed offline (slm_jax/encoder_cache.py)
+            hidden, mask = batch["speech_hidden"], batch["speech_mask"]
+        else:
+            hidden, mask = self.slm.apply(variables, batch["audio_features"], batch["audio_mask"],
+                                          method=SLM.encode_speech)
         speech, speech_mask = self.slm.apply(variables, hidden, mask, method=SLM.adapt)
         prompt, prompt_mask = self.slm.apply(variables, speech, speech_mask, batch, method=SLM.prompt_embeddings)
         return decoding.generate(
@@ -56,9 +60,12 @@ class SpeechLanguageModel:
 
     def generate(
         self, features: Sequence[np.ndarray], instructions: Sequence[str] | str, max_new_tokens: int = 64,
-        num_beams: int = 1,
+        num_beams: int = 1, precomputed_speech: bool = False,
     ) -> list[str]:
-        """Answers for a batch of log-mel feature arrays [frames, mels] and their instructions."""
+        """Answers for a batch of log-mel feature arrays [frames, mels] and their instructions.
+
+        With ``precomputed_speech=True`` the arrays are the frozen encoder's outputs [frames, D].
+        """
         if isinstance(instructions, str):
             instructions = [instructions] * len(features)
         if len(instructions) != len(features):
@@ -72,8 +79,9 @@ class SpeechLanguageModel:
             [p.prefix for p in prompts], _bucket(max(len(p.prefix) for p in prompts), self.token_bucket))
         suffix, suffix_mask = batching.pad_rows(
             [p.suffix for p in prompts], _bucket(max(len(p.suffix) for p in prompts), self.token_bucket))
+        speech_keys = ("speech_hidden", "speech_mask") if precomputed_speech else ("audio_features", "audio_mask")
         batch = {
-            "audio_features": audio, "audio_mask": audio_mask, "prefix_tokens": prefix, "prefix_mask": prefix_mask,
+            speech_keys[0]: audio, speech_keys[1]: audio_mask, "prefix_tokens": prefix, "prefix_mask": prefix_mask,
             "suffix_tokens": suffix, "suffix_mask": suffix_mask,
         }
         start = np.asarray([p.decoder_start for p in prompts], np.int32)

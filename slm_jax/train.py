@@ -124,6 +124,8 @@ def train(
     example = sample_batch(batch_size, data.feature_lengths)
 
     frozen = load_frozen_params(trainer, model, example)
+    if hasattr(data, "attach_model"):  # e.g. CachedCorpusData: runs the frozen encoder once, offline
+        data.attach_model(slm, frozen["speech_encoder"], model)
     checkpointer = checkpointing.Checkpointer(model_dir, max_to_keep=max_to_keep)
     abstract_state = trainer.abstract_state(example)
     metadata = checkpointing.describe_state(abstract_state.adapter_params, model.frozen_sources)

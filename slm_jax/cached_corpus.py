@@ -1,0 +1,144 @@
+"""Training data for a frozen-encoder SLM from a generated corpus, with the encoder run once.
+
+``CachedCorpusData`` reads a corpus written by ``slm-make-corpus`` (every task's train split,
+zero-shot tasks excluded), computes log-mel features, runs the frozen speech encoder once over
+every clip (``encoder_cache.py``) and then serves batches of cached encoder outputs + prompt and
+target tokens. It is gin-configurable; ``train()`` hands it the frozen encoder through
+``attach_model`` before the first batch. Vocabulary and prompt format are available without
+touching the corpus, so ``slm-infer`` can use the same config cheaply.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from slm_jax import audio as audio_lib
+from slm_jax.encoder_cache import CachedSpeechData, EncoderCache, build_cache, encoder_fingerprint
+from slm_jax.prompting import PromptFormat
+
+log = logging.getLogger(__name__)
+
+
+def load_vocabulary(spec: str) -> Any:
+    """'package:smollm2-135m-instruct' (the GGUF's BPE), or any spec of slm_jax.data.vocab."""
+    if spec == "package:smollm2-135m-instruct":
+        from slm_jax.tokenizers import GgufBpeVocabulary
+
+        return GgufBpeVocabulary.from_smollm2()
+    from slm_jax.data.vocab import load_vocabulary as load
+
+    return load(spec)
+
+
+def read_corpus(corpus_dir: str, splits: Sequence[str], tasks: Iterable[str] | None = None,
+                include_zero_shot: bool = False) -> list[dict]:
+    """Examples (id, task, split, text, instruction, target, audio) of the given splits."""
+    from slm_jax.data import corpus
+
+    manifest = corpus.load_manifest(corpus_dir)
+    wanted = set(tasks) if tasks is not None else None
+    out = []
+    for task, info in sorted(manifest["tasks"].items()):
+        if (wanted is not None and task not in wanted) or (info["zero_shot"] and not include_zero_shot):
+            continue
+        for split in splits:
+            if split not in info["splits"]:
+                continue
+            for path in corpus.shard_paths(corpus_dir, manifest, task, split):
+                out.extend(corpus.read_examples(path))
+    return out
+
+
+class CachedCorpusData:
+    def __init__(
+        self,
+        corpus_dir: str,
+        vocabulary: str,
+        prompt_format: PromptFormat,
+        cache_dir: str | None = None,
+        tasks: Sequence[str] | None = None,
+        max_audio_seconds: float = 30.0,
+        eval_split: str = "validation",
+        max_prompt_tokens: int = 64,
+        max_target_tokens: int = 64,
+    ):
+        self.corpus_dir = corpus_dir
+        self.vocabulary_spec = vocabulary
+        self.prompt_format = prompt_format
+        self.cache_dir = cache_dir or os.path.join(corpus_dir, "encoder_cache")
+        self.tasks = tasks
+        self.max_audio_seconds = max_audio_seconds
+        self.eval_split = eval_split
+        self.max_prompt_tokens = max_prompt_tokens
+        self.max_target_tokens = max_target_tokens
+        self._vocabulary = None
+        self._data: CachedSpeechData | None = None
+
+    @property
+    def vocabulary(self) -> Any:
+        if self._vocabulary is None:
+            self._vocabulary = load_vocabulary(self.vocabulary_spec)
+        return self._vocabulary
+
+    @property
+    def feature_lengths(self) -> Mapping[str, int]:
+        if self._data is not None:
+            return self._data.feature_lengths
+        # Before the corpus is read: the configured maxima (shapes for initialisation only).
+        frames = int(self.max_audio_seconds * 100)
+        return {"audio_frames": frames, "prefix": self.max_prompt_tokens, "suffix": self.max_prompt_tokens,
+                "targets": self.max_target_tokens}
+
+    def attach_model(self, slm, encoder_params: Any, model_spec: Any) -> None:
+        """Encodes the corpus with the frozen encoder (once; cached on disk) and fixes the shapes."""
+        train = read_corpus(self.corpus_dir, ["train"], self.tasks)
+        evaluation = read_corpus(self.corpus_dir, [self.eval_split], self.tasks)
+        features = {}
+        for ex in train + evaluation:
+            audio_lib.check_audio(ex["audio"], audio_lib.SAMPLE_RATE, name=ex["id"], max_seconds=self.max_audio_seconds)
+            features[ex["id"]] = audio_lib.log_mel_spectrogram(ex["audio"])
+        fingerprint = encoder_fingerprint(model_spec.speech_encoder, model_spec.speech_encoder_source,
+                                          {"mel": 80, "normalization": "whisper"})
+        cache = build_cache(self.cache_dir, slm, encoder_params, features.items(), fingerprint)
+        self._data = self._make(cache, train, evaluation)
+
+    def _make(self, cache: EncoderCache, train: list[dict], evaluation: list[dict]) -> CachedSpeechData:
+        from slm_jax import batching
+
+        everything = train + evaluation
+        prompts = batching.encode_prompts(self.vocabulary, self.prompt_format, [e["instruction"] for e in everything])
+        round_up = lambda n, q: -(-n // q) * q  # noqa: E731
+        prefix = max(len(p.prefix) for p in prompts)
+        suffix = max(len(p.suffix) for p in prompts)
+        targets = max(len(batching.target_ids(self.vocabulary, e["target"])) for e in everything)
+        if max(prefix, suffix) > self.max_prompt_tokens or targets > self.max_target_tokens:
+            raise ValueError(f"corpus prompts/targets need {max(prefix, suffix)}/{targets} tokens; raise "
+                             f"max_prompt_tokens/max_target_tokens ({self.max_prompt_tokens}/{self.max_target_tokens})")
+        frames = max(cache.frames(e["id"]) for e in everything)
+        log.info("corpus: %d train / %d %s examples; %d encoder frames max", len(train), len(evaluation),
+                 self.eval_split, frames)
+        return CachedSpeechData(cache, train, evaluation, self.vocabulary, self.prompt_format,
+                                speech_frames=round_up(frames, 16), prefix=round_up(max(prefix, 1), 8),
+                                suffix=round_up(max(suffix, 1), 8), targets=round_up(targets, 8))
+
+    def _ready(self) -> CachedSpeechData:
+        if self._data is None:
+            raise RuntimeError("CachedCorpusData needs attach_model(...) before batches (train() does it)")
+        return self._data
+
+    def train_batches(self, *args, **kwargs):
+        return self._ready().train_batches(*args, **kwargs)
+
+    def eval_batches(self, *args, **kwargs):
+        return self._ready().eval_batches(*args, **kwargs)
+
+    def batch(self, examples):
+        return self._ready().batch(examples)
+
+    @property
+    def cache(self) -> EncoderCache:
+        return self._ready().cache

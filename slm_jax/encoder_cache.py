@@ -1,0 +1,179 @@
+"""The frozen speech encoder's outputs, computed once and reused by every training step.
+
+The encoder is frozen, so its output for a clip never changes: an offline pass encodes every
+example once and stores the hidden states keyed by example id; training then reads them and never
+runs the encoder (the trainer accepts ``speech_hidden``/``speech_mask`` in place of audio).
+
+On disk: ``<dir>/hidden-NNNNN.npy`` shards of concatenated [frames, D] float32 rows, and
+``<dir>/index.json`` (written last, atomically) mapping id -> (shard, offset, frames). A cache
+directory without an index is incomplete and is rebuilt. The index records a fingerprint of
+the encoder (its source and config) so a cache is never reused for another encoder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any, Iterable, Mapping, Sequence
+
+import jax
+import numpy as np
+
+from slm_jax import batching
+from slm_jax.models.slm import SLM
+
+INDEX = "index.json"
+
+
+def encoder_fingerprint(encoder_config: Any, source: str, feature_settings: Mapping[str, Any]) -> str:
+    text = json.dumps({"config": repr(encoder_config), "source": source, "features": dict(feature_settings)},
+                      sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class EncoderCache:
+    """Read side: id -> encoder hidden states [frames, D] (memory-mapped shards)."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        with open(os.path.join(directory, INDEX)) as f:
+            index = json.load(f)
+        self.fingerprint = index["fingerprint"]
+        self.dim = index["dim"]
+        self._entries = index["entries"]
+        self._shards = [np.load(os.path.join(directory, name), mmap_mode="r") for name in index["shards"]]
+
+    def __contains__(self, example_id: str) -> bool:
+        return example_id in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def frames(self, example_id: str) -> int:
+        return self._entries[example_id][2]
+
+    def __getitem__(self, example_id: str) -> np.ndarray:
+        try:
+            shard, offset, frames = self._entries[example_id]
+        except KeyError:
+            raise KeyError(f"example {example_id!r} is not in the encoder cache {self.directory}") from None
+        return np.asarray(self._shards[shard][offset: offset + frames], np.float32)
+
+
+def build_cache(
+    directory: str, slm: SLM, encoder_params: Any, examples: Iterable[tuple[str, np.ndarray]], fingerprint: str,
+    batch_size: int = 8, frame_bucket: int = 100, shard_rows: int = 200_000, progress: bool = True,
+) -> EncoderCache:
+    """Encodes (id, log-mel [T, 80]) pairs in batches of similar length and writes the cache.
+
+    Reuses ``directory`` when its index already has this fingerprint and every id.
+    """
+    examples = list(examples)
+    index_path = os.path.join(directory, INDEX)
+    if os.path.exists(index_path):
+        cache = EncoderCache(directory)
+        if cache.fingerprint == fingerprint and all(i in cache for i, _ in examples):
+            return cache
+    os.makedirs(directory, exist_ok=True)
+    encode = jax.jit(lambda p, x, m: slm.apply({"params": {"speech_encoder": p}}, x, m, method=SLM.encode_speech))
+    # Sorting by length keeps padding (and the number of compiled shapes) small.
+    order = sorted(range(len(examples)), key=lambda i: examples[i][1].shape[0])
+    entries: dict[str, list[int]] = {}
+    shards: list[str] = []
+    pending: list[np.ndarray] = []
+    pending_rows = 0
+    dim = None
+
+    def flush():
+        nonlocal pending, pending_rows
+        if not pending:
+            return
+        name = f"hidden-{len(shards):05d}.npy"
+        tmp = os.path.join(directory, name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, np.concatenate(pending, axis=0))
+        os.replace(tmp, os.path.join(directory, name))
+        shards.append(name)
+        pending, pending_rows = [], 0
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(examples), desc="encoding speech (frozen encoder, once)", unit="utt", disable=not progress)
+    for start in range(0, len(order), batch_size):
+        chunk = [examples[i] for i in order[start: start + batch_size]]
+        frames = max(f.shape[0] for _, f in chunk)
+        frames = -(-frames // frame_bucket) * frame_bucket
+        feats, mask = batching.pad_frames([f for _, f in chunk] + [chunk[0][1]] * (batch_size - len(chunk)), frames)
+        hidden, out_mask = jax.device_get(encode(encoder_params, feats, mask))
+        for row, (example_id, _) in enumerate(chunk):
+            n = int(out_mask[row].sum())
+            dim = hidden.shape[-1]
+            entries[example_id] = [len(shards), pending_rows, n]
+            pending.append(np.asarray(hidden[row, :n], np.float32))
+            pending_rows += n
+        if pending_rows >= shard_rows:
+            flush()
+        bar.update(len(chunk))
+    bar.close()
+    flush()
+    tmp = index_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"fingerprint": fingerprint, "dim": dim, "shards": shards, "entries": entries}, f)
+    os.replace(tmp, index_path)
+    return EncoderCache(directory)
+
+
+class CachedSpeechData:
+    """A training DataSource over cached encoder outputs and text examples.
+
+    Each example is a dict with ``id``, ``instruction`` and ``target``. Batches are drawn from one
+    seeded permutation per epoch over all training examples, so every task is sampled in
+    proportion to its size (the paper's mixing rule); batch ``k`` depends only on (seed, k), which
+    makes the data position a single integer.
+    """
+
+    def __init__(
+        self, cache: EncoderCache, train_examples: Sequence[Mapping[str, str]],
+        eval_examples: Sequence[Mapping[str, str]], vocabulary: Any, prompt_format: Any,
+        speech_frames: int, prefix: int, suffix: int, targets: int,
+    ):
+        self.cache = cache
+        self.train_examples = list(train_examples)
+        self.eval_examples = list(eval_examples)
+        self.vocabulary = vocabulary
+        self.prompt_format = prompt_format
+        self.lengths = {"speech_frames": speech_frames, "prefix": prefix, "suffix": suffix, "targets": targets}
+        # The model is initialised from audio shapes; 2 log-mel frames per encoder frame (Whisper).
+        self.feature_lengths = {"audio_frames": 2 * speech_frames, "prefix": prefix, "suffix": suffix, "targets": targets}
+        if not self.train_examples:
+            raise ValueError("no training examples")
+
+    def batch(self, examples: Sequence[Mapping[str, str]]) -> dict[str, np.ndarray]:
+        hidden, mask = batching.pad_frames([self.cache[e["id"]] for e in examples], self.lengths["speech_frames"],
+                                           "encoder output")
+        prompts = batching.encode_prompts(self.vocabulary, self.prompt_format, [e["instruction"] for e in examples])
+        targets = [batching.target_ids(self.vocabulary, e["target"]) for e in examples]
+        return {"speech_hidden": hidden, "speech_mask": mask, **batching.text_batch(prompts, targets, self.lengths)}
+
+    def _indices(self, seed: int, batch_index: int, batch_size: int) -> list[int]:
+        n = len(self.train_examples)
+        out = []
+        for position in range(batch_index * batch_size, (batch_index + 1) * batch_size):
+            epoch, offset = divmod(position, n)
+            out.append(int(np.random.default_rng([seed, epoch]).permutation(n)[offset]))
+        return out
+
+    def train_batches(self, batch_size: int, seed: int, start_batch: int = 0, shard_index: int = 0, num_shards: int = 1):
+        k = start_batch
+        while True:
+            rows = self._indices(seed, k, batch_size * num_shards)[shard_index * batch_size: (shard_index + 1) * batch_size]
+            yield self.batch([self.train_examples[i] for i in rows])
+            k += 1
+
+    def eval_batches(self, batch_size: int, num_batches: int):
+        for b in range(num_batches):
+            chunk = self.eval_examples[b * batch_size: (b + 1) * batch_size]
+            if len(chunk) < batch_size:
+                return
+            yield self.batch(chunk)
