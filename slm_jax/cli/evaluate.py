@@ -1,0 +1,104 @@
+"""slm-eval: score a trained SLM on a corpus split: WER (ASR), BLEU (AST), accuracy (instructions)."""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import os
+import sys
+
+from slm_jax.cli import common
+
+DESCRIPTION = """\
+Evaluate a trained adapter on the tasks of a generated corpus and write a JSON report with
+per-task metrics and every prediction: WER for ASR (asr_*, biasing), BLEU for speech translation
+(ast_*), exact-match accuracy for instruction and zero-shot tasks.
+
+examples:
+  slm-eval --gin_file=gin/whisper_base_smollm2.gin --checkpoint=runs/default --out=report.json
+  slm-eval --gin_file=gin/tiny.gin --checkpoint=runs/tiny --tasks=asr_en,ast_en_fr --split=validation
+"""
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+
+    def run():
+        rest, overrides = common.split_gin_overrides(argv)
+        parser = argparse.ArgumentParser(prog="slm-eval", description=DESCRIPTION, epilog=common.GIN_HELP,
+                                         formatter_class=argparse.RawDescriptionHelpFormatter)
+        common.add_gin_flags(parser)
+        parser.add_argument("--checkpoint", required=True, help="a model directory (latest step) or a step directory")
+        parser.add_argument("--out", required=True, help="the JSON report to write")
+        parser.add_argument("--corpus_dir", default=None, help="default: the corpus of the gin config's data")
+        parser.add_argument("--split", default="test", choices=["train", "validation", "test"])
+        parser.add_argument("--tasks", default=None, help="comma-separated task names (default: all)")
+        parser.add_argument("--max_examples_per_task", type=int, default=None)
+        parser.add_argument("--batch_size", type=int, default=8)
+        parser.add_argument("--num_beams", type=int, default=1)
+        parser.add_argument("--max_new_tokens", type=int, default=64)
+        args = parser.parse_args(rest)
+        if not args.gin_file:
+            raise common.UserError("give the --gin_file the model was trained with")
+        out_dir = os.path.dirname(os.path.abspath(args.out))
+        if not os.path.isdir(out_dir):
+            raise common.UserError(f"cannot write {args.out}: directory {out_dir} does not exist")
+        common.setup_logging()
+        common.parse_gin(args.gin_file, args.gin_bindings + overrides)
+        import gin
+
+        from slm_jax import audio, evaluation, inference
+        from slm_jax.cached_corpus import read_corpus
+        from slm_jax.data import corpus
+
+        data = gin.query_parameter("train.data").scoped_configurable_fn()
+        corpus_dir = args.corpus_dir or getattr(data, "corpus_dir", None)
+        if not corpus_dir:
+            raise common.UserError("the gin config names no corpus; pass --corpus_dir")
+        manifest = corpus.load_manifest(corpus_dir)
+        known = sorted(manifest["tasks"])
+        tasks = known if args.tasks is None else [t.strip() for t in args.tasks.split(",") if t.strip()]
+        for t in tasks:
+            if t not in known:
+                close = difflib.get_close_matches(t, known, n=3)
+                hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(known)}"
+                raise common.UserError(f"unknown task {t!r} in {corpus_dir}{hint}")
+        examples = read_corpus(corpus_dir, [args.split], tasks, include_zero_shot=True)
+        if args.max_examples_per_task:
+            counts: dict[str, int] = {}
+            kept = []
+            for ex in examples:
+                counts[ex["task"]] = counts.get(ex["task"], 0) + 1
+                if counts[ex["task"]] <= args.max_examples_per_task:
+                    kept.append(ex)
+            examples = kept
+        if not examples:
+            raise common.UserError(f"no {args.split} examples for tasks {tasks} in {corpus_dir}")
+        for ex in examples:
+            ex["features"] = audio.log_mel_spectrogram(ex["audio"])
+        model = gin.query_parameter("train.model").scoped_configurable_fn()
+        slm, step = inference.load_trained(args.checkpoint, model, data)
+
+        def answer(batch):
+            return slm.generate([e["features"] for e in batch], [e["instruction"] for e in batch],
+                                max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
+
+        report = evaluation.evaluate(examples, answer, batch_size=args.batch_size)
+        report.update({"checkpoint": os.path.abspath(args.checkpoint), "step": step, "split": args.split,
+                       "corpus_dir": os.path.abspath(corpus_dir), "num_beams": args.num_beams})
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(report, f, indent=1, ensure_ascii=False)
+        os.replace(tmp, args.out)
+        for task, scores in report["tasks"].items():
+            metric, value = evaluation.headline(scores)
+            print(f"{task:<28} {metric:>8} {value:8.3f}  ({scores['examples']} examples)")
+        print(f"report: {args.out}")
+        return 0
+
+    return common.run_main("slm-eval", run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
