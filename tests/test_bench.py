@@ -1,0 +1,56 @@
+"""Smoke test of the benchmark harness (`python -m bench`) at toy sizes: both sides really run
+the same function (equal first-step losses, equal greedy tokens), the JSON and table come out,
+and the report flags missed targets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import __main__ as bench_main
+from bench import report
+
+
+def test_toy_run_matches_the_reference_and_writes_results(tmp_path, capsys):
+    out = tmp_path / "results.json"
+    assert bench_main.main(["--weights", "toy", "--only", "bare,decode", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    losses = results["bare"]["first_step_loss"]
+    # Same weights, same batch, fp32: the JAX step and the torch reference compute one function.
+    assert losses["slm-jax"] == pytest.approx(losses["torch"], rel=1e-4)
+    assert results["bare"]["memory"]["optimizer_state_bytes"]["slm-jax"] == pytest.approx(
+        results["bare"]["memory"]["optimizer_state_bytes"]["torch"], rel=0.01)
+    greedy = [r for r in results["decode"] if r["num_beams"] == 1]
+    assert greedy and all(r["token_agreement"] == 1.0 for r in greedy)
+    for r in results["decode"]:
+        assert r["sides"]["slm-jax"]["tokens_per_s"] > 0 and r["sides"]["transformers"]["tokens_per_s"] > 0
+    table = capsys.readouterr().out
+    assert "train step, bare" in table and "decode greedy tokens/s" in table and "Machine:" in table
+
+
+def _results(bare_speedup):
+    side = {"examples_per_s": 1.0, "median_s": 1.0}
+    return {
+        "weights": "toy",
+        "machine": {"cpu": "x", "cores": 2, "memory_gib": 1, "platform": "p", "jax": "j", "jax_backend": "cpu",
+                    "torch": "t", "torch_threads": 2, "load_average_at_start": [1.0, 1.0, 1.0]},
+        "bare": {"case": {"batch_size": 8, "seconds": 6.4}, "llm_tokens": 128,
+                 "sides": {"slm-jax": side, "torch": side}, "speedup_vs_torch": {"slm-jax": bare_speedup},
+                 "memory": {"step_peak_extra_rss_bytes": {"slm-jax": 0, "torch": 0},
+                            "optimizer_state_bytes": {"slm-jax": 8, "torch": 8},
+                            "param_bytes": {"adapter": 4, "frozen": 396}}},
+    }
+
+
+@pytest.mark.parametrize("speedup, met", [(0.9, "NO"), (1.3, "yes")])
+def test_report_flags_missed_targets(speedup, met):
+    row = report.rows(_results(speedup))[0]
+    assert row[4] == f"{speedup:.2f}x" and row[-1] == met
+    assert "2.00% of param bytes" in report.markdown(_results(speedup))
+
+
+def test_unknown_section_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench_main.main(["--only", "bare,nope"])
+    assert e.value.code == 2 and "nope" in capsys.readouterr().err
