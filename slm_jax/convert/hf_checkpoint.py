@@ -23,6 +23,10 @@ import numpy as np
 from slm_jax.convert.errors import ConversionError
 
 GetTensor = Callable[[str], np.ndarray]
+# Called once per converted tensor with (our parameter path, the array); what it returns goes into
+# the tree. The default keeps the numpy array; ``slm_jax.frozen`` puts it straight onto the
+# devices in its sharding so the host never holds more than one converted tensor.
+Place = Callable[[tuple, np.ndarray], Any]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,42 +64,46 @@ def apply_rules(
     ignore: Callable[[str], bool] = lambda name: False,
     dtype: Any = np.float32,
     model_name: str = "model",
+    place: Place | None = None,
 ) -> dict:
     """Builds a params tree from ``rules`` over a lazily read checkpoint.
 
     ``names`` lists every tensor of the checkpoint and ``get_tensor`` reads one; ``ignore(name)``
     marks tensors that are expected but unused (tied duplicates, rotary buffers, ...). Raises
     ``ConversionError`` naming the tensor for a missing tensor, a wrong shape, or leftovers.
+    Tensors are read, converted and handed to ``place`` one at a time.
     """
     available = set(names)
-    params: dict = {}
-    used: set[str] = set()
+    rules = list(rules)
+    # Name problems are found before any tensor is read (a 13B checkpoint takes minutes to read).
     for rule in rules:
         if rule.hf_name not in available:
             raise ConversionError(
                 f"{model_name}: missing tensor {rule.hf_name!r} (expected shape {rule.hf_shape} for this config)"
             )
-        array = np.asarray(get_tensor(rule.hf_name))
-        if tuple(array.shape) != tuple(rule.hf_shape):
-            raise ConversionError(
-                f"{model_name}: tensor {rule.hf_name!r} has shape {tuple(array.shape)} but the config "
-                f"expects {tuple(rule.hf_shape)}"
-            )
-        used.add(rule.hf_name)
-        node = params
-        for key in rule.path[:-1]:
-            node = node.setdefault(key, {})
-        if rule.path[-1] in node:
-            raise ValueError(f"two rules write the parameter {'/'.join(rule.path)}")  # a converter bug
-        converted = rule.transform(array.astype(np.float32))
-        node[rule.path[-1]] = np.ascontiguousarray(converted).astype(dtype)
-    leftovers = sorted(n for n in available - used if not ignore(n))
+    leftovers = sorted(available - {r.hf_name for r in rules} - {n for n in available if ignore(n)})
     if leftovers:
         more = f" and {len(leftovers) - 5} more" if len(leftovers) > 5 else ""
         raise ConversionError(
             f"{model_name}: the checkpoint has tensors this config has no place for: {leftovers[:5]}{more} "
             "(more layers than the config, or a different architecture)"
         )
+    params: dict = {}
+    for rule in rules:
+        array = np.asarray(get_tensor(rule.hf_name))
+        if tuple(array.shape) != tuple(rule.hf_shape):
+            raise ConversionError(
+                f"{model_name}: tensor {rule.hf_name!r} has shape {tuple(array.shape)} but the config "
+                f"expects {tuple(rule.hf_shape)}"
+            )
+        node = params
+        for key in rule.path[:-1]:
+            node = node.setdefault(key, {})
+        if rule.path[-1] in node:
+            raise ValueError(f"two rules write the parameter {'/'.join(rule.path)}")  # a converter bug
+        converted = np.ascontiguousarray(rule.transform(array.astype(np.float32))).astype(dtype)
+        del array
+        node[rule.path[-1]] = converted if place is None else place(rule.path, converted)
     return params
 
 
@@ -154,6 +162,8 @@ class HFCheckpoint:
         """One tensor as numpy (bf16 comes back as ml_dtypes.bfloat16)."""
         from safetensors import safe_open
 
+        if name not in self._file_of:
+            raise ConversionError(f"{self.directory} has no tensor {name!r}")
         path = self._file_of[name]
         if path not in self._handles:
             if not os.path.exists(path):

@@ -27,6 +27,7 @@ from slm_jax.convert.errors import ConversionError
 from slm_jax.convert.hf_checkpoint import (
     GetTensor,
     HFCheckpoint,
+    Place,
     TensorRule,
     apply_rules,
     as_state_dict_reader,
@@ -147,7 +148,8 @@ def _rules(cfg: LlamaConfig, prefix: str) -> list[TensorRule]:
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
 
-def convert_tensors(names, get_tensor: GetTensor, cfg: LlamaConfig, dtype=np.float32) -> dict:
+def convert_tensors(names, get_tensor: GetTensor, cfg: LlamaConfig, dtype=np.float32,
+                    place: Place | None = None) -> dict:
     """Our params tree from a lazily read checkpoint (``names``; ``get_tensor(name)`` reads one).
 
     Raises ``ConversionError`` for a missing tensor, a wrong shape, tensors the config has no
@@ -164,13 +166,15 @@ def convert_tensors(names, get_tensor: GetTensor, cfg: LlamaConfig, dtype=np.flo
     def ignore(name: str) -> bool:
         return bool(_IGNORED.search(name)) or (cfg.tie_word_embeddings and name == "lm_head.weight")
 
-    return apply_rules(_rules(cfg, prefix), names, get_tensor, ignore=ignore, dtype=dtype, model_name="Llama")
+    return apply_rules(_rules(cfg, prefix), names, get_tensor, ignore=ignore, dtype=dtype, model_name="Llama",
+                       place=place)
 
 
-def params_from_state_dict(state_dict: Mapping[str, Any], cfg: LlamaConfig, dtype=np.float32) -> dict:
+def params_from_state_dict(state_dict: Mapping[str, Any], cfg: LlamaConfig, dtype=np.float32,
+                           place: Place | None = None) -> dict:
     """Our params tree from an in-memory HF-layout state dict {name: numpy array or torch tensor}."""
     names, get = as_state_dict_reader(state_dict)
-    return convert_tensors(names, get, cfg, dtype)
+    return convert_tensors(names, get, cfg, dtype, place)
 
 
 def load_checkpoint(path: str | os.PathLike, dtype=np.float32, **config_overrides) -> tuple[LlamaConfig, dict]:
@@ -180,11 +184,11 @@ def load_checkpoint(path: str | os.PathLike, dtype=np.float32, **config_override
     return cfg, convert_tensors(checkpoint.names(), checkpoint.get, cfg, dtype)
 
 
-def load_params(path: str | os.PathLike, cfg: LlamaConfig, dtype=np.float32) -> dict:
+def load_params(path: str | os.PathLike, cfg: LlamaConfig, dtype=np.float32, place: Place | None = None) -> dict:
     """Params for the configured model ``cfg`` from a HF checkpoint directory.
 
     The directory's config.json must describe the same architecture (dtypes and remat aside).
     """
     checkpoint = HFCheckpoint(path)
     check_config_matches(cfg, config_from_hf(checkpoint.config()), RUNTIME_FIELDS, os.fspath(path))
-    return convert_tensors(checkpoint.names(), checkpoint.get, cfg, dtype)
+    return convert_tensors(checkpoint.names(), checkpoint.get, cfg, dtype, place)

@@ -33,6 +33,7 @@ from slm_jax.convert.errors import ConversionError
 from slm_jax.convert.hf_checkpoint import (
     GetTensor,
     HFCheckpoint,
+    Place,
     TensorRule,
     apply_rules,
     as_state_dict_reader,
@@ -153,7 +154,8 @@ def _rules(cfg: T5Config, lm_head_name: str | None) -> list[TensorRule]:
     return rules
 
 
-def convert_tensors(names, get_tensor: GetTensor, cfg: T5Config, dtype=np.float32) -> dict:
+def convert_tensors(names, get_tensor: GetTensor, cfg: T5Config, dtype=np.float32,
+                    place: Place | None = None) -> dict:
     """Our params tree from a lazily read checkpoint (``names``; ``get_tensor(name)`` reads one).
 
     Raises ``ConversionError`` for a missing tensor, a wrong shape, tensors the config has no
@@ -175,13 +177,15 @@ def convert_tensors(names, get_tensor: GetTensor, cfg: T5Config, dtype=np.float3
     def ignore(name: str) -> bool:
         return name in _IGNORED or (lm_head_name is None and name == "lm_head.weight")
 
-    return apply_rules(rules, names, get_tensor, ignore=ignore, dtype=dtype, model_name="T5")
+    return apply_rules(rules, names, get_tensor, ignore=ignore, dtype=dtype, model_name="T5",
+                       place=place)
 
 
-def params_from_state_dict(state_dict: Mapping[str, Any], cfg: T5Config, dtype=np.float32) -> dict:
+def params_from_state_dict(state_dict: Mapping[str, Any], cfg: T5Config, dtype=np.float32,
+                           place: Place | None = None) -> dict:
     """Our params tree from an in-memory HF state dict {name: numpy array or torch tensor}."""
     names, get = as_state_dict_reader(state_dict)
-    return convert_tensors(names, get, cfg, dtype)
+    return convert_tensors(names, get, cfg, dtype, place)
 
 
 def load_checkpoint(path: str | os.PathLike, dtype=np.float32, **config_overrides) -> tuple[T5Config, dict]:
@@ -191,11 +195,11 @@ def load_checkpoint(path: str | os.PathLike, dtype=np.float32, **config_override
     return cfg, convert_tensors(checkpoint.names(), checkpoint.get, cfg, dtype)
 
 
-def load_params(path: str | os.PathLike, cfg: T5Config, dtype=np.float32) -> dict:
+def load_params(path: str | os.PathLike, cfg: T5Config, dtype=np.float32, place: Place | None = None) -> dict:
     """Params for the configured model ``cfg`` from a HF checkpoint directory.
 
     The directory's config.json must describe the same architecture (dtypes and remat aside).
     """
     checkpoint = HFCheckpoint(path)
     check_config_matches(cfg, config_from_hf(checkpoint.config()), RUNTIME_FIELDS, os.fspath(path))
-    return convert_tensors(checkpoint.names(), checkpoint.get, cfg, dtype)
+    return convert_tensors(checkpoint.names(), checkpoint.get, cfg, dtype, place)
