@@ -146,8 +146,10 @@ def jax_side(weights_name: str, seed: int = 0, **llm_overrides) -> JaxSide:
     llm_params = hf_llama.params_from_state_dict(ws.llm_state_dict, spec.llm)
     enc_params = hf_whisper.params_from_state_dict(ws.whisper_state_dict, spec.speech_encoder)
     frozen = {"speech_encoder": jax.device_put(enc_params), "llm": jax.device_put(llm_params)}
-    example = example_batch(ws, 1, 64, {"prefix": 2, "suffix": 2, "targets": 2})
-    adapter = jax.jit(lambda b: nn.unbox(slm.init(jax.random.key(seed), b))["params"]["adapter"])(example)
+    # The adapter alone is initialised (the frozen parts come from the weight set).
+    speech = jax.numpy.zeros((1, 8, spec.speech_encoder.d_model))
+    mask = jax.numpy.ones((1, 8), jax.numpy.int32)
+    adapter = jax.jit(lambda x, m: nn.unbox(slm.adapter.init(jax.random.key(seed), x, m))["params"])(speech, mask)
     return JaxSide(spec, slm, slm.llm, frozen, jax.device_get(adapter))
 
 

@@ -47,7 +47,7 @@ QUICK = Plan(
 )
 # The smoke test's plan: tiny shapes, one repetition.
 TOY = Plan(
-    repeats=1, bare=Case(2, 1.0, 4, 4, 4), e2e=Case(2, 1.0, 4, 4, 4), decode_cases=((1, 1), (1, 2)), prompt_tokens=8,
+    repeats=1, bare=Case(2, 1.0, 4, 4, 4), e2e=Case(2, 1.0, 4, 4, 4), decode_cases=((2, 1),), prompt_tokens=8,
     new_tokens=4, scaling_seconds=(1.0,), scaling_batch_at_seconds=1, scaling_batches=(), scaling_seconds_at_batch=1.0,
     bare_variants={},
 )
