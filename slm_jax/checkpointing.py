@@ -51,20 +51,53 @@ def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], where
         raise CheckpointError(f"checkpoint in {where} was written by a different configuration: {shown}")
 
 
+# Room for TensorBoard event files, config.gin and Orbax's own metadata besides the arrays.
+_SPACE_MARGIN_BYTES = 4 * 2**20
+
+
+def bytes_needed(state_bytes: int, max_to_keep: int, existing_checkpoints: int = 0) -> int:
+    """Disk space a run still needs: up to ``max_to_keep`` checkpoints plus the one being written
+    before the oldest is deleted, less those already on disk."""
+    keep = max(max_to_keep, 1) + 1
+    return max(keep - existing_checkpoints, 1) * int(state_bytes) + _SPACE_MARGIN_BYTES
+
+
 def ensure_writable(directory: str, min_free_bytes: int = 0) -> None:
-    """Fails before training starts if the model directory cannot take checkpoints."""
+    """Fails before training starts if the model directory cannot take checkpoints: read-only,
+    not a directory, or less free space than ``min_free_bytes`` (a full disk found after an hour
+    of training would lose that hour)."""
     try:
         os.makedirs(directory, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write_test_"):
-            pass
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write_test_") as probe:
+            probe.write(b"\0" * 4096)
+            probe.flush()
+            os.fsync(probe.fileno())
     except OSError as e:
         raise CheckpointError(f"model directory {directory} is not writable: {e.strerror or e}") from None
     free = shutil.disk_usage(directory).free
     if free < min_free_bytes:
         raise CheckpointError(
             f"model directory {directory} has {free / 2**20:.1f} MiB free; checkpoints need about "
-            f"{min_free_bytes / 2**20:.1f} MiB"
+            f"{min_free_bytes / 2**20:.1f} MiB (free some space or choose another --model_dir)"
         )
+
+
+def complete_steps(directory: str) -> list[int]:
+    """The complete (committed) checkpoint steps in ``directory``, oldest first, read without
+    creating or changing anything there: a refused run must leave a model directory untouched."""
+    if not os.path.isdir(directory):
+        return []
+    # Orbax's own listing: it leaves out the temporary directories of uncommitted saves.
+    return sorted(ocp.path.step.checkpoint_steps(os.path.abspath(directory)))
+
+
+def read_metadata(directory: str, step: int) -> dict[str, Any]:
+    path = os.path.join(directory, str(step), "meta", "metadata")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read checkpoint metadata {path}: {e}") from None
 
 
 class Checkpointer:
@@ -75,8 +108,11 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
             enable_async_checkpointing=async_save,
+            # Remove the temporary directories of saves cut off by a crash (never picked anyway).
+            cleanup_tmp_directories=not read_only,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self.last_saved: int | None = self._manager.latest_step()
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -92,14 +128,10 @@ class Checkpointer:
             force=True,
         )
         self._manager.wait_until_finished()
+        self.last_saved = step
 
     def read_metadata(self, step: int) -> dict[str, Any]:
-        path = os.path.join(self.directory, str(step), "meta", "metadata")
-        try:
-            with open(path) as f:
-                return json.load(f)
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"cannot read checkpoint metadata {path}: {e}") from None
+        return read_metadata(self.directory, step)
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
         """Restores onto the shardings carried by ``abstract_state`` (ShapeDtypeStructs)."""
@@ -112,8 +144,14 @@ class Checkpointer:
             )
         except FileNotFoundError as e:
             raise CheckpointError(f"checkpoint step {step} in {self.directory} is incomplete: {e}") from None
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"checkpoint step {step} in {self.directory} does not fit this model: {e}") from None
+        except Exception as e:  # noqa: BLE001 - TensorStore raises bare Exception for damaged files
+            # The metadata was already checked against this model (check_compatible), so a failure
+            # here means damaged files (truncated, overwritten) rather than another configuration.
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory} is damaged and cannot be restored "
+                f"({type(e).__name__}: {first}); delete that step directory to resume from an earlier one"
+            ) from None
         return restored["state"], dict(restored["data"])
 
     def close(self) -> None:

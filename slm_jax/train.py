@@ -39,24 +39,39 @@ class TrainingStopped(RuntimeError):
 
 
 class _Preemption:
-    """Turns SIGTERM (what a preempted TPU VM receives) into a flag checked between steps."""
+    """Turns SIGTERM (what a preempted TPU VM receives) into a flag checked between steps.
+
+    Installed for the whole of ``train`` so that a SIGTERM during start-up or compilation is
+    not fatal either: the run then stops at its first check without losing anything.
+    """
 
     def __init__(self):
-        self.requested = False
+        self._flag = False
         self._previous = None
+        self._installed = False
 
     def __enter__(self):
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._installed = True
         except ValueError:  # not the main thread: no signal handling
-            self._previous = None
+            pass
         return self
 
     def _handle(self, signum, frame):
-        self.requested = True
+        self._flag = True
+
+    @property
+    def requested(self) -> bool:
+        """True on every process once any process got SIGTERM (they must all save together)."""
+        if jax.process_count() == 1:
+            return self._flag
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.asarray(self._flag))))
 
     def __exit__(self, *exc):
-        if self._previous is not None:
+        if self._installed:
             signal.signal(signal.SIGTERM, self._previous)
 
 
@@ -70,21 +85,29 @@ class _Writers:
     """TensorBoard event files in model_dir/train and model_dir/eval (process 0 only)."""
 
     def __init__(self, model_dir: str):
-        self._writers = {}
+        self._files = {}
         if jax.process_index() == 0:
-            from flax.metrics.tensorboard import SummaryWriter
+            from slm_jax.event_files import EventFile
 
-            self._writers = {s: SummaryWriter(os.path.join(model_dir, s)) for s in ("train", "eval")}
+            self._files = {s: EventFile(os.path.join(model_dir, s)) for s in ("train", "eval")}
 
     def scalars(self, split: str, step: int, values: Mapping[str, float]) -> None:
-        if split in self._writers:
-            for k, v in values.items():
-                self._writers[split].scalar(k, v, step)
-            self._writers[split].flush()
+        if split in self._files:
+            self._files[split].scalars(step, values)
 
     def close(self):
-        for w in self._writers.values():
-            w.close()
+        for f in self._files.values():
+            f.close()
+
+
+def _check_settings(**values: int) -> None:
+    """Rejects settings that would only fail later (a modulo by zero after the first step)."""
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"train.{name} must be a non-negative integer, got {value!r}")
+    for name in ("steps", "max_nonfinite_streak"):
+        if values[name] < 1:
+            raise ValueError(f"train.{name} must be at least 1, got {values[name]}")
 
 
 @gin.configurable(denylist=["model_dir"])
@@ -109,8 +132,26 @@ def train(
     max_to_keep: int = 3,
     max_nonfinite_streak: int = 10,
 ) -> dict[str, Any]:
-    """Trains the adapter for ``steps`` steps; returns the final metrics."""
-    checkpointing.ensure_writable(model_dir)
+    """Trains the adapter for ``steps`` steps; returns the final metrics.
+
+    ``log_every``, ``eval_every`` and ``checkpoint_every`` may be 0 (never; the last step is still
+    checkpointed). After ``max_nonfinite_streak`` consecutive steps with a non-finite loss or
+    gradient (each one skipped) the run raises ``TrainingStopped``.
+    """
+    _check_settings(steps=steps, batch_size=batch_size, log_every=log_every, eval_every=eval_every,
+                    checkpoint_every=checkpoint_every, max_nonfinite_streak=max_nonfinite_streak,
+                    max_to_keep=max_to_keep)
+    with _Preemption() as preemption:
+        return _train(model_dir, preemption, model=model, data=data, steps=steps, batch_size=batch_size,
+                      seed=seed, mesh_shape=mesh_shape, learning_rate=learning_rate, warmup_steps=warmup_steps,
+                      weight_decay=weight_decay, clip_norm=clip_norm, optimizer=optimizer, log_every=log_every,
+                      eval_every=eval_every, eval_batches=eval_batches, checkpoint_every=checkpoint_every,
+                      max_to_keep=max_to_keep, max_nonfinite_streak=max_nonfinite_streak)
+
+
+def _train(model_dir, preemption, *, model, data, steps, batch_size, seed, mesh_shape, learning_rate, warmup_steps,
+           weight_decay, clip_norm, optimizer, log_every, eval_every, eval_batches, checkpoint_every, max_to_keep,
+           max_nonfinite_streak) -> dict[str, Any]:
     mesh = partitioning.make_mesh(**partitioning.parse_mesh_spec(mesh_shape))
     tx, schedule = make_optimizer(
         learning_rate=learning_rate, warmup_steps=warmup_steps, total_steps=steps,
@@ -122,21 +163,43 @@ def train(
     if host_batch * jax.process_count() != batch_size:
         raise ValueError(f"batch_size {batch_size} is not divisible by {jax.process_count()} processes")
     example = sample_batch(batch_size, data.feature_lengths)
+    abstract_state = trainer.abstract_state(example)
+    metadata = checkpointing.describe_state(abstract_state.adapter_params, model.frozen_sources)
+
+    # Everything that can refuse the run happens before anything is written to model_dir (an
+    # existing run stays byte for byte as it was) and before the slow parts (frozen weights,
+    # compilation): a checkpoint of another configuration, a read-only or too full disk.
+    existing = checkpointing.complete_steps(model_dir)
+    start = existing[-1] if existing else None
+    if start is not None:
+        checkpointing.check_compatible(checkpointing.read_metadata(model_dir, start), metadata, model_dir)
+        if start >= steps:
+            log.info("already trained to step %d (>= %d steps); nothing to do", start, steps)
+            return {"step": start}
+    checkpointing.ensure_writable(
+        model_dir, checkpointing.bytes_needed(tree_bytes(abstract_state), max_to_keep, len(existing)))
 
     frozen = load_frozen_params(trainer, model, example)
     if hasattr(data, "attach_model"):  # e.g. CachedCorpusData: runs the frozen encoder once, offline
         data.attach_model(slm, frozen["speech_encoder"], model)
     checkpointer = checkpointing.Checkpointer(model_dir, max_to_keep=max_to_keep)
-    abstract_state = trainer.abstract_state(example)
-    metadata = checkpointing.describe_state(abstract_state.adapter_params, model.frozen_sources)
+    try:
+        return _loop(model_dir, preemption, trainer, checkpointer, frozen, example, abstract_state, metadata,
+                     start, data=data, steps=steps, batch_size=batch_size, host_batch=host_batch, seed=seed,
+                     log_every=log_every, eval_every=eval_every, eval_batches=eval_batches,
+                     checkpoint_every=checkpoint_every, max_nonfinite_streak=max_nonfinite_streak)
+    finally:
+        checkpointer.close()
 
-    start = checkpointer.latest_step()
+
+def _loop(model_dir, preemption, trainer, checkpointer, frozen, example, abstract_state, metadata, start, *,
+          data, steps, batch_size, host_batch, seed, log_every, eval_every, eval_batches, checkpoint_every,
+          max_nonfinite_streak) -> dict[str, Any]:
     if start is None:
         state = trainer.init_state(seed, example)
         batches_consumed = 0
         log.info("starting a new run in %s", model_dir)
     else:
-        checkpointing.check_compatible(checkpointer.read_metadata(start), metadata, model_dir)
         state, data_position = checkpointer.restore(start, abstract_state)
         batches_consumed = int(data_position["batches_consumed"])
         log.info("resuming %s from step %d (%d batches consumed)", model_dir, start, batches_consumed)
@@ -146,7 +209,7 @@ def train(
     log.info(
         "parameters: adapter %s (%.2f%% of %s total), optimizer state %.1f MiB; mesh %s",
         f"{adapter_n:,}", 100 * adapter_n / (adapter_n + frozen_n), f"{adapter_n + frozen_n:,}",
-        tree_bytes(state.opt_state) / 2**20, dict(mesh.shape),
+        tree_bytes(state.opt_state) / 2**20, dict(trainer.mesh.shape),
     )
     if jax.process_index() == 0:
         with open(os.path.join(model_dir, "config.gin"), "w") as f:
@@ -154,62 +217,64 @@ def train(
 
     frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
     trainer.compile(example, frozen_shardings)
-    writers = _Writers(model_dir)
     step = int(state.step)
-    save = lambda: checkpointer.save(  # noqa: E731
-        step, state, {"batches_consumed": batches_consumed, "seed": seed}, {**metadata, "step": step}
-    )
-    last: dict[str, Any] = {}
-    if step >= steps:
-        log.info("already trained to step %d (>= %d steps); nothing to do", step, steps)
-        return {"step": step}
 
+    def save():
+        if checkpointer.last_saved != step:
+            checkpointer.save(step, state, {"batches_consumed": batches_consumed, "seed": seed},
+                              {**metadata, "step": step})
+
+    last: dict[str, Any] = {}
     batches = data.train_batches(host_batch, seed, batches_consumed, jax.process_index(), jax.process_count())
     window_start, window_examples = time.time(), 0
-    with _Preemption() as preemption, _progress(steps, step) as bar:
-        while step < steps:
-            batch = trainer.place_batch(next(batches))
-            state, metrics = trainer.train_step(state, frozen, batch)
-            step += 1
-            batches_consumed += 1
-            window_examples += batch_size
-            streak = int(state.nonfinite_streak)
-            if streak:
-                log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step, streak)
-            if streak >= max_nonfinite_streak:
-                raise TrainingStopped(
-                    f"{streak} consecutive steps had a non-finite loss or gradient (last at step {step}); "
-                    f"stopped without saving. The last good checkpoint in {model_dir} is step "
-                    f"{checkpointer.latest_step()}"
-                )
-            bar.update(1)
-            if step % log_every == 0 or step == steps:
-                elapsed = max(time.time() - window_start, 1e-9)
-                last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                last["examples_per_second"] = window_examples / elapsed
-                last["skipped_updates_total"] = float(state.nonfinite_total)
-                bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['learning_rate']:.2e}")
-                bar.write(
-                    f"step {step:>6d}  loss {last['loss']:.4f}  lr {last['learning_rate']:.3e}  "
-                    f"grad_norm {last['grad_norm']:.3f}  {last['examples_per_second']:.1f} examples/s"
-                )
-                writers.scalars("train", step, last)
-                window_start, window_examples = time.time(), 0
-            if eval_every and (step % eval_every == 0 or step == steps):
-                ev = evaluate_loss(trainer, state, frozen, data, batch_size, eval_batches)
-                bar.write(f"step {step:>6d}  eval loss {ev['loss']:.4f}  token accuracy {ev['token_accuracy']:.3f}")
-                writers.scalars("eval", step, ev)
-                last.update({f"eval_{k}": v for k, v in ev.items()})
-            if step % checkpoint_every == 0 or step == steps:
-                save()
-            if preemption.requested:
-                save()
-                bar.write(f"SIGTERM: saved checkpoint at step {step}; exiting (run the same command to resume)")
-                last["preempted"] = True
-                break
-    writers.close()
-    checkpointer.close()
+    writers = _Writers(model_dir)
+    try:
+        with _progress(steps, step) as bar:
+            while step < steps:
+                if preemption.requested:
+                    save()
+                    bar.write(f"SIGTERM: saved checkpoint at step {step}; exiting (run the same command to resume)")
+                    last["preempted"] = True
+                    break
+                batch = trainer.place_batch(next(batches))
+                state, metrics = trainer.train_step(state, frozen, batch)
+                step += 1
+                batches_consumed += 1
+                window_examples += batch_size
+                streak = int(state.nonfinite_streak)
+                if streak:
+                    log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row, %d in all)",
+                                step, streak, int(state.nonfinite_total))
+                if streak >= max_nonfinite_streak:
+                    raise TrainingStopped(
+                        f"{streak} consecutive steps had a non-finite loss or gradient (steps {step - streak + 1} "
+                        f"to {step}); stopped without saving them. The last good checkpoint in {model_dir} is "
+                        f"step {checkpointer.last_saved}. Check the data of those steps or lower the learning rate"
+                    )
+                bar.update(1)
+                if (log_every and step % log_every == 0) or step == steps:
+                    elapsed = max(time.time() - window_start, 1e-9)
+                    last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    last["examples_per_second"] = window_examples / elapsed
+                    last["skipped_updates_total"] = float(state.nonfinite_total)
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['learning_rate']:.2e}")
+                    bar.write(
+                        f"step {step:>6d}  loss {last['loss']:.4f}  lr {last['learning_rate']:.3e}  "
+                        f"grad_norm {last['grad_norm']:.3f}  {last['examples_per_second']:.1f} examples/s"
+                    )
+                    writers.scalars("train", step, last)
+                    window_start, window_examples = time.time(), 0
+                if eval_every and (step % eval_every == 0 or step == steps):
+                    ev = evaluate_loss(trainer, state, frozen, data, batch_size, eval_batches)
+                    bar.write(f"step {step:>6d}  eval loss {ev['loss']:.4f}  token accuracy {ev['token_accuracy']:.3f}")
+                    writers.scalars("eval", step, ev)
+                    last.update({f"eval_{k}": v for k, v in ev.items()})
+                if (checkpoint_every and step % checkpoint_every == 0) or step == steps:
+                    save()
+    finally:
+        writers.close()
     last["step"] = step
+    last["skipped_updates_total"] = float(state.nonfinite_total)
     return last
 
 

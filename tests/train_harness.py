@@ -7,6 +7,8 @@
                                      the worst moment for a crash
   SLM_HARNESS_STEP_SECONDS=S         sleep S seconds after each step (lets a test's signal land
                                      in the middle of a run)
+  SLM_HARNESS_FREE_BYTES=N           report N bytes free on every disk (a full disk, without
+                                     filling one)
 
 Used by tests/test_preemption.py; nothing here changes what training computes.
 """
@@ -48,6 +50,16 @@ def _install() -> None:
         return new_state, metrics
 
     Trainer.train_step = train_step
+
+    free = os.environ.get("SLM_HARNESS_FREE_BYTES")
+    if free:
+        import shutil
+
+        from slm_jax import checkpointing
+
+        real = shutil.disk_usage
+        checkpointing.shutil = type("FullDisk", (), {
+            "disk_usage": staticmethod(lambda path: real(path)._replace(free=int(free)))})
 
     kill_at = os.environ.get("SLM_HARNESS_KILL_BEFORE_COMMIT")
     if kill_at:
