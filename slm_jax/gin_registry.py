@@ -46,6 +46,10 @@ def register_all() -> None:
         data_spec = None
     if data_spec is not None:
         _register(data_spec.CorpusData, "slm_jax.data.spec")
+    # The SeqIO DataSource (light to import: TensorFlow/SeqIO load when data is first read).
+    from slm_jax.data import seqio_data
+
+    _register(seqio_data.SeqioData, "slm_jax.data.seqio_data")
 
 
 register_all()

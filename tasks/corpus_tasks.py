@@ -1,0 +1,171 @@
+"""SeqIO tasks and mixtures over the generated corpus (``slm-make-corpus``).
+
+Registered on ``import slm_jax.tasks``:
+
+  asr_en, asr_fr, asr_de, asr_es            speech recognition
+  ast_en_fr, ast_en_de, ast_en_es           English speech -> French/German/Spanish text
+  instruct_qa, instruct_biasing, instruct_dialog, instruct_count
+  zeroshot_answer_in_french, zeroshot_which_colour, zeroshot_biasing_unseen
+                                            held out (test split only; in no training mixture)
+  mixture asr_ast_instruct                  every ASR/AST/instruction task, rate = its number of
+                                            training examples (the paper's proportional mixing)
+  mixture asr                               the four ASR tasks, rates proportional to size
+
+Where the corpus is: ``register_corpus_tasks(corpus_dir)`` (re)registers everything over that
+directory; on import it uses ``$SLM_CORPUS_DIR``, or ``data/corpus`` when that is unset. The
+directory is read lazily: registering needs no data, and using a task whose corpus is missing
+raises one ``DataNotPreparedError`` saying how to make it. The vocabulary defaults to the
+corpus' own SentencePiece model (``DIR/spm.model``) and the prompt to the T5 layout; pass others
+for a real LLM (``SeqioData`` does this from its gin configuration).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Sequence
+
+import seqio
+import tensorflow as tf
+
+from slm_jax.data import corpus
+from slm_jax.data import preprocessors as prep
+from slm_jax.data.errors import DataNotPreparedError
+from slm_jax.prompting import T5_PROMPT, PromptFormat
+
+DEFAULT_CORPUS_DIR = "data/corpus"
+CORPUS_DIR_ENV = "SLM_CORPUS_DIR"
+TRAINING_MIXTURE = "asr_ast_instruct"
+ASR_MIXTURE = "asr"
+
+RECORD_SHUFFLE_BUFFER = 2000  # raw records (~100 kB each): a full shuffle of a split of up to 2,000
+
+_registered: dict[str, Any] = {"corpus_dir": None, "tasks": [], "mixtures": []}
+
+
+def default_corpus_dir() -> str:
+    return os.environ.get(CORPUS_DIR_ENV) or DEFAULT_CORPUS_DIR
+
+
+def registered_corpus_dir() -> Optional[str]:
+    """The corpus directory the registered tasks read (None before registration)."""
+    return _registered["corpus_dir"]
+
+
+class CorpusSource(seqio.DataSource):
+    """One task of a generated corpus: its TFRecord shards, listed and checked via the manifest.
+
+    Nothing is read at construction. Every ``get_dataset`` re-reads the manifest and checks the
+    framing and record count of the shards it is about to read (``corpus.check_shard``), so a
+    truncated or corrupt shard is reported by name before training starts.
+    """
+
+    def __init__(self, corpus_dir: str, task: str):
+        self.corpus_dir = corpus_dir
+        self.task = task
+        splits = ("test",) if corpus.TASKS[task].zero_shot else corpus.SPLITS
+        # The source shuffles records itself (before decoding and log-mel), so the Task needs no
+        # shuffle buffer of decoded features (hundreds of MB for 1,000 clips).
+        super().__init__(splits=splits, caching_permitted=False, performs_internal_shuffling=True)
+
+    def manifest(self) -> dict:
+        path = os.path.join(self.corpus_dir, corpus.MANIFEST)
+        if not os.path.exists(path):
+            raise DataNotPreparedError(
+                f"task {self.task}: no corpus in {self.corpus_dir} ({corpus.MANIFEST} missing); make one with "
+                f"`slm-make-corpus --out={self.corpus_dir} --size=2000` or point {CORPUS_DIR_ENV} at an existing corpus")
+        manifest = corpus.load_manifest(self.corpus_dir)
+        if self.task not in manifest["tasks"]:
+            langs = ",".join(manifest["config"].get("languages", []))
+            raise DataNotPreparedError(
+                f"task {self.task}: the corpus in {self.corpus_dir} has no such task (made with --languages={langs}); "
+                f"regenerate it with the languages this task needs")
+        return manifest
+
+    @property
+    def supports_arbitrary_sharding(self) -> bool:
+        return False
+
+    def list_shards(self, split: str) -> Sequence[str]:
+        return corpus.shard_paths(self.corpus_dir, self.manifest(), self.task, split)
+
+    def num_input_examples(self, split: str) -> int:
+        splits = self.manifest()["tasks"][self.task]["splits"]
+        return int(splits[split]["examples"]) if split in splits else 0
+
+    def seconds(self, split: str) -> float:
+        splits = self.manifest()["tasks"][self.task]["splits"]
+        return float(splits[split]["seconds"]) if split in splits else 0.0
+
+    def get_dataset(self, split: str = "train", shuffle: bool = True, seed: Optional[int] = None,
+                    shard_info: Optional[seqio.ShardInfo] = None, *, sequence_length=None, use_cached=False,
+                    num_epochs=1) -> tf.data.Dataset:
+        manifest = self.manifest()
+        if split not in manifest["tasks"][self.task]["splits"]:
+            raise DataNotPreparedError(f"task {self.task} has no {split!r} split in {self.corpus_dir}")
+        corpus.check_task_split(self.corpus_dir, manifest, self.task, split)
+        files = corpus.shard_paths(self.corpus_dir, manifest, self.task, split)
+        files_ds = tf.data.Dataset.from_tensor_slices(files)
+        if shard_info is not None:
+            files_ds = files_ds.shard(shard_info.num_shards, shard_info.index)
+        if shuffle:
+            files_ds = files_ds.shuffle(len(files), seed=seed)
+        description = corpus.feature_description()
+        ds = files_ds.interleave(tf.data.TFRecordDataset, cycle_length=1)  # file order = record order
+        if shuffle:
+            examples = manifest["tasks"][self.task]["splits"][split]["examples"]
+            ds = ds.shuffle(min(max(examples, 1), RECORD_SHUFFLE_BUFFER), seed=seed)
+        return ds.map(lambda r: tf.io.parse_single_example(r, description), num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def corpus_vocabulary(corpus_dir: str) -> seqio.Vocabulary:
+    """The corpus' SentencePiece model; seqio loads it on first use, so registration needs no file."""
+    return seqio.SentencePieceVocabulary(os.path.abspath(os.path.join(corpus_dir, f"{corpus.SPM_PREFIX}.model")))
+
+
+def _examples_rate(task: seqio.Task) -> float:
+    # Proportional mixing (the paper): a task's rate is its number of training examples.
+    return float(task.source.num_input_examples("train"))
+
+
+def _replace(registry, name: str) -> None:
+    registry.remove(name)
+
+
+def register_corpus_tasks(corpus_dir: Optional[str] = None, vocabulary: Optional[seqio.Vocabulary] = None,
+                          prompt_format: PromptFormat = T5_PROMPT, normalization: str = "whisper") -> list[str]:
+    """(Re)registers every corpus task and mixture over ``corpus_dir``; returns the task names.
+
+    Registering again replaces the previous registration (e.g. another corpus or vocabulary).
+    """
+    corpus_dir = corpus_dir or default_corpus_dir()
+    vocabulary = vocabulary or corpus_vocabulary(corpus_dir)
+    for name in _registered["mixtures"]:
+        _replace(seqio.MixtureRegistry, name)
+    for name in _registered["tasks"]:
+        _replace(seqio.TaskRegistry, name)
+    output_features = prep.speech_output_features(vocabulary)
+    preprocessors = [prep.decode_corpus_example, *prep.speech_preprocessors(prompt_format, normalization)]
+    names = []
+    for name in sorted(corpus.TASKS):
+        seqio.TaskRegistry.remove(name)
+        seqio.TaskRegistry.add(name, source=CorpusSource(corpus_dir, name), preprocessors=preprocessors,
+                               output_features=output_features, shuffle_buffer_size=None)
+        names.append(name)
+    training = [n for n in names if not corpus.TASKS[n].zero_shot]
+    mixtures = {
+        TRAINING_MIXTURE: training,
+        ASR_MIXTURE: [n for n in training if corpus.TASKS[n].family == "asr"],
+    }
+    for name, members in mixtures.items():
+        seqio.MixtureRegistry.remove(name)
+        seqio.MixtureRegistry.add(name, [(m, _examples_rate) for m in members])
+    _registered.update(corpus_dir=corpus_dir, tasks=names, mixtures=list(mixtures))
+    return names
+
+
+def corpus_task_names() -> list[str]:
+    return list(_registered["tasks"])
+
+
+def corpus_mixture_names() -> list[str]:
+    return list(_registered["mixtures"])
