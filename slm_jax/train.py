@@ -227,6 +227,7 @@ def _loop(model_dir, preemption, trainer, checkpointer, frozen, example, abstrac
     last: dict[str, Any] = {}
     batches = data.train_batches(host_batch, seed, batches_consumed, jax.process_index(), jax.process_count())
     window_start, window_examples = time.time(), 0
+    checkpoint_due = False
     writers = _Writers(model_dir)
     try:
         with _progress(steps, step) as bar:
@@ -269,8 +270,12 @@ def _loop(model_dir, preemption, trainer, checkpointer, frozen, example, abstrac
                     bar.write(f"step {step:>6d}  eval loss {ev['loss']:.4f}  token accuracy {ev['token_accuracy']:.3f}")
                     writers.scalars("eval", step, ev)
                     last.update({f"eval_{k}": v for k, v in ev.items()})
-                if (checkpoint_every and step % checkpoint_every == 0) or step == steps:
+                checkpoint_due |= bool(checkpoint_every and step % checkpoint_every == 0) or step == steps
+                # Not in the middle of a non-finite streak: the checkpoint a stopped run points to
+                # must come from a step whose update was good. It is taken at the next good step.
+                if checkpoint_due and (not streak or step == steps):
                     save()
+                    checkpoint_due = False
     finally:
         writers.close()
     last["step"] = step
