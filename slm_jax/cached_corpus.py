@@ -17,7 +17,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from slm_jax import audio as audio_lib
-from slm_jax.encoder_cache import CachedSpeechData, EncoderCache, build_cache, encoder_fingerprint
+from slm_jax.encoder_cache import CachedSpeechData, EncoderCache, build_cache, encoder_fingerprint, reusable_cache
 from slm_jax.prompting import PromptFormat
 
 log = logging.getLogger(__name__)
@@ -94,16 +94,21 @@ class CachedCorpusData:
                 "targets": self.max_target_tokens}
 
     def attach_model(self, slm, encoder_params: Any, model_spec: Any) -> None:
-        """Encodes the corpus with the frozen encoder (once; cached on disk) and fixes the shapes."""
-        train = read_corpus(self.corpus_dir, ["train"], self.tasks)
-        evaluation = read_corpus(self.corpus_dir, [self.eval_split], self.tasks)
-        features = {}
-        for ex in train + evaluation:
-            audio_lib.check_audio(ex["audio"], audio_lib.SAMPLE_RATE, name=ex["id"], max_seconds=self.max_audio_seconds)
-            features[ex["id"]] = audio_lib.log_mel_spectrogram(ex["audio"])
+        """Encodes the corpus with the frozen encoder (once; cached on disk) and fixes the shapes.
+
+        A second call for the same encoder is a no-op (the demo attaches before ``train()`` does)."""
         fingerprint = encoder_fingerprint(model_spec.speech_encoder, model_spec.speech_encoder_source,
                                           {"mel": 80, "normalization": "whisper"})
-        cache = build_cache(self.cache_dir, slm, encoder_params, features.items(), fingerprint)
+        if self._data is not None and self._data.cache.fingerprint == fingerprint:
+            return
+        train = read_corpus(self.corpus_dir, ["train"], self.tasks)
+        evaluation = read_corpus(self.corpus_dir, [self.eval_split], self.tasks)
+        for ex in train + evaluation:
+            audio_lib.check_audio(ex["audio"], audio_lib.SAMPLE_RATE, name=ex["id"], max_seconds=self.max_audio_seconds)
+        cache = reusable_cache(self.cache_dir, fingerprint, [ex["id"] for ex in train + evaluation])
+        if cache is None:  # log-mel features only when the encoder has to run
+            features = ((ex["id"], audio_lib.log_mel_spectrogram(ex["audio"])) for ex in train + evaluation)
+            cache = build_cache(self.cache_dir, slm, encoder_params, features, fingerprint)
         self._data = self._make(cache, train, evaluation)
 
     def _make(self, cache: EncoderCache, train: list[dict], evaluation: list[dict]) -> CachedSpeechData:

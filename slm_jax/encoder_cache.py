@@ -61,6 +61,14 @@ class EncoderCache:
         return np.asarray(self._shards[shard][offset: offset + frames], np.float32)
 
 
+def reusable_cache(directory: str, fingerprint: str, ids: Iterable[str]) -> EncoderCache | None:
+    """The cache in ``directory`` when it was made by this encoder and holds every id, else None."""
+    if not os.path.exists(os.path.join(directory, INDEX)):
+        return None
+    cache = EncoderCache(directory)
+    return cache if cache.fingerprint == fingerprint and all(i in cache for i in ids) else None
+
+
 def build_cache(
     directory: str, slm: SLM, encoder_params: Any, examples: Iterable[tuple[str, np.ndarray]], fingerprint: str,
     batch_size: int = 8, frame_bucket: int = 100, shard_rows: int = 200_000, progress: bool = True,
@@ -71,10 +79,9 @@ def build_cache(
     """
     examples = list(examples)
     index_path = os.path.join(directory, INDEX)
-    if os.path.exists(index_path):
-        cache = EncoderCache(directory)
-        if cache.fingerprint == fingerprint and all(i in cache for i, _ in examples):
-            return cache
+    cache = reusable_cache(directory, fingerprint, [i for i, _ in examples])
+    if cache is not None:
+        return cache
     os.makedirs(directory, exist_ok=True)
     encode = jax.jit(lambda p, x, m: slm.apply({"params": {"speech_encoder": p}}, x, m, method=SLM.encode_speech))
     # Sorting by length keeps padding (and the number of compiled shapes) small.

@@ -89,3 +89,18 @@ def evaluate(
     bar.close()
     report["seconds"] = round(time.time() - start, 2)
     return report
+
+
+def fixed_batch(answer: Callable[[Sequence[Any]], list[str]], batch_size: int) -> Callable[[Sequence[Any]], list[str]]:
+    """``answer`` that always sees exactly ``batch_size`` items: a short batch is filled with
+    copies of its last item and the extra answers dropped, so jitted generation compiles once."""
+
+    def padded(items: Sequence[Any]) -> list[str]:
+        items = list(items)
+        if not items:
+            return []
+        if len(items) > batch_size:
+            raise ValueError(f"{len(items)} items for a fixed batch of {batch_size}")
+        return answer(items + [items[-1]] * (batch_size - len(items)))[: len(items)]
+
+    return padded

@@ -1,0 +1,383 @@
+"""The demo behind ``make demo`` / ``slm-demo``: build a speech corpus, train an adapter between a
+frozen pretrained speech encoder and a frozen pretrained LLM inside a time budget, and report
+what the result can and cannot do, next to a text cascade with the same LLM.
+
+Phases (each timed and reported):
+  1. corpus: espeak-ng speech for ASR, AST, instruction and zero-shot tasks
+     (``slm_jax.data.corpus.make_corpus``; reused when one with the same settings exists);
+  2. encoder pass + step probe: the frozen encoder runs once over the corpus (cached on disk) and
+     a few real train steps measure this machine's step time;
+  3. training: ``slm_jax.train.train`` for as many steps as fit the remaining budget (or
+     ``--steps``), with the usual progress bar and time estimate;
+  4. evaluation on the held-out test split: the SLM from speech, and the cascade (the same LLM
+     given the reference transcript, and given the SLM's own transcript) from text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+log = logging.getLogger("slm_jax.demo")
+
+TRANSCRIBE = "Transcribe the speech."
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoSettings:
+    out_dir: str = "runs/demo"
+    gin_files: tuple[str, ...] = ("whisper_base_smollm2.gin",)
+    gin_bindings: tuple[str, ...] = ()
+    corpus_size: int = 1500
+    languages: tuple[str, ...] = ("en", "fr")
+    synthesizer: str = "espeak"
+    workers: int = 2
+    minutes: float = 25.0  # the whole demo, corpus to table
+    steps: int | None = None  # None: as many as fit the budget
+    min_steps: int = 20
+    batch_size: int = 8
+    learning_rate: float = 2e-3
+    warmup_steps: int = 20
+    eval_per_task: int = 24
+    eval_batch_size: int = 8
+    max_new_tokens: int = 32
+    seed: int = 0
+
+
+# --quick: a smaller corpus and evaluation, 5 minutes in all.
+QUICK = {"corpus_size": 400, "minutes": 5.0, "eval_per_task": 8, "min_steps": 10, "warmup_steps": 5}
+
+# Evaluation cost in units of one measured train step (batch of the same size): a greedy
+# generation call of 32 tokens with a KV cache, and one compile of a generation loop. Measured on
+# the 2-core CPU (SmolLM2-135M): a call ~0.6 steps, a compile ~6 steps.
+GENERATE_CALL_IN_STEPS = 0.6
+COMPILE_IN_STEPS = 6.0
+NUM_GENERATE_COMPILES = 2  # speech -> answer, and transcript text -> answer (cascade)
+
+
+class Clock:
+    """Wall time since the demo started, against its budget."""
+
+    def __init__(self, minutes: float):
+        self.start = time.time()
+        self.budget = minutes * 60.0
+        self.phases: dict[str, float] = {}
+
+    def elapsed(self) -> float:
+        return time.time() - self.start
+
+    def left(self) -> float:
+        return self.budget - self.elapsed()
+
+    def phase(self, name: str, started: float) -> None:
+        self.phases[name] = round(time.time() - started, 1)
+        print(f"[{name}] {self.phases[name]:.0f} s; {self.elapsed() / 60:.1f} of {self.budget / 60:.0f} min used",
+              flush=True)
+
+
+def steps_for_budget(seconds_left: float, step_seconds: float, eval_seconds: float, min_steps: int) -> int:
+    """How many train steps fit in ``seconds_left`` after reserving ``eval_seconds`` (at least
+    ``min_steps``: a run shorter than that shows nothing)."""
+    if step_seconds <= 0:
+        raise ValueError(f"step time must be positive, got {step_seconds}")
+    return max(min_steps, int((seconds_left - eval_seconds) // step_seconds))
+
+
+def estimate_eval_seconds(num_generate_calls: int, step_seconds: float) -> float:
+    return step_seconds * (GENERATE_CALL_IN_STEPS * num_generate_calls + COMPILE_IN_STEPS * NUM_GENERATE_COMPILES)
+
+
+# --- phase 1: corpus ---------------------------------------------------------------------------
+
+
+def ensure_corpus(settings: DemoSettings) -> str:
+    """The demo corpus in ``<out_dir>/corpus``: reused when its manifest has the same settings."""
+    from slm_jax.data import corpus
+
+    directory = os.path.join(settings.out_dir, "corpus")
+    wanted = {"size": settings.corpus_size, "seed": settings.seed, "languages": list(settings.languages),
+              "synthesizer": settings.synthesizer}
+    from slm_jax.data.errors import DataError
+
+    try:
+        config = corpus.load_manifest(directory)["config"]
+        if all(config.get(k) == v for k, v in wanted.items()):
+            print(f"corpus: reusing {directory} ({settings.corpus_size} utterances)", flush=True)
+            return directory
+    except DataError:  # no complete corpus there: make one
+        pass
+    print(f"corpus: synthesising {settings.corpus_size} utterances with {settings.synthesizer} into {directory}",
+          flush=True)
+    corpus.make_corpus(directory, settings.corpus_size, seed=settings.seed, workers=settings.workers,
+                       languages=settings.languages, synthesizer=settings.synthesizer, vocab_size=0,
+                       overwrite=True)
+    return directory
+
+
+# --- phase 2: encoder cache and step probe --------------------------------------------------------
+
+
+def probe_step_seconds(model: Any, data: Any, settings: DemoSettings, probe_steps: int = 2) -> dict[str, float]:
+    """Loads the frozen models, encodes the corpus once (``data.attach_model``: cached on disk)
+    and times ``probe_steps`` real train steps after a compile step."""
+    import jax
+
+    from slm_jax import partitioning
+    from slm_jax.experiment import sample_batch
+    from slm_jax.frozen import load_frozen_params
+    from slm_jax.trainer import Trainer, make_optimizer
+
+    tx, schedule = make_optimizer(learning_rate=settings.learning_rate, warmup_steps=settings.warmup_steps,
+                                  total_steps=100)
+    slm = model.build()
+    trainer = Trainer(slm, tx, schedule, partitioning.make_mesh(data=-1))
+    example = sample_batch(settings.batch_size, data.feature_lengths)
+    started = time.time()
+    frozen = load_frozen_params(trainer, model, example)
+    loaded = time.time()
+    data.attach_model(slm, frozen["speech_encoder"], model)
+    encoded = time.time()
+    state = trainer.init_state(settings.seed, example)
+    trainer.compile(example, jax.tree.map(lambda x: x.sharding, frozen))
+    batches = data.train_batches(settings.batch_size, settings.seed + 1)
+    state, metrics = trainer.train_step(state, frozen, trainer.place_batch(next(batches)))
+    jax.block_until_ready(metrics)
+    compiled = time.time()
+    for _ in range(probe_steps):
+        state, metrics = trainer.train_step(state, frozen, trainer.place_batch(next(batches)))
+    jax.block_until_ready(metrics)
+    done = time.time()
+    return {"load_seconds": loaded - started, "encode_seconds": encoded - loaded,
+            "compile_seconds": compiled - encoded, "step_seconds": (done - compiled) / probe_steps}
+
+
+# --- phase 4: evaluation ------------------------------------------------------------------------
+
+
+def test_examples(corpus_dir: str, per_task: int) -> list[dict]:
+    """Up to ``per_task`` test examples of every task (zero-shot tasks included), in corpus order."""
+    from slm_jax.cached_corpus import read_corpus
+
+    kept, counts = [], {}
+    for ex in read_corpus(corpus_dir, ["test"], include_zero_shot=True):
+        counts[ex["task"]] = counts.get(ex["task"], 0) + 1
+        if counts[ex["task"]] <= per_task:
+            kept.append(ex)
+    return kept
+
+
+def count_generate_calls(examples: Sequence[Mapping[str, Any]], batch_size: int) -> int:
+    """Generation calls ``evaluate_all`` makes: SLM answers per task, then (non-ASR tasks) SLM
+    transcripts and two cascade answers."""
+    per_task: dict[str, int] = {}
+    for ex in examples:
+        per_task[ex["task"]] = per_task.get(ex["task"], 0) + 1
+    calls = 0
+    for task, n in per_task.items():
+        batches = math.ceil(n / batch_size)
+        calls += batches if task.startswith("asr_") else 4 * batches
+    return calls
+
+
+def evaluate_all(slm: Any, data: Any, examples: list[dict], settings: DemoSettings) -> dict[str, Any]:
+    """SLM answers from speech; cascade answers from the reference and from the SLM's transcript."""
+    from slm_jax import audio, evaluation
+    from slm_jax.cascade import TextAnswerer
+
+    for ex in examples:
+        ex["features"] = audio.log_mel_spectrogram(ex["audio"])
+    # One audio and prompt bucket for the whole test set: the generation loop compiles once.
+    slm.audio_bucket_frames = -(-max(ex["features"].shape[0] for ex in examples) // 100) * 100
+    slm.token_bucket = 48
+    bs = settings.eval_batch_size
+
+    def from_speech(instruction=None):
+        return evaluation.fixed_batch(lambda batch: slm.generate(
+            [e["features"] for e in batch], [instruction or e["instruction"] for e in batch],
+            max_new_tokens=settings.max_new_tokens), bs)
+
+    report = {"slm": evaluation.evaluate(examples, from_speech(), bs, desc="SLM: answers from speech")}
+    others = [ex for ex in examples if not ex["task"].startswith("asr_")]
+    if others:
+        transcribe = from_speech(TRANSCRIBE)
+        own = {}
+        for i in range(0, len(others), bs):
+            chunk = others[i: i + bs]
+            own.update(zip([e["id"] for e in chunk], transcribe(chunk)))
+        text = TextAnswerer(slm.llm, slm.params["llm"], data.vocabulary, data.prompt_format, batch_size=bs,
+                            max_new_tokens=settings.max_new_tokens)
+        report["cascade_reference"] = evaluation.evaluate(
+            others, evaluation.fixed_batch(lambda b: text.answer([e["text"] for e in b], [e["instruction"] for e in b]),
+                                           bs), bs, desc="cascade: reference transcript")
+        report["cascade_own"] = evaluation.evaluate(
+            others, evaluation.fixed_batch(lambda b: text.answer([own[e["id"]] for e in b],
+                                                                 [e["instruction"] for e in b]), bs),
+            bs, desc="cascade: SLM transcript")
+        report["own_transcripts"] = own
+    for ex in examples:
+        ex.pop("features")
+    return report
+
+
+# --- the table and the plain statement ------------------------------------------------------------
+
+
+def _cell(scores: Mapping[str, float] | None) -> str:
+    if not scores:
+        return "-"
+    from slm_jax.evaluation import headline
+
+    metric, value = headline(scores)
+    return f"{100 * value:.1f}%" if metric in ("wer", "accuracy") else f"{value:.1f}"
+
+
+def results_table(report: Mapping[str, Any]) -> str:
+    """Rows: tasks; columns: metric, the SLM from speech, the cascade from the reference
+    transcript and from the SLM's own transcript."""
+    from slm_jax.evaluation import headline
+
+    header = ("task", "n", "metric", "SLM (speech)", "cascade (reference text)", "cascade (SLM transcript)")
+    rows = [header]
+    for task, scores in report["slm"]["tasks"].items():
+        metric, _ = headline(scores)
+        label = {"wer": "WER", "bleu": "BLEU", "accuracy": "accuracy"}[metric]
+        rows.append((task + (" (zero-shot)" if task.startswith("zeroshot_") else ""), str(int(scores["examples"])),
+                     label, _cell(scores),
+                     _cell(report.get("cascade_reference", {}).get("tasks", {}).get(task)),
+                     _cell(report.get("cascade_own", {}).get("tasks", {}).get(task))))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def statement(report: Mapping[str, Any], run: Mapping[str, Any]) -> str:
+    """What was measured, in words, good or bad."""
+    tasks = report["slm"]["tasks"]
+    lines = [
+        f"Measured: the adapter ({run['adapter_params']:,} parameters; encoder and LLM frozen) trained for "
+        f"{run['steps']} steps of {run['batch_size']} ({run['steps'] * run['batch_size']:,} examples, "
+        f"{run['epochs']:.1f} passes over {run['train_examples']:,} training utterances) in "
+        f"{run['train_seconds'] / 60:.1f} min; final training loss {run.get('loss', float('nan')):.3f}.",
+        f"Evaluated on {sum(int(s['examples']) for s in tasks.values())} held-out test utterances "
+        "(synthetic espeak-ng speech; sentences of the same grammar as training, never the same example).",
+    ]
+    if "asr_en" in tasks:
+        wer = tasks["asr_en"]["wer"]
+        verdict = ("usable transcripts" if wer < 0.15 else "partly right transcripts" if wer < 0.5
+                   else "the adapter has not learned to transcribe yet in this run")
+        lines.append(f"English ASR: WER {100 * wer:.1f}% ({verdict}).")
+    zero = {t: s for t, s in tasks.items() if t.startswith("zeroshot_")}
+    if zero:
+        lines.append("Zero-shot (instructions never seen in training): " + ", ".join(
+            f"{t[len('zeroshot_'):]} {_cell(s)}" for t, s in sorted(zero.items())) + ".")
+    if "cascade_reference" in report:
+        lines.append("The cascade columns show this same LLM reading text: given the reference transcript it is "
+                     "what a perfect recogniser would allow; given the SLM's own transcript it is a two-stage "
+                     "pipeline.")
+    if run["steps"] < 1000:
+        lines.append(f"This is a short CPU run ({run['steps']} steps); numbers improve with more steps "
+                     "(see release/README.md for the longer-trained adapter and its command).")
+    return "\n".join(lines)
+
+
+def sample_predictions(report: Mapping[str, Any], per_task: int = 2) -> str:
+    lines = []
+    for task, rows in report["slm"]["predictions"].items():
+        for row in rows[:per_task]:
+            lines.append(f"  {task:<26} {row['instruction'][:40]!r:<44} ref {row['reference']!r}  ->  "
+                         f"{row['prediction']!r}")
+    return "\n".join(lines)
+
+
+# --- the whole demo -------------------------------------------------------------------------------
+
+
+def run_demo(settings: DemoSettings) -> dict[str, Any]:
+    """Runs all phases; prints the table and the statement; returns the report (also written to
+    ``<out_dir>/report.json``)."""
+    import gin
+
+    from slm_jax import inference, train
+    from slm_jax.cli import common
+    from slm_jax.trainer import count_params
+
+    clock = Clock(settings.minutes)
+    os.makedirs(settings.out_dir, exist_ok=True)
+    started = time.time()
+    corpus_dir = ensure_corpus(settings)
+    clock.phase("corpus", started)
+
+    common.parse_gin(settings.gin_files, [f"CORPUS_DIR={corpus_dir!r}", *settings.gin_bindings])
+    model = gin.query_parameter("train.model").scoped_configurable_fn()
+    data = gin.query_parameter("train.data").scoped_configurable_fn()
+    if not hasattr(data, "attach_model"):
+        raise common.UserError("the demo needs a config whose train.data is CachedCorpusData "
+                               f"(got {type(data).__name__})")
+
+    started = time.time()
+    print("loading the frozen models, encoding the corpus once, measuring the train step ...", flush=True)
+    probe = probe_step_seconds(model, data, settings)
+    clock.phase("encoder pass + step probe", started)
+    print(f"  frozen weights {probe['load_seconds']:.0f} s, encoder pass {probe['encode_seconds']:.0f} s, "
+          f"compile {probe['compile_seconds']:.0f} s, {probe['step_seconds']:.2f} s per step of "
+          f"{settings.batch_size}", flush=True)
+
+    examples = test_examples(corpus_dir, settings.eval_per_task)
+    eval_estimate = estimate_eval_seconds(count_generate_calls(examples, settings.eval_batch_size),
+                                          probe["step_seconds"])
+    # train() loads the weights and compiles again: budget for that too.
+    train_overhead = probe["load_seconds"] + probe["compile_seconds"]
+    if settings.steps is not None:
+        steps = settings.steps
+    else:
+        steps = steps_for_budget(clock.left() - train_overhead, probe["step_seconds"], eval_estimate,
+                                 settings.min_steps)
+    finish = clock.elapsed() + train_overhead + steps * probe["step_seconds"] + eval_estimate
+    print(f"plan: {steps} train steps (~{steps * probe['step_seconds'] / 60:.1f} min), then evaluation on "
+          f"{len(examples)} test utterances (~{eval_estimate / 60:.1f} min); expected total "
+          f"{finish / 60:.1f} min (budget {settings.minutes:.0f} min)", flush=True)
+    if finish > clock.budget * 1.05:
+        print(f"  note: this machine is slower than the budget assumes; the demo will take about "
+              f"{finish / 60:.0f} min", flush=True)
+
+    model_dir = os.path.join(settings.out_dir, "train")
+    shutil.rmtree(model_dir, ignore_errors=True)  # the demo's own folder: every run trains afresh
+    started = time.time()
+    final = train.train(model_dir, data=data, steps=steps, batch_size=settings.batch_size, seed=settings.seed,
+                        learning_rate=settings.learning_rate, warmup_steps=settings.warmup_steps,
+                        eval_every=0, checkpoint_every=steps, log_every=max(1, min(25, steps // 10)))
+    train_seconds = time.time() - started
+    clock.phase("training", started)
+
+    started = time.time()
+    slm, step = inference.load_trained(model_dir, model, data)
+    report = evaluate_all(slm, data, examples, settings)
+    clock.phase("evaluation", started)
+
+    train_examples = len(data._ready().train_examples)
+    run = {"steps": step, "batch_size": settings.batch_size, "train_examples": train_examples,
+           "epochs": step * settings.batch_size / max(train_examples, 1), "train_seconds": train_seconds,
+           "loss": final.get("loss", float("nan")), "adapter_params": count_params(slm.params["adapter"]),
+           "step_seconds": probe["step_seconds"], "phases": clock.phases, "total_seconds": clock.elapsed(),
+           "settings": dataclasses.asdict(settings), "model_dir": model_dir, "corpus_dir": corpus_dir}
+    report["run"] = run
+    with open(os.path.join(settings.out_dir, "report.json"), "w") as f:
+        json.dump(report, f, indent=1, ensure_ascii=False, default=float)
+
+    print("\nsample answers (SLM, from speech):\n" + sample_predictions(report))
+    print("\n" + results_table(report) + "\n")
+    print(statement(report, run))
+    print(f"\ntotal {clock.elapsed() / 60:.1f} min. Full report with every prediction: "
+          f"{os.path.join(settings.out_dir, 'report.json')}; try your own audio with\n"
+          f"  slm-infer --gin_file={settings.gin_files[0]} --checkpoint={model_dir} --audio=my.wav "
+          f'--instruction="{TRANSCRIBE}"')
+    return report
