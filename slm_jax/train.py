@@ -102,12 +102,14 @@ class _Writers:
 
 def _check_settings(**values: int) -> None:
     """Rejects settings that would only fail later (a modulo by zero after the first step)."""
+    from slm_jax.cli.common import UserError  # a configuration mistake: one line, no traceback
+
     for name, value in values.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ValueError(f"train.{name} must be a non-negative integer, got {value!r}")
-    for name in ("steps", "max_nonfinite_streak"):
+            raise UserError(f"train.{name} must be a non-negative integer, got {value!r}")
+    for name in ("steps", "batch_size", "max_nonfinite_streak"):
         if values[name] < 1:
-            raise ValueError(f"train.{name} must be at least 1, got {values[name]}")
+            raise UserError(f"train.{name} must be at least 1, got {values[name]}")
 
 
 @gin.configurable(denylist=["model_dir"])
@@ -171,11 +173,17 @@ def _train(model_dir, preemption, *, model, data, steps, batch_size, seed, mesh_
     # compilation): a checkpoint of another configuration, a read-only or too full disk.
     existing = checkpointing.complete_steps(model_dir)
     start = existing[-1] if existing else None
+    restored = None
     if start is not None:
         checkpointing.check_compatible(checkpointing.read_metadata(model_dir, start), metadata, model_dir)
         if start >= steps:
             log.info("already trained to step %d (>= %d steps); nothing to do", start, steps)
             return {"step": start}
+        reader = checkpointing.Checkpointer(model_dir, read_only=True)
+        try:
+            restored = reader.restore(start, abstract_state)  # a damaged checkpoint fails here
+        finally:
+            reader.close()
     checkpointing.ensure_writable(
         model_dir, checkpointing.bytes_needed(tree_bytes(abstract_state), max_to_keep, len(existing)))
 
@@ -184,25 +192,24 @@ def _train(model_dir, preemption, *, model, data, steps, batch_size, seed, mesh_
         data.attach_model(slm, frozen["speech_encoder"], model)
     checkpointer = checkpointing.Checkpointer(model_dir, max_to_keep=max_to_keep)
     try:
-        return _loop(model_dir, preemption, trainer, checkpointer, frozen, example, abstract_state, metadata,
-                     start, data=data, steps=steps, batch_size=batch_size, host_batch=host_batch, seed=seed,
+        return _loop(model_dir, preemption, trainer, checkpointer, frozen, example, metadata, restored, data=data, steps=steps, batch_size=batch_size, host_batch=host_batch, seed=seed,
                      log_every=log_every, eval_every=eval_every, eval_batches=eval_batches,
                      checkpoint_every=checkpoint_every, max_nonfinite_streak=max_nonfinite_streak)
     finally:
         checkpointer.close()
 
 
-def _loop(model_dir, preemption, trainer, checkpointer, frozen, example, abstract_state, metadata, start, *,
+def _loop(model_dir, preemption, trainer, checkpointer, frozen, example, metadata, restored, *,
           data, steps, batch_size, host_batch, seed, log_every, eval_every, eval_batches, checkpoint_every,
           max_nonfinite_streak) -> dict[str, Any]:
-    if start is None:
+    if restored is None:
         state = trainer.init_state(seed, example)
         batches_consumed = 0
         log.info("starting a new run in %s", model_dir)
     else:
-        state, data_position = checkpointer.restore(start, abstract_state)
+        state, data_position = restored
         batches_consumed = int(data_position["batches_consumed"])
-        log.info("resuming %s from step %d (%d batches consumed)", model_dir, start, batches_consumed)
+        log.info("resuming %s from step %d (%d batches consumed)", model_dir, int(state.step), batches_consumed)
 
     adapter_n = count_params(state.adapter_params)
     frozen_n = count_params(frozen)

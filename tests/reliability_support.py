@@ -133,3 +133,46 @@ def _file_entry(path: str) -> tuple:
 
 def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if "error:" in line]
+
+
+# --------------------------------------------------------------------------------------------
+# A synthetic data source that slm-infer can use (it needs a vocabulary and a prompt format).
+# Gin files name it after `import reliability_support` (tests/ is on sys.path of the harness
+# and of tests/bad_input_runner.py).
+# --------------------------------------------------------------------------------------------
+class ByteVocabulary:
+    """UTF-8 bytes shifted by 3 (pad 0, EOS 1, unk 2): no files, no TensorFlow."""
+
+    eos_id = 1
+    vocab_size = 259
+
+    def encode(self, text: str) -> list[int]:
+        return [b + 3 for b in text.encode("utf-8")]
+
+    def decode(self, ids) -> str:
+        return bytes(i - 3 for i in ids if 3 <= i < 259).decode("utf-8", errors="replace")
+
+
+def _prompted_synthetic_data():
+    import gin
+
+    from slm_jax.prompting import PromptFormat
+    from slm_jax.synthetic_data import SyntheticData
+
+    class PromptedSyntheticData(SyntheticData):
+        vocabulary = ByteVocabulary()
+        prompt_format = PromptFormat()
+        max_audio_seconds = 30.0
+
+    return gin.external_configurable(PromptedSyntheticData, module="reliability_support")
+
+
+PromptedSyntheticData = _prompted_synthetic_data()
+
+INFER_CONFIG = """
+import reliability_support
+train.data = @PromptedSyntheticData()
+PromptedSyntheticData.feature_lengths = {'audio_frames': %AUDIO_FRAMES, 'prefix': 8, 'suffix': 8, 'targets': %TARGET_TOKENS}
+PromptedSyntheticData.vocab_size = %VOCAB_SIZE
+VOCAB_SIZE = 264
+"""

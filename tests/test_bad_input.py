@@ -1,0 +1,178 @@
+"""Bad input to every entry point: one clear line `prog: error: ...`, a non-zero exit, no
+traceback, and every existing file left as it was.
+
+The table runs in one process (tests/bad_input_runner.py calls each console script's main()),
+so JAX and TensorFlow start once. Audio the front end accepts is listed too: 8 kHz and 48 kHz
+files are RESAMPLED to 16 kHz and stereo is MIXED to mono (slm-infer answers for them); a file
+that is not audio, has no samples or is longer than the data source's max_audio_seconds (30 s
+here, a 10-minute file) is REFUSED.
+"""
+
+import glob
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import soundfile
+
+import reliability_support as rs
+
+RUNNER = os.path.join(rs.ROOT, "tests", "bad_input_runner.py")
+NOT_UTF8_INSTRUCTION = "caf\udce9"  # what Python makes of the Latin-1 bytes b"caf\xe9" in argv
+
+# (id, prog, argv, expected): expected is ("error", text in the one error line) or ("ok", text in
+# stdout). {F} is the fixture directory.
+INFER = ["--gin_file={F}/infer.gin", "--checkpoint={F}/ckpt"]
+CASES = [
+    # slm-train
+    ("train-unknown-gin-name", "slm-train", ["--gin_file={F}/infer.gin", "--model_dir={F}/new", "--gin.NoSuchThing.x=3"],
+     ("error", "bad gin configuration")),
+    ("train-missing-gin-file", "slm-train", ["--gin_file={F}/nope.gin", "--model_dir={F}/new"], ("error", "gin file not found")),
+    ("train-non-utf8-gin-file", "slm-train", ["--gin_file={F}/non_utf8.gin", "--model_dir={F}/new"],
+     ("error", "bad gin configuration")),
+    ("train-zero-steps", "slm-train", ["--gin_file={F}/infer.gin", "--model_dir={F}/new", "--gin.TRAIN_STEPS=0"],
+     ("error", "train.steps must be at least 1")),
+    ("train-checkpoint-of-another-config", "slm-train",
+     ["--gin_file={F}/infer.gin", "--model_dir={F}/ckpt", "--gin.TRAIN_STEPS=4", "--gin.AdapterConfig.ffn_dim=32"],
+     ("error", "different configuration")),
+    ("train-truncated-checkpoint", "slm-train", ["--gin_file={F}/infer.gin", "--model_dir={F}/truncated", "--gin.TRAIN_STEPS=4"],
+     ("error", "is damaged")),
+    # slm-infer
+    ("infer-not-audio", "slm-infer", INFER + ["--audio={F}/not_audio.wav"], ("error", "not a readable audio file")),
+    ("infer-zero-bytes", "slm-infer", INFER + ["--audio={F}/zero_bytes.wav"], ("error", "not a readable audio file")),
+    ("infer-zero-samples", "slm-infer", INFER + ["--audio={F}/zero_samples.wav"], ("error", "zero-length audio")),
+    ("infer-ten-minutes", "slm-infer", INFER + ["--audio={F}/ten_minutes.wav"], ("error", "longer than the maximum of 30 s")),
+    ("infer-missing-audio", "slm-infer", INFER + ["--audio={F}/nope.wav"], ("error", "no such audio file")),
+    ("infer-missing-checkpoint", "slm-infer", ["--gin_file={F}/infer.gin", "--checkpoint={F}/nope", "--audio={F}/ok.wav"],
+     ("error", "no checkpoint at")),
+    ("infer-empty-checkpoint-dir", "slm-infer", ["--gin_file={F}/infer.gin", "--checkpoint={F}/empty", "--audio={F}/ok.wav"],
+     ("error", "no completed step")),
+    ("infer-truncated-checkpoint", "slm-infer",
+     ["--gin_file={F}/infer.gin", "--checkpoint={F}/truncated", "--audio={F}/ok.wav"], ("error", "is damaged")),
+    ("infer-checkpoint-of-another-config", "slm-infer", INFER + ["--audio={F}/ok.wav", "--gin.AdapterConfig.ffn_dim=32"],
+     ("error", "different configuration")),
+    ("infer-unknown-gin-name", "slm-infer", INFER + ["--audio={F}/ok.wav", "--gin.NoSuchThing.x=3"],
+     ("error", "bad gin configuration")),
+    ("infer-non-utf8-instruction", "slm-infer", INFER + ["--audio={F}/ok.wav", f"--instruction={NOT_UTF8_INSTRUCTION}"],
+     ("error", "UTF-8")),
+    ("infer-resampled-and-mixed-down", "slm-infer",
+     INFER + ["--audio={F}/ok.wav", "--audio={F}/rate_8k.wav", "--audio={F}/rate_48k.wav", "--audio={F}/stereo.wav",
+              "--max_new_tokens=2"], ("ok", "stereo.wav\t")),
+    # slm-eval
+    ("eval-unknown-task", "slm-eval", INFER + ["--corpus_dir={F}/corpus", "--tasks=asr_xx", "--out={F}/r.json"],
+     ("error", "unknown task 'asr_xx'")),
+    ("eval-missing-corpus", "slm-eval", INFER + ["--corpus_dir={F}/nope", "--out={F}/r.json"], ("error", "nope")),
+    ("eval-out-in-missing-dir", "slm-eval", INFER + ["--corpus_dir={F}/corpus", "--out={F}/nope/r.json"],
+     ("error", "does not exist")),
+    ("eval-missing-checkpoint", "slm-eval",
+     ["--gin_file={F}/infer.gin", "--checkpoint={F}/nope", "--corpus_dir={F}/corpus", "--split=train",
+      "--out={F}/r.json"],
+     ("error", "no checkpoint at")),
+    ("eval-non-utf8-gin-file", "slm-eval", ["--gin_file={F}/non_utf8.gin", "--checkpoint={F}/ckpt", "--out={F}/r.json"],
+     ("error", "bad gin configuration")),
+    # slm-make-corpus
+    ("corpus-zero-size", "slm-make-corpus", ["--out={F}/new_corpus", "--size=0"], ("error", "--size must be positive")),
+    ("corpus-unknown-language", "slm-make-corpus", ["--out={F}/new_corpus", "--size=4", "--languages=xx"],
+     ("error", "xx")),
+    ("corpus-existing-out", "slm-make-corpus", ["--out={F}/corpus", "--size=4", "--synthesizer=tones"], ("error", "corpus")),
+    # slm-convert
+    ("convert-missing-hf-dir", "slm-convert", ["--hf_dir={F}/nope", "--out={F}/converted"], ("error", "is not a directory")),
+    ("convert-not-a-hf-checkpoint", "slm-convert", ["--hf_dir={F}/ckpt", "--out={F}/converted"], ("error", "")),
+    ("convert-non-utf8-config", "slm-convert", ["--hf_dir={F}/bad_hf", "--out={F}/converted"], ("error", "")),
+]
+# Not written yet when this suite was made; their rows run (and must pass) once they exist.
+CASES += [
+    ("mixture-unknown-name", "slm-mixture", ["inspect", "no_such_mixture"], ("error", "no_such_mixture")),
+]
+
+
+def _wav(path, samples, rate):
+    soundfile.write(path, samples, rate, subtype="PCM_16")
+
+
+def _tone(seconds, rate, channels=1):
+    t = np.arange(int(seconds * rate)) / rate
+    mono = 0.3 * np.sin(2 * np.pi * 440 * t)
+    return mono if channels == 1 else np.stack([mono, -mono], axis=1)
+
+
+def _run_cases(fixture, cases, results_name):
+    cases_path, results_path = fixture.parent / f"{results_name}.cases.json", fixture.parent / f"{results_name}.json"
+    spec = [{"id": i, "prog": p, "argv": [a.replace("{F}", str(fixture)) for a in argv]} for i, p, argv, _ in cases]
+    cases_path.write_text(json.dumps(spec))
+    done = rs.run([sys.executable, RUNNER, str(cases_path), str(results_path)], timeout=900,
+                  PYTHONPATH=os.path.join(rs.ROOT, "tests"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(results_path.read_text())
+
+
+@pytest.fixture(scope="module")
+def fixture(tmp_path_factory):
+    f = tmp_path_factory.mktemp("bad_input")
+    gin_file = rs.write_config(f / "infer.gin", rs.INFER_CONFIG + "TRAIN_STEPS = 2\n")
+    trained = rs.run(rs.harness_cmd(gin_file, f / "ckpt"))
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    shutil.copytree(f / "ckpt", f / "truncated")
+    for step_dir in glob.glob(str(f / "truncated" / "[0-9]*")):
+        for data_file in glob.glob(os.path.join(step_dir, "state", "ocdbt.process_0", "d", "*")):
+            with open(data_file, "r+b") as fh:
+                fh.truncate(os.path.getsize(data_file) // 2)
+    (f / "empty").mkdir()
+    (f / "non_utf8.gin").write_bytes(b"include 'base.gin'\nTRAIN_STEPS = 2 # caf\xe9\n")
+    (f / "bad_hf").mkdir()
+    (f / "bad_hf" / "config.json").write_bytes(b'{"model_type": "caf\xe9"}')
+    (f / "not_audio.wav").write_bytes(b"RIFF this is not a wav file at all" * 10)
+    (f / "zero_bytes.wav").write_bytes(b"")
+    _wav(f / "zero_samples.wav", np.zeros(0), 16000)
+    _wav(f / "ok.wav", _tone(0.5, 16000), 16000)
+    _wav(f / "rate_8k.wav", _tone(0.5, 8000), 8000)
+    _wav(f / "rate_48k.wav", _tone(0.5, 48000), 48000)
+    _wav(f / "stereo.wav", _tone(0.5, 16000, channels=2), 16000)
+    _wav(f / "ten_minutes.wav", np.zeros(600 * 8000), 8000)
+    # A real corpus for slm-eval (tones, not speech: quick), made by the real command.
+    made = _run_cases(f, [("make-corpus", "slm-make-corpus", ["--out={F}/corpus", "--size=12", "--synthesizer=tones",
+                                                               "--workers=1", "--quiet"], None)], "corpus")
+    assert made["make-corpus"]["rc"] == 0, made
+    return f
+
+
+@pytest.fixture(scope="module")
+def results(fixture):
+    before = rs.snapshot(fixture)
+    results = _run_cases(fixture, CASES, "results")
+    results["_untouched"] = rs.snapshot(fixture) == before
+    return results
+
+
+# Needs a change in slm_jax/cli/infer.py (not this suite's file): refuse an --instruction that
+# is not valid UTF-8 before encoding it. Strict: the mark fails the suite once that is fixed.
+_NEEDS_FIX = {"infer-non-utf8-instruction"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case_id,prog,argv,expected", [
+    pytest.param(*c, marks=pytest.mark.xfail(strict=True, reason="cli/infer.py must check --instruction is UTF-8"))
+    if c[0] in _NEEDS_FIX else c for c in CASES], ids=[c[0] for c in CASES])
+def test_entry_point(results, case_id, prog, argv, expected):
+    result = results[case_id]
+    if result.get("missing"):
+        pytest.skip(f"{prog} does not exist yet")
+    assert result["traceback"] is None, result["traceback"]
+    kind, text = expected
+    if kind == "ok":
+        assert result["rc"] == 0, result["stderr"][-2000:]
+        assert text in result["stdout"]
+        return
+    errors = rs.error_lines(result["stderr"])
+    assert result["rc"] not in (0, None), result
+    assert len(errors) == 1, result["stderr"][-2000:]
+    assert errors[0].startswith(f"{prog}: error: ") and text in errors[0], errors[0]
+    assert "Traceback" not in result["stderr"]
+
+
+@pytest.mark.slow
+def test_no_case_changed_an_existing_file(results):
+    assert results["_untouched"]
