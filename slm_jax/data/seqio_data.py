@@ -229,6 +229,15 @@ class SeqioData:
     # ----------------------------------------------------------------------------------------
     # The DataSource protocol
     # ----------------------------------------------------------------------------------------
+    def attach_model(self, slm, encoder_params, model_spec) -> None:
+        """Called by train() before the first batch: checks the LLM can embed every token id."""
+        del slm, encoder_params
+        llm_vocab = getattr(model_spec.llm, "vocab_size", None)
+        size = self.vocabulary.vocab_size
+        if llm_vocab is not None and size > llm_vocab:
+            raise DataError(f"the data's vocabulary has {size} ids but the LLM embeds only {llm_vocab}; "
+                            f"set VOCAB_SIZE >= {size} (or train the corpus with a smaller --vocab_size)")
+
     def train_batches(self, batch_size: int, seed: int, start_batch: int = 0, shard_index: int = 0,
                       num_shards: int = 1) -> Iterator[dict[str, np.ndarray]]:
         """Endless batches of ``batch_size`` rows for host ``shard_index``, from batch ``start_batch`` on."""
