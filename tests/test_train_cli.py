@@ -1,10 +1,13 @@
 """slm-train end to end: trains, checkpoints, resumes, and refuses bad input with one clear line."""
 
+import contextlib
 import os
 import subprocess
 import sys
 
 import pytest
+
+import reliability_support as rs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = [sys.executable, "-m", "slm_jax.cli.train"]
@@ -75,3 +78,49 @@ def test_unknown_gin_binding_is_one_clear_line(tmp_path):
     assert "Traceback" not in result.stderr
     assert "bad gin configuration" in result.stderr and "NoSuchThing" in result.stderr
     assert not (tmp_path / "x").exists()
+
+
+# --- model directory problems: refused before any training (no step runs, nothing written) ----
+@contextlib.contextmanager
+def _mounted_tmpfs(path, options):
+    """A real small or read-only filesystem (needs root and mount); skips the test otherwise."""
+    path.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+                                            capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def _refused_before_training(tmp_path, model_dir, expected, **env):
+    gin_file = rs.write_config(tmp_path / "run.gin", "TRAIN_STEPS = 2\n")
+    record = tmp_path / "record.jsonl"
+    result = rs.run(rs.harness_cmd(gin_file, model_dir), SLM_HARNESS_RECORD=str(record), **env)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    errors = rs.error_lines(result.stderr)
+    assert len(errors) == 1 and errors[0].startswith("slm-train: error: model directory") and expected in errors[0]
+    assert rs.read_record(record) == [], "no step may run"
+
+
+def test_read_only_model_dir_is_refused_before_training(tmp_path):
+    if os.geteuid() == 0:
+        with _mounted_tmpfs(tmp_path / "ro", "ro,size=1m") as ro:
+            _refused_before_training(tmp_path, ro / "run", "is not writable")
+    else:
+        (tmp_path / "ro").mkdir(mode=0o555)
+        _refused_before_training(tmp_path, tmp_path / "ro" / "run", "is not writable")
+
+
+def test_full_disk_is_refused_before_training(tmp_path):
+    # The tiny run's checkpoints need about 4.5 MiB (4 checkpoints + margin): 256 KiB is too little.
+    with _mounted_tmpfs(tmp_path / "small", "size=256k") as small:
+        _refused_before_training(tmp_path, small / "run", "MiB free; checkpoints need about")
+        assert os.listdir(small / "run") == [], "the write probe is removed"
+
+
+def test_too_little_free_space_is_refused_before_training(tmp_path):
+    """The same check without root: the harness reports 1 MiB free on every disk."""
+    _refused_before_training(tmp_path, tmp_path / "run", "1.0 MiB free", SLM_HARNESS_FREE_BYTES=str(2**20))
