@@ -57,6 +57,51 @@ def _close_all() -> None:
         pipeline.close()
 
 
+def iterate_numpy(ds, label: str, on_data_loss) -> Iterator[dict[str, np.ndarray]]:
+    """Iterates a dict dataset as numpy, turning TensorFlow errors into the project's one-line
+    errors (``on_data_loss(error)`` names the corrupt shard); the pipeline is torn down on exit."""
+    import tensorflow as tf
+
+    from slm_jax.data.preprocessors import translate_tf_error
+
+    pipeline = _Pipeline(ds)
+    _LIVE.add(pipeline)
+    try:
+        while True:
+            error = None
+            try:
+                element = next(pipeline.iterator)
+            except StopIteration:
+                return
+            except tf.errors.DataLossError as e:
+                error = on_data_loss(e)
+            except tf.errors.OpError as e:
+                error = translate_tf_error(e) or DataError(
+                    f"{label}: reading failed ({e.message.strip().splitlines()[0]})")
+            if error is not None:
+                raise error
+            yield {k: v.numpy() for k, v in element.items()}
+    finally:
+        pipeline.close()
+
+
+def corrupt_shard_error(provider, error) -> DataError:
+    """Finds and names the corrupt shard of ``provider`` (TensorFlow's DataLossError does not)."""
+    from slm_jax.data import corpus
+
+    for task in getattr(provider, "tasks", [provider]):
+        source = task.source
+        if hasattr(source, "corpus_dir"):
+            for split in source.splits:
+                try:
+                    found = corpus.find_corrupt_record(source.list_shards(split))
+                except DataError:
+                    continue
+                if found is not None:
+                    return found
+    return DataError(f"{provider.name}: corrupt input record ({error.message.strip().splitlines()[0]})")
+
+
 class UnknownTaskError(DataError):
     """A task or mixture name that is not registered; the message lists the close matches."""
 
@@ -183,48 +228,7 @@ class SeqioData:
         return ds.batch(batch_size, drop_remainder=True)
 
     def _numpy(self, ds, paths_hint: str) -> Iterator[dict[str, np.ndarray]]:
-        """Iterates ``ds`` as numpy batches, turning TensorFlow errors into the project's errors."""
-        import tensorflow as tf
-
-        from slm_jax.data.preprocessors import translate_tf_error
-
-        pipeline = _Pipeline(ds)
-        _LIVE.add(pipeline)
-        try:
-            while True:
-                error = None
-                try:
-                    batch = next(pipeline.iterator)
-                except StopIteration:
-                    return
-                except tf.errors.DataLossError as e:
-                    error = self._corrupt_shard_error(e)
-                except tf.errors.OpError as e:
-                    error = translate_tf_error(e) or DataError(
-                        f"{paths_hint}: reading failed ({e.message.strip().splitlines()[0]})")
-                if error is not None:
-                    raise error
-                yield {k: v.numpy() for k, v in batch.items()}
-        finally:
-            pipeline.close()
-
-    def _corrupt_shard_error(self, error) -> DataError:
-        """Finds and names the corrupt shard (TensorFlow's DataLossError does not say which)."""
-        from slm_jax.data import corpus
-
-        provider = self.provider
-        tasks = getattr(provider, "tasks", [provider])
-        for task in tasks:
-            source = task.source
-            if hasattr(source, "corpus_dir"):
-                for split in source.splits:
-                    try:
-                        found = corpus.find_corrupt_record(source.list_shards(split))
-                    except DataError:
-                        continue
-                    if found is not None:
-                        return found
-        return DataError(f"{self.mixture_or_task}: corrupt input record ({error.message.strip().splitlines()[0]})")
+        return iterate_numpy(ds, paths_hint, lambda e: corrupt_shard_error(self.provider, e))
 
     # ----------------------------------------------------------------------------------------
     # The DataSource protocol
