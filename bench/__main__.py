@@ -71,16 +71,23 @@ def main(argv=None) -> int:
     plan = suite.TOY if args.weights == "toy" else (suite.QUICK if args.quick else suite.FULL)
     if args.repeats is not None:
         plan = dataclasses.replace(plan, repeats=args.repeats)
-    results = suite.run(args.weights, plan, args.sections, log=lambda m: print(m, file=sys.stderr, flush=True))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+
+    def save(results):
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+
+    results = suite.run(args.weights, plan, args.sections, log=lambda m: print(m, file=sys.stderr, flush=True),
+                        on_section=save)
     table = report.markdown(results)
     print(table)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1)
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(table + "\n")
     print(f"\nwrote {args.out}", file=sys.stderr)
+    if results["errors"]:
+        print(f"sections that failed: {', '.join(results['errors'])}", file=sys.stderr)
+        return 1
     return 0
 
 

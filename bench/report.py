@@ -100,4 +100,6 @@ def markdown(results: Mapping[str, Any]) -> str:
                  f"jax {m['jax']} ({m['jax_backend']}), torch {m['torch']} ({m['torch_threads']} threads); "
                  f"load average {m['load_average_at_start'][0]:.1f} at start, "
                  f"{m.get('load_average_at_end', [float('nan')])[0]:.1f} at end. Weights: {results['weights']}, fp32.")
+    if results.get("errors"):
+        lines.append(f"Sections that FAILED (see the JSON): {', '.join(results['errors'])}.")
     return "\n".join(lines)

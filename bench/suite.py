@@ -7,12 +7,13 @@ import dataclasses
 import os
 import platform
 import time
+import traceback
 from typing import Any, Callable
 
 from bench import common, decode, memory, train_step
 from bench.train_step import Case
 
-SECTIONS = ("bare", "e2e", "decode", "memory", "scaling")
+SECTIONS = ("memory", "bare", "e2e", "decode", "scaling")  # run order: cheapest and most asked-for first
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,14 +36,14 @@ class Plan:
 
 
 FULL = Plan(
-    repeats=5, bare=Case(8, 6.4), e2e=Case(8, 10.0), decode_cases=((1, 1), (8, 1), (1, 4)),
-    prompt_tokens=141, new_tokens=32, scaling_seconds=(5.0, 10.0, 20.0, 30.0, 60.0), scaling_batch_at_seconds=2,
-    scaling_batches=(1, 2, 4, 8), scaling_seconds_at_batch=10.0,
+    repeats=3, bare=Case(8, 6.4), e2e=Case(4, 10.0), decode_cases=((1, 1), (8, 1), (1, 4)),
+    prompt_tokens=141, new_tokens=32, scaling_seconds=(5.0, 30.0, 60.0), scaling_batch_at_seconds=2,
+    scaling_batches=(1,), scaling_seconds_at_batch=10.0,
     bare_variants={"bf16 LLM compute": {"dtype": "bfloat16"}, "remat full": {"remat_policy": "full"}},
 )
 QUICK = Plan(
-    repeats=2, bare=Case(8, 6.4), e2e=Case(4, 10.0), decode_cases=((1, 1), (1, 4)), prompt_tokens=141,
-    new_tokens=16, scaling_seconds=(5.0, 30.0), scaling_batch_at_seconds=2, scaling_batches=(), scaling_seconds_at_batch=10.0,
+    repeats=2, bare=Case(8, 6.4), e2e=Case(2, 10.0), decode_cases=((1, 1),), prompt_tokens=141,
+    new_tokens=16, scaling_seconds=(), scaling_batch_at_seconds=2, scaling_batches=(), scaling_seconds_at_batch=10.0,
     bare_variants={},
 )
 # The smoke test's plan: tiny shapes, one repetition.
@@ -85,31 +86,41 @@ def _scaling(weights_name: str, plan: Plan) -> list[dict[str, Any]]:
     return rows
 
 
-def run(weights_name: str, plan: Plan, sections: tuple[str, ...], log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Runs ``sections`` and returns the JSON-ready results (with the machine and timings)."""
-    results: dict[str, Any] = {"weights": weights_name, "plan": dataclasses.asdict(plan), "machine": machine()}
+def run(weights_name: str, plan: Plan, sections: tuple[str, ...], log: Callable[[str], None] = print,
+        on_section: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Runs ``sections`` and returns the JSON-ready results (with the machine and timings).
+
+    A section that fails is recorded under ``errors`` and the others still run; ``on_section``
+    gets the results after each section (so a long run that dies keeps what it measured).
+    """
+    results: dict[str, Any] = {"weights": weights_name, "plan": dataclasses.asdict(plan), "machine": machine(),
+                               "errors": {}}
     ws = common.weights(weights_name)
     results["model"] = {"llm": {k: ws.llm_config.get(k) for k in ("hidden_size", "num_hidden_layers", "vocab_size")},
                         "encoder": {k: ws.whisper_config.get(k) for k in ("d_model", "encoder_layers")},
                         "adapter": dict(ws.adapter_kwargs)}
+    runners: dict[str, Callable[[], Any]] = {
+        "bare": lambda: train_step.bare_step(weights_name, plan.bare, plan.repeats, plan.bare_variants),
+        "e2e": lambda: train_step.end_to_end(weights_name, plan.e2e, plan.repeats),
+        "decode": lambda: [decode.decode(weights_name, b, plan.prompt_tokens, plan.new_tokens, k, plan.repeats)
+                           for b, k in plan.decode_cases],
+        "memory": lambda: {"paper_shape": memory.optimizer_share()},
+        "scaling": lambda: _scaling(weights_name, plan),
+    }
     started = time.time()
     for section in sections:
+        if section not in runners:
+            raise ValueError(f"unknown section {section!r}; known: {SECTIONS}")
         t0 = time.time()
         log(f"[bench] {section} ...")
-        if section == "bare":
-            results["bare"] = train_step.bare_step(weights_name, plan.bare, plan.repeats, plan.bare_variants)
-        elif section == "e2e":
-            results["e2e"] = train_step.end_to_end(weights_name, plan.e2e, plan.repeats)
-        elif section == "decode":
-            results["decode"] = [decode.decode(weights_name, b, plan.prompt_tokens, plan.new_tokens, k, plan.repeats)
-                                 for b, k in plan.decode_cases]
-        elif section == "memory":
-            results["memory"] = {"paper_shape": memory.optimizer_share()}
-        elif section == "scaling":
-            results["scaling"] = _scaling(weights_name, plan)
-        else:
-            raise ValueError(f"unknown section {section!r}; known: {SECTIONS}")
+        try:
+            results[section] = runners[section]()
+        except Exception:  # noqa: BLE001 - one broken section must not cost the others' numbers
+            results["errors"][section] = traceback.format_exc()
+            log(f"[bench] {section} FAILED:\n{results['errors'][section]}")
         log(f"[bench] {section} done in {time.time() - t0:.0f} s")
-    results["wall_s"] = time.time() - started
-    results["machine"]["load_average_at_end"] = os.getloadavg()
+        results["machine"]["load_average_at_end"] = os.getloadavg()
+        results["wall_s"] = time.time() - started
+        if on_section is not None:
+            on_section(results)
     return results
