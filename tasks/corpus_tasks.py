@@ -74,12 +74,27 @@ class CorpusSource(seqio.DataSource):
                 f"task {self.task}: no corpus in {self.corpus_dir} ({corpus.MANIFEST} missing); make one with "
                 f"`slm-make-corpus --out={self.corpus_dir} --size=2000` or point {CORPUS_DIR_ENV} at an existing corpus")
         manifest = corpus.load_manifest(self.corpus_dir)
+        if manifest.get("sample_rate") != prep.audio_lib.SAMPLE_RATE:
+            raise DataNotPreparedError(f"{path}: audio at {manifest.get('sample_rate')} Hz, the front end needs "
+                                       f"{prep.audio_lib.SAMPLE_RATE} Hz; regenerate the corpus")
         if self.task not in manifest["tasks"]:
             langs = ",".join(manifest["config"].get("languages", []))
             raise DataNotPreparedError(
                 f"task {self.task}: the corpus in {self.corpus_dir} has no such task (made with --languages={langs}); "
                 f"regenerate it with the languages this task needs")
         return manifest
+
+    @property
+    def splits(self) -> Sequence[str]:
+        """The splits that hold examples (a mixture skips a task without the split it reads:
+        an empty split inside a mixture would end it). All possible splits before the corpus exists."""
+        path = os.path.join(self.corpus_dir, corpus.MANIFEST)
+        if not os.path.exists(path):
+            return self._splits
+        info = corpus.load_manifest(self.corpus_dir)["tasks"].get(self.task)
+        if info is None:
+            return self._splits
+        return tuple(s for s in self._splits if info["splits"].get(s, {}).get("examples", 0) > 0)
 
     @property
     def supports_arbitrary_sharding(self) -> bool:
