@@ -25,6 +25,7 @@ examples:
   nice python -m bench --out bench/results.json
   python -m bench --only decode --repeats 3
   python -m bench --weights toy --quick        # tiny random models: checks the harness only
+  python -m bench --from_json bench/results.json --markdown bench/results.md   # re-print a table
 """
 
 
@@ -43,6 +44,8 @@ def parse_args(argv):
     parser.add_argument("--repeats", type=int, default=None, help="timed repetitions per side (after one warm-up)")
     parser.add_argument("--out", default="bench/results.json", help="JSON output path (default: %(default)s)")
     parser.add_argument("--markdown", default=None, help="also write the table to this Markdown file")
+    parser.add_argument("--from_json", default=None, metavar="JSON",
+                        help="measure nothing: print (and --markdown) the table of an earlier run's JSON")
     args = parser.parse_args(argv)
     args.sections = _sections(parser, args)
     if args.repeats is not None and args.repeats < 1:
@@ -68,6 +71,10 @@ def main(argv=None) -> int:
 
     from bench import report, suite
 
+    if args.from_json:
+        with open(args.from_json) as f:
+            _print_table(report.markdown(json.load(f)), args.markdown)
+        return 0
     plan = suite.TOY if args.weights == "toy" else (suite.QUICK if args.quick else suite.FULL)
     if args.repeats is not None:
         plan = dataclasses.replace(plan, repeats=args.repeats)
@@ -79,16 +86,19 @@ def main(argv=None) -> int:
 
     results = suite.run(args.weights, plan, args.sections, log=lambda m: print(m, file=sys.stderr, flush=True),
                         on_section=save)
-    table = report.markdown(results)
-    print(table)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(table + "\n")
+    _print_table(report.markdown(results), args.markdown)
     print(f"\nwrote {args.out}", file=sys.stderr)
     if results["errors"]:
         print(f"sections that failed: {', '.join(results['errors'])}", file=sys.stderr)
         return 1
     return 0
+
+
+def _print_table(table: str, markdown_path: str | None) -> None:
+    print(table)
+    if markdown_path:
+        with open(markdown_path, "w") as f:
+            f.write(table + "\n")
 
 
 if __name__ == "__main__":

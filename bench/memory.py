@@ -34,7 +34,11 @@ def optimizer_share(gin_file: str = PAPER_GIN, optimizers: tuple[str, ...] = ("a
     slm = model.build()
     example = sample_batch(1, {"audio_frames": 64, "prefix": 2, "suffix": 2, "targets": 2})
     mesh = partitioning.make_mesh(devices=jax.devices()[:1])
-    out: dict[str, Any] = {"gin_file": gin_file}
+    try:
+        configured = gin.query_parameter("train.optimizer")
+    except ValueError:  # not bound: the train loop's default
+        configured = "adamw"
+    out: dict[str, Any] = {"gin_file": gin_file, "configured_optimizer": configured}
     for name in optimizers:
         optimizer, schedule = make_optimizer(name=name)
         trainer = Trainer(slm, optimizer, schedule, mesh)

@@ -78,7 +78,9 @@ def rows(results: Mapping[str, Any]) -> list[tuple[str, ...]]:
             if name in paper:
                 p = paper[name]
                 share = 100 * p["share_of_param_bytes"]
-                out.append((f"optimizer state at paper shape ({name})", "USM-2B + mT0-XXL", _mib(p["optimizer_state_bytes"]),
+                configured = " (configured)" if paper.get("configured_optimizer") == name else ""
+                out.append((f"optimizer state at paper shape, {name}{configured}", "USM-2B + mT0-XXL",
+                            _mib(p["optimizer_state_bytes"]),
                             f"of {p['param_bytes'] / 2**30:.1f} GiB params", f"{share:.3f}%", "< 2%",
                             "yes" if share < 2 else "NO"))
     for r in results.get("scaling", []):

@@ -16,6 +16,7 @@ def test_toy_run_matches_the_reference_and_writes_results(tmp_path, capsys):
     out = tmp_path / "results.json"
     assert bench_main.main(["--weights", "toy", "--only", "bare,decode", "--out", str(out)]) == 0
     results = json.loads(out.read_text())
+    assert results["errors"] == {}
     losses = results["bare"]["first_step_loss"]
     # Same weights, same batch, fp32: the JAX step and the torch reference compute one function.
     assert losses["slm-jax"] == pytest.approx(losses["torch"], rel=1e-4)
@@ -27,6 +28,10 @@ def test_toy_run_matches_the_reference_and_writes_results(tmp_path, capsys):
         assert r["sides"]["slm-jax"]["tokens_per_s"] > 0 and r["sides"]["transformers"]["tokens_per_s"] > 0
     table = capsys.readouterr().out
     assert "train step, bare" in table and "decode greedy tokens/s" in table and "Machine:" in table
+    # The table can be re-made from the JSON alone.
+    assert bench_main.main(["--from_json", str(out), "--markdown", str(tmp_path / "t.md")]) == 0
+    assert capsys.readouterr().out == table
+    assert (tmp_path / "t.md").read_text() == table
 
 
 def _results(bare_speedup):
