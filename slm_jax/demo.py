@@ -29,6 +29,7 @@ import numpy as np
 log = logging.getLogger("slm_jax.demo")
 
 TRANSCRIBE = "Transcribe the speech."
+SPEECH = {"espeak": "synthetic espeak-ng speech", "tones": "tone sequences standing in for speech, not speech"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,7 +269,8 @@ def statement(report: Mapping[str, Any], run: Mapping[str, Any]) -> str:
         f"{run['epochs']:.1f} passes over {run['train_examples']:,} training utterances) in "
         f"{run['train_seconds'] / 60:.1f} min; final training loss {run.get('loss', float('nan')):.3f}.",
         f"Evaluated on {sum(int(s['examples']) for s in tasks.values())} held-out test utterances "
-        "(synthetic espeak-ng speech; sentences of the same grammar as training, never the same example).",
+        f"({SPEECH[run.get('synthesizer', 'espeak')]}; sentences of the same grammar as training, never the same "
+        "example).",
     ]
     if "asr_en" in tasks:
         wer = tasks["asr_en"]["wer"]
@@ -294,7 +296,7 @@ def sample_predictions(report: Mapping[str, Any], per_task: int = 2) -> str:
     for task, rows in report["slm"]["predictions"].items():
         for row in rows[:per_task]:
             lines.append(f"  {task:<26} {row['instruction'][:40]!r:<44} ref {row['reference']!r}  ->  "
-                         f"{row['prediction']!r}")
+                         f"{row['prediction'][:80]!r}")
     return "\n".join(lines)
 
 
@@ -323,31 +325,32 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
         raise common.UserError("the demo needs a config whose train.data is CachedCorpusData "
                                f"(got {type(data).__name__})")
 
-    started = time.time()
-    print("loading the frozen models, encoding the corpus once, measuring the train step ...", flush=True)
-    probe = probe_step_seconds(model, data, settings)
-    clock.phase("encoder pass + step probe", started)
-    print(f"  frozen weights {probe['load_seconds']:.0f} s, encoder pass {probe['encode_seconds']:.0f} s, "
-          f"compile {probe['compile_seconds']:.0f} s, {probe['step_seconds']:.2f} s per step of "
-          f"{settings.batch_size}", flush=True)
-
     examples = test_examples(corpus_dir, settings.eval_per_task)
-    eval_estimate = estimate_eval_seconds(count_generate_calls(examples, settings.eval_batch_size),
-                                          probe["step_seconds"])
-    # train() loads the weights and compiles again: budget for that too.
-    train_overhead = probe["load_seconds"] + probe["compile_seconds"]
-    if settings.steps is not None:
-        steps = settings.steps
+    if settings.steps is not None:  # no sizing: train() loads, encodes and compiles by itself
+        steps, probe = settings.steps, {}
+        print(f"plan: {steps} train steps (--steps), then evaluation on {len(examples)} test utterances",
+              flush=True)
     else:
+        started = time.time()
+        print("loading the frozen models, encoding the corpus once, measuring the train step ...", flush=True)
+        probe = probe_step_seconds(model, data, settings)
+        clock.phase("encoder pass + step probe", started)
+        print(f"  frozen weights {probe['load_seconds']:.0f} s, encoder pass {probe['encode_seconds']:.0f} s, "
+              f"compile {probe['compile_seconds']:.0f} s, {probe['step_seconds']:.2f} s per step of "
+              f"{settings.batch_size}", flush=True)
+        eval_estimate = estimate_eval_seconds(count_generate_calls(examples, settings.eval_batch_size),
+                                              probe["step_seconds"])
+        # train() loads the weights and compiles again: budget for that too.
+        train_overhead = probe["load_seconds"] + probe["compile_seconds"]
         steps = steps_for_budget(clock.left() - train_overhead, probe["step_seconds"], eval_estimate,
                                  settings.min_steps)
-    finish = clock.elapsed() + train_overhead + steps * probe["step_seconds"] + eval_estimate
-    print(f"plan: {steps} train steps (~{steps * probe['step_seconds'] / 60:.1f} min), then evaluation on "
-          f"{len(examples)} test utterances (~{eval_estimate / 60:.1f} min); expected total "
-          f"{finish / 60:.1f} min (budget {settings.minutes:.0f} min)", flush=True)
-    if finish > clock.budget * 1.05:
-        print(f"  note: this machine is slower than the budget assumes; the demo will take about "
-              f"{finish / 60:.0f} min", flush=True)
+        finish = clock.elapsed() + train_overhead + steps * probe["step_seconds"] + eval_estimate
+        print(f"plan: {steps} train steps (~{steps * probe['step_seconds'] / 60:.1f} min), then evaluation on "
+              f"{len(examples)} test utterances (~{eval_estimate / 60:.1f} min); expected total "
+              f"{finish / 60:.1f} min (budget {settings.minutes:.0f} min)", flush=True)
+        if finish > clock.budget * 1.05:
+            print(f"  note: this machine is slower than the budget assumes; the demo will take about "
+                  f"{finish / 60:.0f} min", flush=True)
 
     model_dir = os.path.join(settings.out_dir, "train")
     shutil.rmtree(model_dir, ignore_errors=True)  # the demo's own folder: every run trains afresh
@@ -367,7 +370,8 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     run = {"steps": step, "batch_size": settings.batch_size, "train_examples": train_examples,
            "epochs": step * settings.batch_size / max(train_examples, 1), "train_seconds": train_seconds,
            "loss": final.get("loss", float("nan")), "adapter_params": count_params(slm.params["adapter"]),
-           "step_seconds": probe["step_seconds"], "phases": clock.phases, "total_seconds": clock.elapsed(),
+           "step_seconds": probe.get("step_seconds"), "phases": clock.phases, "total_seconds": clock.elapsed(),
+           "synthesizer": settings.synthesizer,
            "settings": dataclasses.asdict(settings), "model_dir": model_dir, "corpus_dir": corpus_dir}
     report["run"] = run
     with open(os.path.join(settings.out_dir, "report.json"), "w") as f:
