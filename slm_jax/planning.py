@@ -29,6 +29,10 @@ MESH_PRESETS = {
 }
 
 
+class PlanningError(ValueError):
+    """A mesh that cannot be planned here (e.g. more devices than this process has)."""
+
+
 def mesh_from_spec(spec: str) -> dict[str, int]:
     return dict(MESH_PRESETS[spec]) if spec in MESH_PRESETS else partitioning.parse_mesh_spec(spec)
 
@@ -67,7 +71,10 @@ def plan(
 ) -> MemoryPlan:
     n = math.prod(mesh_shape.values())
     if n > len(jax.devices()):
-        raise ValueError(f"mesh {dict(mesh_shape)} needs {n} devices; {len(jax.devices())} available")
+        raise PlanningError(
+            f"mesh {dict(mesh_shape)} needs {n} devices; this process has {len(jax.devices())} "
+            "(fake CPU devices are fixed when JAX starts: run slm-plan in a fresh process)"
+        )
     mesh = partitioning.make_mesh(devices=jax.devices()[:n], **mesh_shape)
     optimizer, schedule = make_optimizer()
     trainer = Trainer(model.build(), optimizer, schedule, mesh)

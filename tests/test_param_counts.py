@@ -69,7 +69,7 @@ def test_paper_scale_usm_mt0xxl_parameter_counts():
 ])
 def test_whisper_paper_configs_are_the_published_shapes(gin_file, llm_preset):
     spec = _spec(gin_file)
-    assert _architecture(spec.speech_encoder) == _architecture(whisper_encoder.whisper_large(num_mel_bins=128))
+    assert _architecture(spec.speech_encoder) == _architecture(whisper_encoder.whisper_large())
     assert _architecture(spec.llm) == _architecture(llm_preset())
     assert spec.llm.param_dtype == spec.speech_encoder.param_dtype == jnp.bfloat16
     assert spec.adapter.d_model == 2560 and spec.adapter.num_layers == 2 and spec.adapter.subsample_rate == 4

@@ -80,7 +80,10 @@ def main(argv=None) -> int:
         for shape in shapes:
             if shape.get("data", 1) == -1:
                 raise common.UserError("give every mesh axis explicitly for planning (no -1)")
-            p = planning.plan(model, shape, batch, lengths, compile_step=not args.no_compile)
+            try:
+                p = planning.plan(model, shape, batch, lengths, compile_step=not args.no_compile)
+            except planning.PlanningError as e:
+                raise common.UserError(str(e)) from None
             if p.compile_seconds is not None:
                 print(f"compiled the train step for {shape} in {p.compile_seconds:.1f} s")
             plans.append(p)
