@@ -102,7 +102,7 @@ class _Writers:
 
 def _check_settings(**values: int) -> None:
     """Rejects settings that would only fail later (a modulo by zero after the first step)."""
-    from slm_jax.cli.common import UserError  # a configuration mistake: one line, no traceback
+    from slm_jax.errors import UserError  # a configuration mistake: one line, no traceback
 
     for name, value in values.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:

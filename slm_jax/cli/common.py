@@ -9,6 +9,8 @@ import pathlib
 import sys
 from typing import Callable, Sequence
 
+from slm_jax.errors import UserError  # re-exported: the CLIs raise common.UserError
+
 REPO_GIN_DIR = pathlib.Path(__file__).resolve().parents[2] / "gin"
 
 GIN_HELP = (
@@ -45,10 +47,6 @@ def split_gin_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
             rest.append(a)
         i += 1
     return rest, bindings
-
-
-class UserError(Exception):
-    """An error in what the user asked for: reported as one line, no traceback."""
 
 
 def parse_gin(gin_files: Sequence[str], bindings: Sequence[str]) -> None:

@@ -35,6 +35,10 @@ def main(argv=None) -> int:
         args = parser.parse_args(rest)
         if not args.gin_file:
             raise common.UserError("give the --gin_file the model was trained with")
+        try:
+            args.instruction.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable argv bytes arrive as lone surrogates
+            raise common.UserError("--instruction is not valid UTF-8 text") from None
         if args.num_beams < 1:
             raise common.UserError("--num_beams must be >= 1")
         common.setup_logging()
