@@ -29,9 +29,9 @@ WARMUP_STEPS = 2
 def _train(tmp_path, model_dir, *extra):
     gin_file = tmp_path / "run.gin"
     gin_file.write_text(CONFIG)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    # One CPU device and the shared XLA compile cache: a rerun of the same shapes compiles nothing.
     return subprocess.run(TRAIN + [f"--gin_file={gin_file}", f"--model_dir={model_dir}", *extra],
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+                          capture_output=True, text=True, cwd=ROOT, env=rs.subprocess_env(), timeout=600)
 
 
 def _losses(output: str) -> dict[int, float]:
