@@ -112,12 +112,20 @@ class Trainer:
         self.batch_sharding = partitioning.batch_sharding(mesh, self.rules)
         self._train_step = None
         self._eval_step = None
-        self._encode = None
+        self._abstract_variables: dict[tuple, Any] = {}
 
     # --- shapes and shardings ------------------------------------------------------------
     def abstract_variables(self, sample_batch: Batch) -> Any:
-        """Boxed (logically named) abstract parameters of the whole SLM; nothing is allocated."""
-        return jax.eval_shape(lambda b: self.model.init(jax.random.key(0), b), _shapes(sample_batch))
+        """Boxed (logically named) abstract parameters of the whole SLM; nothing is allocated.
+
+        Cached per batch signature: tracing a paper-scale model takes seconds, and shardings,
+        restore targets and planning all ask for it.
+        """
+        shapes = _shapes(sample_batch)
+        key = tuple(sorted((k, v.shape, str(v.dtype)) for k, v in shapes.items()))
+        if key not in self._abstract_variables:
+            self._abstract_variables[key] = jax.eval_shape(lambda b: self.model.init(jax.random.key(0), b), shapes)
+        return self._abstract_variables[key]
 
     def param_shardings(self, sample_batch: Batch) -> Any:
         with nn.logical_axis_rules(self.rules):
