@@ -142,10 +142,6 @@ def _examples_rate(task: seqio.Task) -> float:
     return float(task.source.num_input_examples("train"))
 
 
-def _replace(registry, name: str) -> None:
-    registry.remove(name)
-
-
 def register_corpus_tasks(corpus_dir: Optional[str] = None, vocabulary: Optional[seqio.Vocabulary] = None,
                           prompt_format: PromptFormat = T5_PROMPT, normalization: str = "whisper") -> list[str]:
     """(Re)registers every corpus task and mixture over ``corpus_dir``; returns the task names.
@@ -155,9 +151,9 @@ def register_corpus_tasks(corpus_dir: Optional[str] = None, vocabulary: Optional
     corpus_dir = corpus_dir or default_corpus_dir()
     vocabulary = vocabulary or corpus_vocabulary(corpus_dir)
     for name in _registered["mixtures"]:
-        _replace(seqio.MixtureRegistry, name)
+        seqio.MixtureRegistry.remove(name)
     for name in _registered["tasks"]:
-        _replace(seqio.TaskRegistry, name)
+        seqio.TaskRegistry.remove(name)
     output_features = prep.speech_output_features(vocabulary)
     preprocessors = [prep.decode_corpus_example, *prep.speech_preprocessors(prompt_format, normalization)]
     names = []

@@ -272,3 +272,28 @@ def test_voxpopuli_local_manifest_reads_its_own_format(tmp_path):
         assert vocab.decode(ex["targets"][:-1].tolist()) == "Bonjour à tous."
     finally:
         use_corpus(small_corpus())  # back to the default registration
+
+
+def test_chatml_prompt_tokens_match_inference_encoding(registered):
+    """With a real LLM's tokenizer and chat layout, the pipeline builds exactly the prompt that
+    PromptFormat.encode (what slm-infer uses) builds."""
+    from slm_jax import batching
+    from slm_jax.prompting import CHATML_PROMPT
+
+    try:
+        from slm_jax.tokenizers import GgufBpeVocabulary
+
+        GgufBpeVocabulary.from_smollm2().vocab_size
+    except Exception as e:  # noqa: BLE001 - the weights package is optional for this check
+        pytest.skip(f"SmolLM2 tokenizer not available: {e}")
+    data = SeqioData("asr_en", LENGTHS, corpus_dir=registered, vocabulary="package:smollm2-135m-instruct",
+                     prompt_format=CHATML_PROMPT)
+    try:
+        vocab = data.vocabulary
+        for ex in _examples(seqio.get_mixture_or_task("asr_en"), "train", 3):
+            want = CHATML_PROMPT.encode(vocab, ex["instruction"].decode())
+            assert ex["prefix"].tolist() == want.prefix and ex["suffix"].tolist() == want.suffix
+            assert int(ex["decoder_start"]) == want.decoder_start
+            assert ex["targets"].tolist() == batching.target_ids(vocab, ex["target"].decode())
+    finally:
+        use_corpus(registered)
