@@ -43,6 +43,8 @@ class DemoSettings:
     workers: int = 2
     minutes: float = 25.0  # the whole demo, corpus to table
     steps: int | None = None  # None: as many as fit the budget
+    checkpoint_every: int | None = None  # None: only at the end (long runs: keep intermediate ones)
+    resume: bool = False  # continue OUT_DIR/train instead of starting afresh (long runs)
     min_steps: int = 20
     batch_size: int = 8
     learning_rate: float = 2e-3
@@ -353,11 +355,12 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
                   f"{finish / 60:.0f} min", flush=True)
 
     model_dir = os.path.join(settings.out_dir, "train")
-    shutil.rmtree(model_dir, ignore_errors=True)  # the demo's own folder: every run trains afresh
+    if not settings.resume:
+        shutil.rmtree(model_dir, ignore_errors=True)  # the demo's own folder: every run trains afresh
     started = time.time()
     final = train.train(model_dir, data=data, steps=steps, batch_size=settings.batch_size, seed=settings.seed,
                         learning_rate=settings.learning_rate, warmup_steps=settings.warmup_steps,
-                        eval_every=0, checkpoint_every=steps, log_every=max(1, min(25, steps // 10)))
+                        eval_every=0, checkpoint_every=settings.checkpoint_every or steps, log_every=max(1, min(25, steps // 10)))
     train_seconds = time.time() - started
     clock.phase("training", started)
 

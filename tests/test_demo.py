@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 
+import gin
+import jax
 import numpy as np
 import pytest
 
@@ -129,6 +131,21 @@ def test_demo_end_to_end_on_a_tiny_model(tmp_path, capsys):
     assert os.path.isdir(out / "train" / "3")  # the checkpoint slm-infer reads
 
     assert "tone sequences standing in for speech" in printed  # says what the audio was
+
+    # The small release export of that run reads back as the same adapter (float16 rounding).
+    from slm_jax import inference, release
+
+    model = gin.query_parameter("train.model").scoped_configurable_fn()
+    data = gin.query_parameter("train.data").scoped_configurable_fn()
+    release.export_release(str(out / "train"), str(out / "release"), model, data, note="test")
+    trained, _ = inference.load_trained(str(out / "train"), model, data)
+    shipped, step = inference.load_trained(str(out / "release"), model, data)
+    assert step == 3 and release.directory_bytes(out / "release") < release.directory_bytes(out / "train") / 3
+    for a, b in zip(jax.tree.leaves(trained.params["adapter"]), jax.tree.leaves(shipped.params["adapter"])):
+        assert b.dtype == np.float32
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-3, atol=1e-6)
+    with pytest.raises(Exception, match="not empty"):
+        release.export_release(str(out / "train"), str(out / "release"), model, data)
     # A second run reuses the corpus (and with it the encoder cache).
     assert demo.ensure_corpus(settings) == str(out / "corpus")
     assert "corpus: reusing" in capsys.readouterr().out

@@ -63,6 +63,10 @@ def whisper_base_checkpoint():
 
 def test_real_whisper_base_matches_hugging_face(whisper_base_checkpoint, tmp_path):
     whisper_base_state_dict, hf_config = whisper_base_checkpoint
+    # The CTranslate2 file's fused QKV is split the Hugging Face way: float32, no key bias.
+    assert all(np.asarray(v).dtype == np.float32 for v in whisper_base_state_dict.values())
+    assert any(k.endswith("layers.0.self_attn.q_proj.bias") for k in whisper_base_state_dict)
+    assert not any(k.endswith("layers.0.self_attn.k_proj.bias") for k in whisper_base_state_dict)
     cfg = config_from_hf(hf_config, mask_padding=False)
     assert cfg == whisper_base(mask_padding=False)
     params = params_from_state_dict(whisper_base_state_dict, cfg)

@@ -22,7 +22,8 @@ Train and show a speech language model on this machine, offline: frozen pretrain
      next to the cascade baseline (the same LLM given the reference transcript, and given the
      model's own transcript), and say plainly what was measured.
 
-OUT_DIR/train is replaced on every run; the corpus and the encoder cache are reused.
+OUT_DIR/train is replaced on every run (unless --resume); the corpus and the encoder cache are
+reused.
 
 examples:
   slm-demo                       # about 25 minutes on a 2-core CPU
@@ -48,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--synthesizer", default=defaults.synthesizer, choices=["espeak", "tones"],
                         help="'tones' is a stand-in without espeak-ng (nothing real to learn)")
     parser.add_argument("--batch_size", type=int, default=defaults.batch_size)
+    parser.add_argument("--checkpoint_every", type=int, default=None,
+                        help="save every N steps (default: only at the end; for long runs)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in OUT_DIR/train (same --steps) instead of starting afresh")
+    parser.add_argument("--learning_rate", type=float, default=defaults.learning_rate)
     parser.add_argument("--eval_per_task", type=int, default=None,
                         help=f"test utterances per task (default {defaults.eval_per_task}; --quick: 8)")
     return parser
@@ -63,10 +69,11 @@ def settings_from_args(args: argparse.Namespace):
     from slm_jax.demo import QUICK, DemoSettings
 
     values = dict(QUICK) if args.quick else {}
-    for name in ("minutes", "steps", "corpus_size", "eval_per_task"):
+    for name in ("minutes", "steps", "corpus_size", "eval_per_task", "checkpoint_every"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
-    for name in ("minutes", "steps", "corpus_size", "eval_per_task", "batch_size"):
+    for name in ("minutes", "steps", "corpus_size", "eval_per_task", "batch_size", "checkpoint_every",
+                 "learning_rate"):
         value = values.get(name, getattr(args, name, None))
         if value is not None and value <= 0:
             raise common.UserError(f"--{name} must be positive, got {value}")
@@ -78,7 +85,8 @@ def settings_from_args(args: argparse.Namespace):
         raise common.UserError(f"--languages must include en and only use {', '.join(grammar.LANGUAGES)}; "
                                f"got {args.languages!r}")
     settings = DemoSettings(out_dir=args.out_dir, languages=languages, synthesizer=args.synthesizer,
-                            batch_size=args.batch_size, **values)
+                            batch_size=args.batch_size, learning_rate=args.learning_rate, resume=args.resume,
+                            **values)
     if args.gin_file:
         settings = dataclasses.replace(settings, gin_files=tuple(args.gin_file))
     return settings
