@@ -35,7 +35,7 @@ def test_list_shows_mixtures_and_tasks(capsys):
     assert re.search(r"zeroshot_which_colour\s+\[test\]", out)
 
 
-@pytest.mark.slow  # several full pipelines: ~10 s idle, ~30 s on a loaded 2-core machine
+@pytest.mark.slow  # builds several full pipelines: about 30 s measured on a busy 2-core machine
 def test_inspect_reports_counts_rates_lengths_and_writes_png_and_wavs(tmp_path, capsys):
     import soundfile
     from matplotlib import image

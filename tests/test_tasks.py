@@ -137,7 +137,7 @@ def test_batches_have_the_model_signature(registered):
         assert batch[k].shape == spec.shape and batch[k].dtype == spec.dtype, k
 
 
-@pytest.mark.slow  # several full pipelines: ~10 s idle, ~30 s on a loaded 2-core machine
+@pytest.mark.slow  # builds several full pipelines: about 30 s measured on a busy 2-core machine
 def test_training_order_is_deterministic_and_resumable(registered):
     # The ASR mixture (4 tasks) keeps this fast; the order logic is the same for every mixture.
     data = SeqioData("asr", LENGTHS)
