@@ -21,7 +21,8 @@ test: install
 	$(VENV)/bin/python -m pytest -q tests
 
 tiny: install
-	$(VENV)/bin/slm-train --gin_file=gin/tiny.gin --model_dir=runs/tiny
+	[ -f data/tiny/manifest.json ] || $(VENV)/bin/slm-make-corpus --out=data/tiny --size=300
+	$(VENV)/bin/slm-train --gin_file=gin/tiny.gin --model_dir=runs/tiny --gin.TRAIN_STEPS=50
 
 clean:
 	rm -rf runs build *.egg-info
