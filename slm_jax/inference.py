@@ -13,7 +13,6 @@ import functools
 from typing import Any, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from slm_jax import batching, decoding

@@ -12,7 +12,7 @@ What is frozen and how that is enforced:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Mapping
 
 import flax
 import flax.linen as nn
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from slm_jax import partitioning
 from slm_jax.models.slm import SLM, masked_cross_entropy, merge_params

@@ -102,7 +102,7 @@ class TsvManifestSource(seqio.DataSource):
         return ds
 
 
-def _read_audio_file(path) -> "np.ndarray":  # noqa: F821  (numpy side of a numpy_function)
+def _read_audio_file(path):  # the numpy side of a tf.numpy_function: returns float32 samples
     return audio_lib.load_audio(path.decode() if isinstance(path, bytes) else str(path))
 
 

@@ -70,7 +70,6 @@ def _percentiles(values) -> str:
 
 
 def _inspect(args) -> int:
-    import numpy as np
     import seqio
     from tqdm import tqdm
 

@@ -199,3 +199,41 @@ def as_state_dict_reader(state_dict: Mapping[str, Any]) -> tuple[list[str], GetT
         return np.asarray(value)
 
     return list(state_dict.keys()), get
+
+
+@dataclasses.dataclass(frozen=True)
+class FamilyLoaders:
+    """The three entry points every converter module exposes, built from its two family-specific
+    functions, so Whisper, T5 and Llama share one implementation of them.
+
+    ``config_from_hf(hf_config_dict, **overrides) -> our config`` and
+    ``convert_tensors(names, get_tensor, cfg, dtype, place) -> params``.
+    """
+
+    config_from_hf: Callable[..., Any]
+    convert_tensors: Callable[..., dict]
+    runtime_fields: Iterable[str]
+
+    def params_from_state_dict(self, state_dict: Mapping[str, Any], cfg: Any, dtype=np.float32,
+                               place: Callable | None = None) -> dict:
+        """Our params tree from an in-memory HF state dict {name: numpy array or torch tensor}."""
+        names, get = as_state_dict_reader(state_dict)
+        return self.convert_tensors(names, get, cfg, dtype, place)
+
+    def load_checkpoint(self, path: str | os.PathLike, dtype=np.float32, **config_overrides) -> tuple[Any, dict]:
+        """(config, params) from a HF checkpoint directory (config.json + safetensors, single or
+        sharded). ``config_overrides`` go to ``config_from_hf`` (e.g. a compute dtype)."""
+        checkpoint = HFCheckpoint(path)
+        cfg = self.config_from_hf(checkpoint.config(), **config_overrides)
+        return cfg, self.convert_tensors(checkpoint.names(), checkpoint.get, cfg, dtype, None)
+
+    def load_params(self, path: str | os.PathLike, cfg: Any, dtype=np.float32, place: Callable | None = None) -> dict:
+        """Params for an already chosen ``cfg`` from a HF checkpoint directory.
+
+        The directory's config.json must describe the same architecture (run-time fields such as
+        dtypes and remat aside): a mismatch names the field rather than surfacing later as a
+        tensor shape error.
+        """
+        checkpoint = HFCheckpoint(path)
+        check_config_matches(cfg, self.config_from_hf(checkpoint.config()), self.runtime_fields, os.fspath(path))
+        return self.convert_tensors(checkpoint.names(), checkpoint.get, cfg, dtype, place)

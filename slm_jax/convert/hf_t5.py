@@ -24,20 +24,17 @@ its head from ``shared.weight``, which is exactly what the reference computes.
 
 from __future__ import annotations
 
-import os
 from typing import Any, Mapping
 
 import numpy as np
 
 from slm_jax.convert.errors import ConversionError
 from slm_jax.convert.hf_checkpoint import (
+    FamilyLoaders,
     GetTensor,
-    HFCheckpoint,
     Place,
     TensorRule,
     apply_rules,
-    as_state_dict_reader,
-    check_config_matches,
     linear_to_kernel,
     tensors_equal,
 )
@@ -181,25 +178,7 @@ def convert_tensors(names, get_tensor: GetTensor, cfg: T5Config, dtype=np.float3
                        place=place)
 
 
-def params_from_state_dict(state_dict: Mapping[str, Any], cfg: T5Config, dtype=np.float32,
-                           place: Place | None = None) -> dict:
-    """Our params tree from an in-memory HF state dict {name: numpy array or torch tensor}."""
-    names, get = as_state_dict_reader(state_dict)
-    return convert_tensors(names, get, cfg, dtype, place)
-
-
-def load_checkpoint(path: str | os.PathLike, dtype=np.float32, **config_overrides) -> tuple[T5Config, dict]:
-    """(config, params) from a HF checkpoint directory (config.json + safetensors, single or sharded)."""
-    checkpoint = HFCheckpoint(path)
-    cfg = config_from_hf(checkpoint.config(), **config_overrides)
-    return cfg, convert_tensors(checkpoint.names(), checkpoint.get, cfg, dtype)
-
-
-def load_params(path: str | os.PathLike, cfg: T5Config, dtype=np.float32, place: Place | None = None) -> dict:
-    """Params for the configured model ``cfg`` from a HF checkpoint directory.
-
-    The directory's config.json must describe the same architecture (dtypes and remat aside).
-    """
-    checkpoint = HFCheckpoint(path)
-    check_config_matches(cfg, config_from_hf(checkpoint.config()), RUNTIME_FIELDS, os.fspath(path))
-    return convert_tensors(checkpoint.names(), checkpoint.get, cfg, dtype, place)
+_LOADERS = FamilyLoaders(config_from_hf, convert_tensors, RUNTIME_FIELDS)
+params_from_state_dict = _LOADERS.params_from_state_dict
+load_checkpoint = _LOADERS.load_checkpoint
+load_params = _LOADERS.load_params

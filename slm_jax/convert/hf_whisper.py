@@ -15,7 +15,6 @@ HF layouts and ours:
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Any, Mapping
 
@@ -23,13 +22,11 @@ import numpy as np
 
 from slm_jax.convert.errors import ConversionError
 from slm_jax.convert.hf_checkpoint import (
+    FamilyLoaders,
     GetTensor,
-    HFCheckpoint,
     Place,
     TensorRule,
     apply_rules,
-    as_state_dict_reader,
-    check_config_matches,
     common_prefix,
     linear_to_kernel,
     reshape_to,
@@ -148,37 +145,8 @@ def convert_tensors(names, get_tensor: GetTensor, cfg: WhisperEncoderConfig, dty
                        model_name="Whisper encoder", place=place)
 
 
-def params_from_state_dict(state_dict: Mapping[str, Any], cfg: WhisperEncoderConfig, dtype=np.float32,
-                           place: Place | None = None) -> dict:
-    """Our params tree from an in-memory HF state dict {name: numpy array or torch tensor}."""
-    names, get = as_state_dict_reader(state_dict)
-    return convert_tensors(names, get, cfg, dtype, place)
-
-
-def load_params(path: str | os.PathLike, config: WhisperEncoderConfig, dtype=np.float32,
-                place: Place | None = None) -> dict:
-    """Params for an already chosen ``config`` from a HF checkpoint directory.
-
-    The directory's config.json must describe the same architecture (run-time fields aside): a
-    mismatch names the field rather than surfacing later as a tensor shape error.
-    """
-    checkpoint = HFCheckpoint(path)
-    check_config_matches(config, config_from_hf(checkpoint.config()), RUNTIME_FIELDS, os.fspath(path))
-    return convert_tensors(checkpoint.names(), checkpoint.get, config, dtype, place)
-
-
-def load_whisper_encoder(path: str | os.PathLike, dtype=np.float32, **config_overrides) -> tuple[WhisperEncoderConfig, dict]:
-    """Reads a HF Whisper checkpoint directory (config.json + safetensors, single or sharded).
-
-    Returns ``(config, params)``: apply with ``WhisperEncoder(config).apply({'params': params}, ...)``.
-    ``config_overrides`` go to ``config_from_hf`` (e.g. ``mask_padding=False`` for exact HF
-    behaviour, ``dtype='bfloat16'`` for the compute dtype); ``dtype`` is the numpy dtype of the
-    returned arrays.
-    """
-    checkpoint = HFCheckpoint(path)
-    cfg = config_from_hf(checkpoint.config(), **config_overrides)
-    return cfg, convert_tensors(checkpoint.names(), checkpoint.get, cfg, dtype)
-
-
-# The name every converter module shares (``slm-convert`` and ``frozen`` call it generically).
-load_checkpoint = load_whisper_encoder
+_LOADERS = FamilyLoaders(config_from_hf, convert_tensors, RUNTIME_FIELDS)
+params_from_state_dict = _LOADERS.params_from_state_dict
+load_checkpoint = _LOADERS.load_checkpoint
+load_params = _LOADERS.load_params
+load_whisper_encoder = load_checkpoint  # the name the Whisper tests and tools know
