@@ -286,7 +286,8 @@ def statement(report: Mapping[str, Any], run: Mapping[str, Any]) -> str:
     if "cascade_reference" in report:
         lines.append("The cascade columns show this same LLM reading text: given the reference transcript it is "
                      "what a perfect recogniser would allow; given the SLM's own transcript it is a two-stage "
-                     "pipeline.")
+                     "pipeline. Its LLM was never taught the corpus' short answer format (the adapter was, "
+                     "through the speech), so its exact-match accuracy is a strict, zero-shot baseline.")
     if run["steps"] < 1000:
         lines.append(f"This is a short CPU run ({run['steps']} steps); numbers improve with more steps "
                      "(see release/README.md for the longer-trained adapter and its command).")
