@@ -49,20 +49,22 @@ class DemoSettings:
     batch_size: int = 8
     learning_rate: float = 2e-3
     warmup_steps: int = 20
-    eval_per_task: int = 24
+    eval_per_task: int = 16
     eval_batch_size: int = 8
-    max_new_tokens: int = 32
+    max_new_tokens: int = 24  # the longest corpus answer is about 20 tokens
     seed: int = 0
 
 
-# --quick: a smaller corpus and evaluation, 5 minutes in all.
-QUICK = {"corpus_size": 400, "minutes": 5.0, "eval_per_task": 8, "min_steps": 10, "warmup_steps": 5}
+# --quick: a smaller corpus and evaluation, about 5 minutes in all.
+QUICK = {"corpus_size": 400, "minutes": 5.0, "eval_per_task": 4, "eval_batch_size": 4, "min_steps": 10,
+         "warmup_steps": 5}
 
-# Evaluation cost in units of one measured train step (batch of the same size): a greedy
-# generation call of 32 tokens with a KV cache, and one compile of a generation loop. Measured on
-# the 2-core CPU (SmolLM2-135M): a call ~0.6 steps, a compile ~6 steps.
-GENERATE_CALL_IN_STEPS = 0.6
-COMPILE_IN_STEPS = 6.0
+# Evaluation cost in units of one measured train step of batch 8, for sizing the training to the
+# budget. Measured with SmolLM2-135M on the shared 2-core CPU (slm-demo --quick, 2026-11-25): a
+# greedy generation call (batch 8, 32 new tokens, KV cache) took about as long as one train
+# step, and each of the two generation loops compiled in about 3-4 steps' time.
+GENERATE_CALL_IN_STEPS = 1.0
+COMPILE_IN_STEPS = 4.0
 NUM_GENERATE_COMPILES = 2  # speech -> answer, and transcript text -> answer (cascade)
 
 

@@ -101,6 +101,7 @@ def test_quick_settings():
     args = demo_cli.build_parser().parse_args(["--quick", "--steps=7"])
     settings = demo_cli.settings_from_args(args)
     assert settings.minutes == 5.0 and settings.corpus_size == 400 and settings.steps == 7
+    assert settings.eval_per_task < demo.DemoSettings().eval_per_task
 
 
 @pytest.mark.slow

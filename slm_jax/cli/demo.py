@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="continue the run in OUT_DIR/train (same --steps) instead of starting afresh")
     parser.add_argument("--learning_rate", type=float, default=defaults.learning_rate)
     parser.add_argument("--eval_per_task", type=int, default=None,
-                        help=f"test utterances per task (default {defaults.eval_per_task}; --quick: 8)")
+                        help=f"test utterances per task (default {defaults.eval_per_task}; --quick: 4)")
     return parser
 
 
