@@ -34,6 +34,7 @@ setup(
             "slm-mixture=slm_jax.cli.mixture:main",
             "slm-convert=slm_jax.cli.convert:main",
             "slm-plan=slm_jax.cli.plan:main",
+            "slm-demo=slm_jax.cli.demo:main",
         ]
     },
 )
