@@ -103,12 +103,18 @@ def cached_speech_batch(batch: Mapping[str, np.ndarray], cache: Any, ids: list[s
 
 
 def encoder_outputs(js: common.JaxSide, batch: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Encoder outputs of a batch; audio longer than the encoder's window (Whisper: 30 s) is
+    encoded window by window and the outputs joined, as long-form pipelines do."""
     import jax
 
     from slm_jax.models.slm import SLM
 
     encode = jax.jit(lambda p, x, m: js.slm.apply({"params": {"speech_encoder": p}}, x, m, method=SLM.encode_speech))
-    return jax.device_get(encode(js.frozen["speech_encoder"], batch["audio_features"], batch["audio_mask"]))
+    window = js.spec.speech_encoder.max_frames
+    features, mask = batch["audio_features"], batch["audio_mask"]
+    pieces = [jax.device_get(encode(js.frozen["speech_encoder"], features[:, s: s + window], mask[:, s: s + window]))
+              for s in range(0, features.shape[1], window)]
+    return np.concatenate([h for h, _ in pieces], axis=1), np.concatenate([m for _, m in pieces], axis=1)
 
 
 # --- the benchmarks ------------------------------------------------------------------------------
