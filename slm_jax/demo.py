@@ -292,7 +292,7 @@ def statement(report: Mapping[str, Any], run: Mapping[str, Any]) -> str:
                      "through the speech), so its exact-match accuracy is a strict, zero-shot baseline.")
     if run["steps"] < 1000:
         lines.append(f"This is a short CPU run ({run['steps']} steps); numbers improve with more steps "
-                     "(see release/README.md for the longer-trained adapter and its command).")
+                     "(release/README.md has the command for a 1,500-step run and its status).")
     return "\n".join(lines)
 
 
