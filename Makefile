@@ -18,7 +18,7 @@ demo: install
 	$(VENV)/bin/slm-demo $(DEMO_FLAGS)
 
 test: install
-	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 tiny: install
 	[ -f data/tiny/manifest.json ] || $(VENV)/bin/slm-make-corpus --out=data/tiny --size=300
