@@ -39,7 +39,7 @@ ASR_MIXTURE = "asr"
 
 RECORD_SHUFFLE_BUFFER = 2000  # raw records (~100 kB each): a full shuffle of a split of up to 2,000
 
-_registered: dict[str, Any] = {"corpus_dir": None, "tasks": [], "mixtures": []}
+_registered: dict[str, Any] = {"corpus_dir": None, "prompt_format": None, "tasks": [], "mixtures": []}
 
 
 def default_corpus_dir() -> str:
@@ -49,6 +49,12 @@ def default_corpus_dir() -> str:
 def registered_corpus_dir() -> Optional[str]:
     """The corpus directory the registered tasks read (None before registration)."""
     return _registered["corpus_dir"]
+
+
+def registered_prompt_format() -> Optional[PromptFormat]:
+    """The prompt layout the registered tasks build (None before registration): inference must
+    place an instruction exactly as training saw it."""
+    return _registered["prompt_format"]
 
 
 class CorpusSource(seqio.DataSource):
@@ -170,7 +176,7 @@ def register_corpus_tasks(corpus_dir: Optional[str] = None, vocabulary: Optional
     for name, members in mixtures.items():
         seqio.MixtureRegistry.remove(name)
         seqio.MixtureRegistry.add(name, [(m, _examples_rate) for m in members])
-    _registered.update(corpus_dir=corpus_dir, tasks=names, mixtures=list(mixtures))
+    _registered.update(corpus_dir=corpus_dir, prompt_format=prompt_format, tasks=names, mixtures=list(mixtures))
     return names
 
 

@@ -137,6 +137,20 @@ def test_batches_have_the_model_signature(registered):
         assert batch[k].shape == spec.shape and batch[k].dtype == spec.dtype, k
 
 
+def test_inference_gets_the_prompt_layout_and_vocabulary_training_used(registered):
+    """slm-infer / slm-eval build prompts from the data source: with no layout configured it must
+    report the one the tasks were registered with (it once reported None and inference crashed)."""
+    from slm_jax.prompting import CHATML_PROMPT, T5_PROMPT
+
+    data = SeqioData("asr_en", LENGTHS)
+    assert data.prompt_format == T5_PROMPT
+    example = next(data.task_dataset("train", shuffle=False, seed=None,
+                                     passthrough=("id", "task", "instruction")).as_numpy_iterator())
+    prompt = data.prompt_format.encode(data.vocabulary, example["instruction"].decode())
+    assert list(prompt.prefix) == example["prefix"].tolist() and list(prompt.suffix) == example["suffix"].tolist()
+    assert SeqioData("asr_en", LENGTHS, prompt_format=CHATML_PROMPT).prompt_format == CHATML_PROMPT
+
+
 @pytest.mark.slow  # builds several full pipelines: about 30 s measured on a busy 2-core machine
 def test_training_order_is_deterministic_and_resumable(registered):
     # The ASR mixture (4 tasks) keeps this fast; the order logic is the same for every mixture.

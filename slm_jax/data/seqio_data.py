@@ -164,7 +164,7 @@ class SeqioData:
         self._task_lengths = task_feature_lengths(self.feature_lengths)
         self.corpus_dir = corpus_dir
         self.vocabulary_spec = vocabulary
-        self.prompt_format = prompt_format
+        self.prompt_format_override = prompt_format
         self.train_split = train_split
         self.eval_split = eval_split
         self.num_parallel_batches = num_parallel_batches
@@ -174,7 +174,7 @@ class SeqioData:
     def _register(self) -> None:
         if self._registered:
             return
-        if self.corpus_dir or self.vocabulary_spec or self.prompt_format:
+        if self.corpus_dir or self.vocabulary_spec or self.prompt_format_override:
             from slm_jax import tasks
 
             vocabulary = None
@@ -182,13 +182,21 @@ class SeqioData:
                 from slm_jax.cached_corpus import load_vocabulary
 
                 vocabulary = load_vocabulary(self.vocabulary_spec)
-            tasks.register_all(self.corpus_dir, vocabulary, self.prompt_format)
+            tasks.register_all(self.corpus_dir, vocabulary, self.prompt_format_override)
         self._registered = True
 
     @property
     def provider(self):
         self._register()
         return get_provider(self.mixture_or_task)
+
+    @property
+    def prompt_format(self) -> PromptFormat:
+        """The layout the tasks were registered with (the default T5 layout unless configured)."""
+        self._register()
+        from slm_jax.tasks.corpus_tasks import registered_prompt_format
+
+        return self.prompt_format_override or registered_prompt_format()
 
     @property
     def vocabulary(self) -> Any:
