@@ -60,11 +60,22 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
         if not (os.path.exists(f) or (REPO_GIN_DIR / f).exists() or (REPO_GIN_DIR / os.path.basename(f)).exists()):
             raise UserError(f"gin file not found: {f}")
     files = [f if os.path.exists(f) else str(REPO_GIN_DIR / os.path.basename(f)) for f in gin_files]
-    try:
-        gin.parse_config_files_and_bindings(files, list(bindings), finalize_config=False)
-    except (ValueError, KeyError, SyntaxError, IOError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"bad gin configuration: {first}") from None
+    for attempt in range(2):
+        try:
+            gin.parse_config_files_and_bindings(files, list(bindings), finalize_config=False)
+            return
+        except (ValueError, KeyError, SyntaxError, IOError, SystemError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            # CPython 3.11.0-3.11.7 share one AST recursion counter between threads (gh-106905,
+            # fixed in 3.11.8): gin's literal parsing can fail spuriously while another thread
+            # (a tf.data pipeline, garbage collection) builds an AST. That is no user error:
+            # parse once more from a clean slate.
+            if attempt == 0 and "AST constructor recursion depth mismatch" in first:
+                gin.clear_config()
+                continue
+            if isinstance(e, SystemError):
+                raise
+            raise UserError(f"bad gin configuration: {first}") from None
 
 
 def setup_logging(verbose: bool = False) -> None:
