@@ -72,3 +72,32 @@ def encode_prompts(vocabulary: Any, prompt_format: PromptFormat, instructions: S
             cache[text] = prompt_format.encode(vocabulary, text)
         out.append(cache[text])
     return out
+
+
+def bucket_length(needed: int, quantum: int, cap: int) -> int:
+    """The padded length for a batch whose longest row needs ``needed``: the next multiple of
+    ``quantum``, never above ``cap`` (the configured maximum, itself always a valid shape).
+
+    Padding to a few bucket sizes instead of the corpus maximum saves the compute spent on
+    padding, while keeping the number of distinct shapes (one XLA compilation each) small."""
+    if needed > cap:
+        raise TooLongError(f"a row needs {needed}, more than the configured {cap}")
+    return min(-(-max(needed, 1) // quantum) * quantum, cap)
+
+
+def length_grouped_batches(
+    window: Sequence[int], sizes: Sequence[int], batch_size: int, rng: np.random.Generator
+) -> list[list[int]]:
+    """Cuts a window of example indices into batches of similar length, in random batch order.
+
+    ``window`` holds ``k * batch_size`` indices drawn at random (e.g. a slice of an epoch's
+    permutation) and ``sizes[i]`` is example i's cost (its sequence length). Sorting inside the
+    window keeps each batch's rows alike, so bucketed padding stays small, while the window
+    itself is random, so task proportions and epoch coverage are unchanged; shuffling the
+    batches avoids a short-to-long curriculum inside each window."""
+    if len(window) % batch_size:
+        raise ValueError(f"window of {len(window)} examples is not a multiple of batch size {batch_size}")
+    ordered = sorted(window, key=lambda i: sizes[i])  # stable: ties keep their random order
+    batches = [ordered[b: b + batch_size] for b in range(0, len(ordered), batch_size)]
+    return [batches[j] for j in rng.permutation(len(batches))]
+

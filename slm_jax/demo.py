@@ -366,6 +366,9 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
                         eval_every=0, checkpoint_every=settings.checkpoint_every or steps, log_every=max(1, min(25, steps // 10)))
     train_seconds = time.time() - started
     clock.phase("training", started)
+    if final.get("preempted"):  # stopped by SIGTERM: the checkpoint is saved; evaluating now would waste it
+        raise common.UserError(f"training stopped by SIGTERM at step {final['step']} of {steps}; rerun the same "
+                               "command with --resume to continue")
 
     started = time.time()
     slm, step = inference.load_trained(model_dir, model, data)
