@@ -17,11 +17,13 @@ sections:
   e2e      train step including the speech encoder: slm-jax reading cached encoder outputs
            vs the reference running Whisper on every example padded to 30 s
   decode   greedy and beam decoding tokens/s and latency vs transformers `generate`
+  padding  train step on length-grouped, bucketed batches vs fixed padding to the corpus
+           maximum (same examples, demo-style espeak corpus lengths): padding %, examples/s
   memory   optimizer state vs parameter bytes at the paper's shape (from shapes alone)
   scaling  bare step as audio length (5..60 s) and batch size grow
 
 examples:
-  python -m bench --quick                      # every section but scaling, small, < 5 min
+  python -m bench --quick                      # all but padding and scaling, small, < 5 min
   nice python -m bench --out bench/results.json
   python -m bench --only decode --repeats 3
   python -m bench --weights toy --quick        # tiny random models: checks the harness only
@@ -36,7 +38,7 @@ def parse_args(argv):
         prog="python -m bench", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--only", default=None,
-                        help=f"comma-separated sections to run (default: all; --quick: all but scaling): {','.join(SECTIONS)}")
+                        help=f"comma-separated sections to run (default: all; --quick: all but padding and scaling): {','.join(SECTIONS)}")
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repetitions (under 5 min)")
     parser.add_argument("--weights", choices=("real", "toy"), default="real",
                         help="real: SmolLM2-135M + Whisper-base from the installed weight packages; "
@@ -57,7 +59,7 @@ def _sections(parser, args) -> tuple[str, ...]:
     from bench.suite import SECTIONS
 
     if args.only is None:
-        return tuple(s for s in SECTIONS if not (args.quick and s == "scaling"))
+        return tuple(s for s in SECTIONS if not (args.quick and s in ("padding", "scaling")))
     chosen = tuple(s.strip() for s in args.only.split(",") if s.strip())
     unknown = [s for s in chosen if s not in SECTIONS]
     if unknown or not chosen:

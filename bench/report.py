@@ -83,6 +83,18 @@ def rows(results: Mapping[str, Any]) -> list[tuple[str, ...]]:
                             _mib(p["optimizer_state_bytes"]),
                             f"of {p['param_bytes'] / 2**30:.1f} GiB params", f"{share:.3f}%", "< 2%",
                             "yes" if share < 2 else "NO"))
+    if "padding" in results:
+        r = results["padding"]
+        fixed, bucketed = r["sides"]["fixed"], r["sides"]["bucketed"]
+        shape = f"b{r['batch_size']} x {r['num_batches']}, demo corpus"
+        out.append(_row("train step, length-grouped buckets vs fixed padding", shape,
+                        f"{bucketed['examples_per_s']:.2f} ex/s, {100 * bucketed['padding']:.0f}% pad",
+                        f"{fixed['examples_per_s']:.2f} ex/s, {100 * fixed['padding']:.0f}% pad",
+                        r["speedup_steady"], None))
+        out.append(_row("  same, first pass (incl. compiling each shape)", shape,
+                        f"{bucketed['examples_per_s_first_pass']:.2f} ex/s, {bucketed['distinct_shapes']} shapes",
+                        f"{fixed['examples_per_s_first_pass']:.2f} ex/s, {fixed['distinct_shapes']} shape(s)",
+                        r["speedup_first_pass"], None))
     for r in results.get("scaling", []):
         eps = r["examples_per_s"]
         rss = r["step_peak_extra_rss_bytes"]

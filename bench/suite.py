@@ -10,10 +10,10 @@ import time
 import traceback
 from typing import Any, Callable
 
-from bench import common, decode, memory, train_step
+from bench import common, decode, memory, padding, train_step
 from bench.train_step import Case
 
-SECTIONS = ("memory", "bare", "e2e", "decode", "scaling")  # run order: cheapest and most asked-for first
+SECTIONS = ("memory", "bare", "e2e", "decode", "padding", "scaling")  # run order: cheapest and most asked-for first
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +33,11 @@ class Plan:
     scaling_batches: tuple[int, ...]
     scaling_seconds_at_batch: float
     bare_variants: dict[str, dict[str, Any]]
+    # padding: a demo-style corpus of this many utterances, batches of this size, this many
+    # batches (16 = one length-grouping window, so both sides see the same examples)
+    padding_corpus: int = 400
+    padding_batch: int = 8
+    padding_batches: int = 16
 
 
 FULL = Plan(
@@ -50,7 +55,7 @@ QUICK = Plan(
 TOY = Plan(
     repeats=1, bare=Case(2, 1.0, 4, 4, 4), e2e=Case(2, 1.0, 4, 4, 4), decode_cases=((2, 1),), prompt_tokens=8,
     new_tokens=4, scaling_seconds=(1.0,), scaling_batch_at_seconds=1, scaling_batches=(), scaling_seconds_at_batch=1.0,
-    bare_variants={},
+    bare_variants={}, padding_corpus=120, padding_batch=2,
 )
 
 
@@ -105,6 +110,7 @@ def run(weights_name: str, plan: Plan, sections: tuple[str, ...], log: Callable[
         "decode": lambda: [decode.decode(weights_name, b, plan.prompt_tokens, plan.new_tokens, k, plan.repeats)
                            for b, k in plan.decode_cases],
         "memory": lambda: {"paper_shape": memory.optimizer_share()},
+        "padding": lambda: padding.padding(weights_name, plan.padding_corpus, plan.padding_batch, plan.padding_batches),
         "scaling": lambda: _scaling(weights_name, plan),
     }
     started = time.time()

@@ -157,9 +157,13 @@ def bare_step(weights_name: str, case: Case, repeats: int,
     hidden, mask = encoder_outputs(js, audio_batch)
     batch = {"speech_hidden": hidden, "speech_mask": mask,
              **{k: v for k, v in audio_batch.items() if k not in AUDIO_KEYS}}
-    jax_runners = {"slm-jax": JaxStep(weights_name, audio_batch)}
+    # Parameter shapes do not depend on length; audio beyond the encoder's window (60 s for
+    # Whisper's 30 s) would only make initialisation trace an encoder input it refuses.
+    window = getattr(js.spec.speech_encoder, "max_frames", None) or audio_batch["audio_features"].shape[1]
+    init_example = {k: (v[:, :window] if k in AUDIO_KEYS else v) for k, v in audio_batch.items()}
+    jax_runners = {"slm-jax": JaxStep(weights_name, init_example)}
     for name, overrides in (variants or {}).items():
-        jax_runners[f"slm-jax {name}"] = JaxStep(weights_name, audio_batch, **overrides)
+        jax_runners[f"slm-jax {name}"] = JaxStep(weights_name, init_example, **overrides)
     torch_fn, torch_losses, torch_opt = _torch_step(weights_name, batch, from_audio=False, full_logits=False)
     fns = {name: (lambda r=r: r.step(batch)) for name, r in jax_runners.items()}
     fns["torch"] = torch_fn

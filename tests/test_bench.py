@@ -59,3 +59,15 @@ def test_unknown_section_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as e:
         bench_main.main(["--only", "bare,nope"])
     assert e.value.code == 2 and "nope" in capsys.readouterr().err
+
+
+def test_padding_section_runs_both_sides_on_the_same_examples():
+    from bench import padding
+
+    r = padding.padding("toy", corpus_size=60, batch_size=2, num_batches=4)
+    fixed, bucketed = r["sides"]["fixed"], r["sides"]["bucketed"]
+    assert fixed["distinct_shapes"] == 1 and bucketed["distinct_shapes"] >= 1
+    assert 0 <= bucketed["padding"] < fixed["padding"] < 1
+    assert r["encoder_frames"]["max"] <= r["fixed_lengths"]["speech_frames"]
+    rows = report.rows({"padding": r})
+    assert rows[0][0].startswith("train step, length-grouped") and rows[0][4].endswith("x")
