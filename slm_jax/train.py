@@ -234,6 +234,9 @@ def _loop(model_dir, preemption, trainer, checkpointer, frozen, example, metadat
     last: dict[str, Any] = {}
     batches = data.train_batches(host_batch, seed, batches_consumed, jax.process_index(), jax.process_count())
     window_start, window_examples = time.time(), 0
+    # The logged loss is the mean over the log window's good steps, not the last step's: one
+    # batch's loss swings with its task mix (more so with length-grouped batches).
+    window_loss, window_steps = 0.0, 0
     checkpoint_due = False
     writers = _Writers(model_dir)
     try:
@@ -250,6 +253,8 @@ def _loop(model_dir, preemption, trainer, checkpointer, frozen, example, metadat
                 batches_consumed += 1
                 window_examples += batch_size
                 streak = int(state.nonfinite_streak)
+                if not streak:
+                    window_loss, window_steps = window_loss + metrics["loss"], window_steps + 1  # stays on device
                 if streak:
                     log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row, %d in all)",
                                 step, streak, int(state.nonfinite_total))
@@ -263,6 +268,8 @@ def _loop(model_dir, preemption, trainer, checkpointer, frozen, example, metadat
                 if (log_every and step % log_every == 0) or step == steps:
                     elapsed = max(time.time() - window_start, 1e-9)
                     last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    if window_steps:
+                        last["loss"] = float(window_loss) / window_steps
                     last["examples_per_second"] = window_examples / elapsed
                     last["skipped_updates_total"] = float(state.nonfinite_total)
                     bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['learning_rate']:.2e}")
@@ -272,6 +279,7 @@ def _loop(model_dir, preemption, trainer, checkpointer, frozen, example, metadat
                     )
                     writers.scalars("train", step, last)
                     window_start, window_examples = time.time(), 0
+                    window_loss, window_steps = 0.0, 0
                 if eval_every and (step % eval_every == 0 or step == steps):
                     ev = evaluate_loss(trainer, state, frozen, data, batch_size, eval_batches)
                     bar.write(f"step {step:>6d}  eval loss {ev['loss']:.4f}  token accuracy {ev['token_accuracy']:.3f}")
