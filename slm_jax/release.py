@@ -76,7 +76,6 @@ example:
 
 
 def main(argv=None) -> int:
-    import argparse
     import sys
 
     from slm_jax.cli import common
@@ -85,9 +84,7 @@ def main(argv=None) -> int:
 
     def run():
         rest, overrides = common.split_gin_overrides(argv)
-        parser = argparse.ArgumentParser(prog="slm-release", description=DESCRIPTION, epilog=common.GIN_HELP,
-                                         formatter_class=argparse.RawDescriptionHelpFormatter)
-        common.add_gin_flags(parser)
+        parser = common.gin_argument_parser("slm-release", DESCRIPTION)
         parser.add_argument("--checkpoint", required=True, help="a training run directory or one step directory")
         parser.add_argument("--out", required=True, help="a new, empty directory for the release")
         parser.add_argument("--note", default="", help="free text stored in the release metadata")

@@ -20,11 +20,16 @@ GIN_HELP = (
 )
 
 
-def add_gin_flags(parser: argparse.ArgumentParser) -> None:
+def gin_argument_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The parser every gin-configured command starts from: --gin_file/--gin_bindings, and the
+    --gin.NAME=VALUE help as epilog (those overrides are split off by ``split_gin_overrides``)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=GIN_HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gin_file", action="append", default=[], help="a gin config file (repeatable)")
     parser.add_argument(
         "--gin_bindings", action="append", default=[], help="a gin binding 'NAME=VALUE' (same as --gin.NAME=VALUE)"
     )
+    return parser
 
 
 def split_gin_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:

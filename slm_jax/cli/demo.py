@@ -34,9 +34,7 @@ examples:
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = common_defaults()
-    parser = argparse.ArgumentParser(prog="slm-demo", description=DESCRIPTION, epilog=common.GIN_HELP,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_gin_flags(parser)
+    parser = common.gin_argument_parser("slm-demo", DESCRIPTION)
     parser.add_argument("--out_dir", default=defaults.out_dir, help="where the corpus, run and report go")
     parser.add_argument("--quick", action="store_true", help="the 5-minute version")
     parser.add_argument("--minutes", type=float, default=None,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import json
 import os
@@ -26,9 +25,7 @@ def main(argv=None) -> int:
 
     def run():
         rest, overrides = common.split_gin_overrides(argv)
-        parser = argparse.ArgumentParser(prog="slm-eval", description=DESCRIPTION, epilog=common.GIN_HELP,
-                                         formatter_class=argparse.RawDescriptionHelpFormatter)
-        common.add_gin_flags(parser)
+        parser = common.gin_argument_parser("slm-eval", DESCRIPTION)
         parser.add_argument("--checkpoint", required=True, help="a model directory (latest step) or a step directory")
         parser.add_argument("--out", required=True, help="the JSON report to write")
         parser.add_argument("--corpus_dir", default=None, help="default: the corpus of the gin config's data")

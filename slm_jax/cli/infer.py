@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from slm_jax.cli import common
@@ -24,9 +23,7 @@ def main(argv=None) -> int:
 
     def run():
         rest, overrides = common.split_gin_overrides(argv)
-        parser = argparse.ArgumentParser(prog="slm-infer", description=DESCRIPTION, epilog=common.GIN_HELP,
-                                         formatter_class=argparse.RawDescriptionHelpFormatter)
-        common.add_gin_flags(parser)
+        parser = common.gin_argument_parser("slm-infer", DESCRIPTION)
         parser.add_argument("--checkpoint", required=True, help="a model directory (latest step) or a step directory")
         parser.add_argument("--audio", action="append", required=True, help="a wav/flac file (repeatable)")
         parser.add_argument("--instruction", default="Transcribe the speech.", help="the text prompt")

@@ -3,7 +3,6 @@ activations for one or more meshes, computed on fake host devices without alloca
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -30,9 +29,7 @@ def main(argv=None) -> int:
         rest, overrides = common.split_gin_overrides(argv)
         from slm_jax.planning import MESH_PRESETS
 
-        parser = argparse.ArgumentParser(prog="slm-plan", description=DESCRIPTION, epilog=common.GIN_HELP,
-                                         formatter_class=argparse.RawDescriptionHelpFormatter)
-        common.add_gin_flags(parser)
+        parser = common.gin_argument_parser("slm-plan", DESCRIPTION)
         parser.add_argument("--mesh", action="append", default=[],
                             help=f"mesh 'data=D,fsdp=F,model=M' or a preset: {', '.join(MESH_PRESETS)} (repeatable)")
         parser.add_argument("--batch_size", type=int, default=None, help="global batch (default: the config's)")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from slm_jax.cli import common
@@ -26,11 +25,7 @@ def main(argv=None) -> int:
 
     def run():
         rest, overrides = common.split_gin_overrides(argv)
-        parser = argparse.ArgumentParser(
-            prog="slm-train", description=DESCRIPTION, epilog=common.GIN_HELP,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        common.add_gin_flags(parser)
+        parser = common.gin_argument_parser("slm-train", DESCRIPTION)
         parser.add_argument("--model_dir", required=True, help="where checkpoints, logs and config.gin go")
         parser.add_argument("--verbose", action="store_true", help="debug logging")
         multihost = parser.add_argument_group("multi-host (TPU pods, multi-node GPU)")
