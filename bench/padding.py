@@ -76,10 +76,9 @@ def _sources(ws: common.WeightSet, examples: list[dict], frames: dict[str, int])
     return fixed, make(), lengths
 
 
-def _timed_pass(step: JaxStep, batches: list[dict]) -> float:
+def _step_seconds(step: JaxStep, batch: dict) -> float:
     started = time.perf_counter()
-    for batch in batches:
-        step.step(batch)
+    step.step(batch)  # blocks on the loss
     return time.perf_counter() - started
 
 
@@ -94,26 +93,34 @@ def padding(weights_name: str, corpus_size: int, batch_size: int, num_batches: i
                            "num_batches": num_batches, "fixed_lengths": lengths,
                            "encoder_frames": {"mean": float(np.mean(list(frames.values()))),
                                               "max": max(frames.values())}, "sides": {}}
+    runs = {}
     for name, source in (("fixed", fixed_source), ("bucketed", bucketed_source)):
         batches = []
         for batch in itertools.islice(source.train_batches(batch_size, seed=0), num_batches):
             for key in ("prefix_tokens", "suffix_tokens", "decoder_input_tokens", "target_tokens"):
                 batch[key] = batch[key] % vocab_size  # toy weights: keep ids inside the small vocabulary
             batches.append(batch)
-        shapes = {tuple(b[k].shape[1] for k in ("speech_hidden", "prefix_tokens", "suffix_tokens", "target_tokens"))
-                  for b in batches}
-        init = {k: v for k, v in batches[0].items()}
+        init = dict(batches[0])
+        del init["speech_hidden"], init["speech_mask"]
         init["audio_features"] = np.zeros((batch_size, 2 * lengths["speech_frames"], common.NUM_MEL_BINS), np.float32)
         init["audio_mask"] = np.ones((batch_size, 2 * lengths["speech_frames"]), np.int32)
-        del init["speech_hidden"], init["speech_mask"]
-        step = JaxStep(weights_name, init)
-        first = _timed_pass(step, batches)
-        steady = _timed_pass(step, batches)
+        runs[name] = (JaxStep(weights_name, init), batches, source)
+    # First pass side by side: includes compiling every distinct shape. Second pass interleaved
+    # batch by batch, so a change in machine load hits both sides alike.
+    first = {name: sum(_step_seconds(step, b) for b in batches) for name, (step, batches, _) in runs.items()}
+    steady = {name: 0.0 for name in runs}
+    for i in range(num_batches):
+        for name, (step, batches, _) in runs.items():
+            steady[name] += _step_seconds(step, batches[i])
+    examples = batch_size * num_batches
+    for name, (step, batches, source) in runs.items():
+        shapes = {tuple(b[k].shape[1] for k in ("speech_hidden", "prefix_tokens", "suffix_tokens", "target_tokens"))
+                  for b in batches}
         report = source.padding_report(batch_size, seed=0, num_batches=num_batches)
         out["sides"][name] = {
-            "padding": report["padding_bucketed"], "distinct_shapes": len(shapes), "first_pass_s": first,
-            "steady_pass_s": steady, "examples_per_s_first_pass": batch_size * num_batches / first,
-            "examples_per_s": batch_size * num_batches / steady,
+            "padding": report["padding_bucketed"], "distinct_shapes": len(shapes), "first_pass_s": first[name],
+            "steady_pass_s": steady[name], "examples_per_s_first_pass": examples / first[name],
+            "examples_per_s": examples / steady[name],
         }
     f, b = out["sides"]["fixed"], out["sides"]["bucketed"]
     out["speedup_steady"] = b["examples_per_s"] / f["examples_per_s"]

@@ -73,6 +73,12 @@ CASES = [
      ("error", "no checkpoint at")),
     ("eval-non-utf8-gin-file", "slm-eval", ["--gin_file={F}/non_utf8.gin", "--checkpoint={F}/ckpt", "--out={F}/r.json"],
      ("error", "bad gin configuration")),
+    ("eval-audio-tsv", "slm-eval", INFER + ["--audio_tsv={F}/own.tsv", "--out={F}/../own_report.json",
+                                            "--max_new_tokens=2"], ("ok", "asr_audio_tsv")),
+    ("eval-audio-tsv-missing-audio", "slm-eval", INFER + ["--audio_tsv={F}/own_missing.tsv", "--out={F}/../r.json"],
+     ("error", "nope.wav: no such audio file")),
+    ("eval-audio-tsv-no-tab", "slm-eval", INFER + ["--audio_tsv={F}/own_no_tab.tsv", "--out={F}/../r.json"],
+     ("error", "own_no_tab.tsv:2: expected 'path<TAB>transcript'")),
     # slm-make-corpus
     ("corpus-zero-size", "slm-make-corpus", ["--out={F}/new_corpus", "--size=0"], ("error", "--size must be positive")),
     ("corpus-unknown-language", "slm-make-corpus", ["--out={F}/new_corpus", "--size=4", "--languages=xx"],
@@ -132,6 +138,9 @@ def fixture(tmp_path_factory):
     _wav(f / "rate_48k.wav", _tone(0.5, 48000), 48000)
     _wav(f / "stereo.wav", _tone(0.5, 16000, channels=2), 16000)
     _wav(f / "ten_minutes.wav", np.zeros(600 * 8000), 8000)
+    (f / "own.tsv").write_text("# my recordings\nok.wav\thello world\nrate_8k.wav\tgood morning\n")
+    (f / "own_missing.tsv").write_text("nope.wav\thello\n")
+    (f / "own_no_tab.tsv").write_text("ok.wav\thello\nrate_8k.wav good morning\n")
     # A real corpus for slm-eval (tones, not speech: quick), made by the real command.
     made = _run_cases(f, [("make-corpus", "slm-make-corpus", ["--out={F}/corpus", "--size=12", "--synthesizer=tones",
                                                                "--workers=1", "--quiet"], None)], "corpus")
@@ -176,3 +185,14 @@ def test_entry_point(results, case_id, prog, argv, expected):
 @pytest.mark.slow
 def test_no_case_changed_an_existing_file(results):
     assert results["_untouched"]
+
+
+@pytest.mark.slow
+def test_eval_audio_tsv_scores_every_listed_recording(results, fixture):
+    assert results["eval-audio-tsv"]["rc"] == 0, results["eval-audio-tsv"]["stderr"][-2000:]
+    report = json.loads((fixture.parent / "own_report.json").read_text())
+    predictions = report["predictions"]["asr_audio_tsv"]
+    assert [(p["id"], p["reference"]) for p in predictions] == [("ok.wav", "hello world"),
+                                                                ("rate_8k.wav", "good morning")]
+    assert report["tasks"]["asr_audio_tsv"]["examples"] == 2 and report["tasks"]["asr_audio_tsv"]["wer"] >= 0
+    assert report["audio_tsv"].endswith("own.tsv")

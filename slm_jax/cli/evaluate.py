@@ -14,10 +14,71 @@ Evaluate a trained adapter on the tasks of a generated corpus and write a JSON r
 per-task metrics and every prediction: WER for ASR (asr_*, biasing), BLEU for speech translation
 (ast_*), exact-match accuracy for instruction and zero-shot tasks.
 
+With --audio_tsv, score your own recordings instead: a TSV of "path<TAB>transcript" lines (paths
+relative to the TSV's folder), each transcribed with --instruction and scored by WER.
+
 examples:
   slm-eval --gin_file=gin/whisper_base_smollm2.gin --checkpoint=runs/default --out=report.json
+  slm-eval --gin_file=gin/whisper_base_smollm2.gin --checkpoint=release/whisper_base_smollm2 \\
+      --audio_tsv=release/real_speech/transcripts.tsv --out=real_speech.json
   slm-eval --gin_file=gin/tiny.gin --checkpoint=runs/tiny --tasks=asr_en,ast_en_fr --split=validation
 """
+
+
+TSV_TASK = "asr_audio_tsv"  # an asr_* name: scored by WER
+
+
+def _tsv_examples(tsv: str, instruction: str) -> list[dict]:
+    """Examples from 'path<TAB>transcript' lines; '#' comments and blank lines are skipped."""
+    from slm_jax import audio
+
+    if not os.path.isfile(tsv):
+        raise common.UserError(f"--audio_tsv {tsv}: no such file")
+    base = os.path.dirname(os.path.abspath(tsv))
+    examples = []
+    with open(tsv, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            line = line.rstrip("\n")
+            if not line.strip() or line.startswith("#"):
+                continue
+            path, tab, transcript = line.partition("\t")
+            if not tab or not transcript.strip():
+                raise common.UserError(f"{tsv}:{number}: expected 'path<TAB>transcript', got {line!r}")
+            examples.append({"id": path, "task": TSV_TASK, "instruction": instruction, "target": transcript.strip(),
+                             "audio": audio.load_audio(os.path.join(base, path))})
+    if not examples:
+        raise common.UserError(f"{tsv} lists no recordings")
+    return examples
+
+
+def _corpus_examples(args, data) -> tuple[list[dict], dict]:
+    """The chosen split and tasks of a generated corpus (default: the gin config's)."""
+    from slm_jax.cached_corpus import read_corpus
+    from slm_jax.data import corpus
+
+    corpus_dir = args.corpus_dir or getattr(data, "corpus_dir", None)
+    if not corpus_dir:
+        raise common.UserError("the gin config names no corpus; pass --corpus_dir")
+    manifest = corpus.load_manifest(corpus_dir)
+    known = sorted(manifest["tasks"])
+    tasks = known if args.tasks is None else [t.strip() for t in args.tasks.split(",") if t.strip()]
+    for t in tasks:
+        if t not in known:
+            close = difflib.get_close_matches(t, known, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(known)}"
+            raise common.UserError(f"unknown task {t!r} in {corpus_dir}{hint}")
+    examples = read_corpus(corpus_dir, [args.split], tasks, include_zero_shot=True)
+    if args.max_examples_per_task:
+        counts: dict[str, int] = {}
+        kept = []
+        for ex in examples:
+            counts[ex["task"]] = counts.get(ex["task"], 0) + 1
+            if counts[ex["task"]] <= args.max_examples_per_task:
+                kept.append(ex)
+        examples = kept
+    if not examples:
+        raise common.UserError(f"no {args.split} examples for tasks {tasks} in {corpus_dir}")
+    return examples, {"corpus_dir": os.path.abspath(corpus_dir)}
 
 
 def main(argv=None) -> int:
@@ -35,6 +96,10 @@ def main(argv=None) -> int:
         parser.add_argument("--batch_size", type=int, default=8)
         parser.add_argument("--num_beams", type=int, default=1)
         parser.add_argument("--max_new_tokens", type=int, default=64)
+        parser.add_argument("--audio_tsv", default=None,
+                            help="score these recordings (lines 'path<TAB>transcript') instead of a corpus split")
+        parser.add_argument("--instruction", default="Transcribe the speech.",
+                            help="the prompt for --audio_tsv recordings (default: %(default)s)")
         args = parser.parse_args(rest)
         if not args.gin_file:
             raise common.UserError("give the --gin_file the model was trained with")
@@ -46,34 +111,15 @@ def main(argv=None) -> int:
         import gin
 
         from slm_jax import audio, evaluation, inference
-        from slm_jax.cached_corpus import read_corpus
-        from slm_jax.data import corpus
 
         data = gin.query_parameter("train.data").scoped_configurable_fn()
-        corpus_dir = args.corpus_dir or getattr(data, "corpus_dir", None)
-        if not corpus_dir:
-            raise common.UserError("the gin config names no corpus; pass --corpus_dir")
-        manifest = corpus.load_manifest(corpus_dir)
-        known = sorted(manifest["tasks"])
-        tasks = known if args.tasks is None else [t.strip() for t in args.tasks.split(",") if t.strip()]
-        for t in tasks:
-            if t not in known:
-                close = difflib.get_close_matches(t, known, n=3)
-                hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(known)}"
-                raise common.UserError(f"unknown task {t!r} in {corpus_dir}{hint}")
-        examples = read_corpus(corpus_dir, [args.split], tasks, include_zero_shot=True)
-        if args.max_examples_per_task:
-            counts: dict[str, int] = {}
-            kept = []
-            for ex in examples:
-                counts[ex["task"]] = counts.get(ex["task"], 0) + 1
-                if counts[ex["task"]] <= args.max_examples_per_task:
-                    kept.append(ex)
-            examples = kept
-        if not examples:
-            raise common.UserError(f"no {args.split} examples for tasks {tasks} in {corpus_dir}")
+        if args.audio_tsv:
+            examples, source = _tsv_examples(args.audio_tsv, args.instruction), {"audio_tsv": args.audio_tsv}
+        else:
+            examples, source = _corpus_examples(args, data)
         for ex in examples:
-            ex["features"] = audio.log_mel_spectrogram(ex["audio"])
+            if "features" not in ex:
+                ex["features"] = audio.log_mel_spectrogram(ex["audio"])
         model = gin.query_parameter("train.model").scoped_configurable_fn()
         slm, step = inference.load_trained(args.checkpoint, model, data)
 
@@ -83,7 +129,7 @@ def main(argv=None) -> int:
 
         report = evaluation.evaluate(examples, answer, batch_size=args.batch_size)
         report.update({"checkpoint": os.path.abspath(args.checkpoint), "step": step, "split": args.split,
-                       "corpus_dir": os.path.abspath(corpus_dir), "num_beams": args.num_beams})
+                       **source, "num_beams": args.num_beams})
         tmp = args.out + ".tmp"
         with open(tmp, "w") as f:
             json.dump(report, f, indent=1, ensure_ascii=False)
