@@ -141,6 +141,12 @@ class CachedCorpusData:
     def eval_batches(self, *args, **kwargs):
         return self._ready().eval_batches(*args, **kwargs)
 
+    def shape_plan(self, *args, **kwargs):
+        return self._ready().shape_plan(*args, **kwargs)
+
+    def llm_tokens(self, lengths):
+        return self._ready().llm_tokens(lengths)
+
     def batch(self, examples):
         return self._ready().batch(examples)
 

@@ -41,7 +41,7 @@ class DemoSettings:
     languages: tuple[str, ...] = ("en", "fr")
     synthesizer: str = "espeak"
     workers: int = 2
-    minutes: float = 25.0  # the whole demo, corpus to table
+    minutes: float = 23.0  # the whole demo, corpus to table (+ about 4 min of install: under 30)
     steps: int | None = None  # None: as many as fit the budget
     checkpoint_every: int | None = None  # None: only at the end (long runs: keep intermediate ones)
     resume: bool = False  # continue OUT_DIR/train instead of starting afresh (long runs)
@@ -132,7 +132,11 @@ def ensure_corpus(settings: DemoSettings) -> str:
 
 def probe_step_seconds(model: Any, data: Any, settings: DemoSettings, probe_steps: int = 2) -> dict[str, float]:
     """Loads the frozen models, encodes the corpus once (``data.attach_model``: cached on disk)
-    and times ``probe_steps`` real train steps after a compile step."""
+    and times ``probe_steps`` real train steps on one batch after compiling for its shape.
+
+    Batches are length-bucketed, so their cost varies: the probe reports seconds per padded LLM
+    token (the step is close to linear in it at these lengths) and the run's plan scales it by
+    the planned batches' mean (``data.shape_plan``)."""
     import jax
 
     from slm_jax import partitioning
@@ -152,16 +156,21 @@ def probe_step_seconds(model: Any, data: Any, settings: DemoSettings, probe_step
     encoded = time.time()
     state = trainer.init_state(settings.seed, example)
     trainer.compile(example, jax.tree.map(lambda x: x.sharding, frozen))
-    batches = data.train_batches(settings.batch_size, settings.seed + 1)
-    state, metrics = trainer.train_step(state, frozen, trainer.place_batch(next(batches)))
+    batch = next(data.train_batches(settings.batch_size, settings.seed + 1))
+    placed = trainer.place_batch(batch)
+    state, metrics = trainer.train_step(state, frozen, placed)
     jax.block_until_ready(metrics)
     compiled = time.time()
-    for _ in range(probe_steps):
-        state, metrics = trainer.train_step(state, frozen, trainer.place_batch(next(batches)))
+    for _ in range(probe_steps):  # the same shape: no compile
+        state, metrics = trainer.train_step(state, frozen, placed)
     jax.block_until_ready(metrics)
     done = time.time()
+    tokens = data.llm_tokens({"speech_frames": batch["speech_hidden"].shape[1], "prefix": batch["prefix_tokens"].shape[1],
+                              "suffix": batch["suffix_tokens"].shape[1], "targets": batch["target_tokens"].shape[1]})
+    step_seconds = (done - compiled) / probe_steps
     return {"load_seconds": loaded - started, "encode_seconds": encoded - loaded,
-            "compile_seconds": compiled - encoded, "step_seconds": (done - compiled) / probe_steps}
+            "compile_seconds": compiled - encoded, "step_seconds": step_seconds,
+            "seconds_per_llm_token": step_seconds / tokens}
 
 
 # --- phase 4: evaluation ------------------------------------------------------------------------
@@ -343,16 +352,23 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
         print(f"  frozen weights {probe['load_seconds']:.0f} s, encoder pass {probe['encode_seconds']:.0f} s, "
               f"compile {probe['compile_seconds']:.0f} s, {probe['step_seconds']:.2f} s per step of "
               f"{settings.batch_size}", flush=True)
-        eval_estimate = estimate_eval_seconds(count_generate_calls(examples, settings.eval_batch_size),
-                                              probe["step_seconds"])
-        # train() loads the weights and compiles again: budget for that too.
-        train_overhead = probe["load_seconds"] + probe["compile_seconds"]
-        steps = steps_for_budget(clock.left() - train_overhead, probe["step_seconds"], eval_estimate,
-                                 settings.min_steps)
-        finish = clock.elapsed() + train_overhead + steps * probe["step_seconds"] + eval_estimate
-        print(f"plan: {steps} train steps (~{steps * probe['step_seconds'] / 60:.1f} min), then evaluation on "
-              f"{len(examples)} test utterances (~{eval_estimate / 60:.1f} min); expected total "
-              f"{finish / 60:.1f} min (budget {settings.minutes:.0f} min)", flush=True)
+        # Evaluation is costed in steps at the corpus' full padded length (how it was calibrated).
+        full_step = probe["seconds_per_llm_token"] * data.llm_tokens(data._ready().lengths)
+        eval_estimate = estimate_eval_seconds(count_generate_calls(examples, settings.eval_batch_size), full_step)
+        # The mean step over the length-bucketed batches the run will draw, and one compile per
+        # distinct shape; train() also loads the weights again.
+        steps = 512
+        for _ in range(2):  # the shapes met depend on the step count and the step count on them
+            shapes = data.shape_plan(settings.batch_size, settings.seed, steps)
+            mean_step = probe["seconds_per_llm_token"] * shapes["mean_llm_tokens"]
+            train_overhead = probe["load_seconds"] + probe["compile_seconds"] * shapes["distinct_shapes"]
+            steps = steps_for_budget(clock.left() - train_overhead, mean_step, eval_estimate, settings.min_steps)
+        probe["step_seconds"] = mean_step
+        finish = clock.elapsed() + train_overhead + steps * mean_step + eval_estimate
+        print(f"plan: {steps} train steps (~{steps * mean_step / 60:.1f} min at {mean_step:.2f} s per mean step, "
+              f"{shapes['distinct_shapes']} batch shapes to compile), then evaluation on {len(examples)} test "
+              f"utterances (~{eval_estimate / 60:.1f} min); expected total {finish / 60:.1f} min "
+              f"(budget {settings.minutes:.0f} min)", flush=True)
         if finish > clock.budget * 1.05:
             print(f"  note: this machine is slower than the budget assumes; the demo will take about "
                   f"{finish / 60:.0f} min", flush=True)

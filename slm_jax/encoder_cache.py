@@ -170,6 +170,7 @@ class CachedSpeechData:
                        "targets": token_quantum}
         self.subsampling = subsampling
         self._permutations: dict[tuple[int, int], np.ndarray] = {}
+        self._lengths: list[dict[str, int]] | None = None
         self._sizes: list[int] | None = None
 
     def _text(self, examples: Sequence[Mapping[str, str]]):
@@ -177,23 +178,48 @@ class CachedSpeechData:
         targets = [batching.target_ids(self.vocabulary, e["target"]) for e in examples]
         return prompts, targets
 
+    def _padded_lengths(self, needed: Mapping[str, int]) -> dict[str, int]:
+        return {k: batching.bucket_length(needed[k], self.quanta[k], self.lengths[k]) for k in self.lengths}
+
     def batch(self, examples: Sequence[Mapping[str, str]]) -> dict[str, np.ndarray]:
         """Pads ``examples`` to the smallest bucket that holds the longest of them."""
         prompts, targets = self._text(examples)
         hidden = [self.cache[e["id"]] for e in examples]
-        needed = {"speech_frames": max(h.shape[0] for h in hidden), "prefix": max(len(p.prefix) for p in prompts),
-                  "suffix": max(len(p.suffix) for p in prompts), "targets": max(len(t) for t in targets)}
-        lengths = {k: batching.bucket_length(needed[k], self.quanta[k], self.lengths[k]) for k in self.lengths}
+        lengths = self._padded_lengths({
+            "speech_frames": max(h.shape[0] for h in hidden), "prefix": max(len(p.prefix) for p in prompts),
+            "suffix": max(len(p.suffix) for p in prompts), "targets": max(len(t) for t in targets)})
         hidden, mask = batching.pad_frames(hidden, lengths["speech_frames"], "encoder output")
         return {"speech_hidden": hidden, "speech_mask": mask, **batching.text_batch(prompts, targets, lengths)}
+
+    def _train_lengths(self) -> list[dict[str, int]]:
+        """Each training example's block lengths (encoder frames, prompt and target tokens)."""
+        if self._lengths is None:
+            prompts, targets = self._text(self.train_examples)
+            self._lengths = [{"speech_frames": self.cache.frames(e["id"]), "prefix": len(p.prefix),
+                              "suffix": len(p.suffix), "targets": len(t)}
+                             for e, p, t in zip(self.train_examples, prompts, targets)]
+        return self._lengths
 
     def _sequence_sizes(self) -> list[int]:
         """Each training example's LLM sequence length (speech tokens after subsampling + text)."""
         if self._sizes is None:
-            prompts, targets = self._text(self.train_examples)
-            self._sizes = [self.cache.frames(e["id"]) // self.subsampling + len(p.prefix) + len(p.suffix) + len(t)
-                           for e, p, t in zip(self.train_examples, prompts, targets)]
+            self._sizes = [self.llm_tokens(n) for n in self._train_lengths()]
         return self._sizes
+
+    def llm_tokens(self, lengths: Mapping[str, int]) -> int:
+        """LLM positions of one padded row with these block lengths."""
+        return lengths["speech_frames"] // self.subsampling + lengths["prefix"] + lengths["suffix"] + lengths["targets"]
+
+    def shape_plan(self, batch_size: int, seed: int, num_batches: int) -> dict[str, float]:
+        """What the first ``num_batches`` training batches will cost, without building them: the
+        mean padded LLM tokens per row and the number of distinct shapes (one compile each)."""
+        every = self._train_lengths()
+        shapes = []
+        for k in range(num_batches):
+            rows = [every[i] for i in self._indices(seed, k, batch_size)]
+            shapes.append(tuple(sorted(self._padded_lengths({key: max(r[key] for r in rows) for key in self.lengths}).items())))
+        return {"mean_llm_tokens": float(np.mean([self.llm_tokens(dict(s)) for s in shapes])),
+                "distinct_shapes": len(set(shapes))}
 
     def _stream(self, seed: int, start: int, stop: int) -> list[int]:
         """Example indices at stream positions [start, stop): epoch after epoch of permutations."""

@@ -4,6 +4,7 @@ pieces are the same)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -150,6 +151,13 @@ def test_demo_end_to_end_on_a_tiny_model(tmp_path, capsys):
     # A second run reuses the corpus (and with it the encoder cache).
     assert demo.ensure_corpus(settings) == str(out / "corpus")
     assert "corpus: reusing" in capsys.readouterr().out
+
+    # Without --steps the demo times the step on one bucketed batch and sizes the run from the
+    # planned batches' shapes (a short budget: at least min_steps).
+    sized = demo.run_demo(dataclasses.replace(settings, steps=None, minutes=1.0, min_steps=2))
+    printed = capsys.readouterr().out
+    assert "batch shapes to compile" in printed and "s per mean step" in printed
+    assert sized["run"]["steps"] >= 2 and sized["run"]["step_seconds"] > 0
 
 
 def test_cascade_puts_the_transcript_in_the_speech_slot(tmp_path):

@@ -88,3 +88,13 @@ def test_grouping_reduces_padding():
 def test_window_must_hold_whole_batches():
     with pytest.raises(ValueError, match="multiple of batch size"):
         batching.length_grouped_batches([1, 2, 3], [1, 2, 3, 4], 2, np.random.default_rng(0))
+
+
+def test_shape_plan_predicts_the_batches_without_building_them():
+    source = _source()
+    plan = source.shape_plan(batch_size=4, seed=2, num_batches=24)
+    batches = list(itertools.islice(source.train_batches(4, seed=2), 24))
+    keys = ("speech_hidden", "prefix_tokens", "suffix_tokens", "target_tokens")
+    assert plan["distinct_shapes"] == len({tuple(b[k].shape[1] for k in keys) for b in batches})
+    tokens = [b["speech_hidden"].shape[1] // 4 + sum(b[k].shape[1] for k in keys[1:]) for b in batches]
+    assert plan["mean_llm_tokens"] == pytest.approx(np.mean(tokens))

@@ -26,7 +26,7 @@ OUT_DIR/train is replaced on every run (unless --resume); the corpus and the enc
 reused.
 
 examples:
-  slm-demo                       # about 25 minutes on a 2-core CPU
+  slm-demo                       # about 23 minutes on a 2-core CPU
   slm-demo --quick               # about 5 minutes: smaller corpus, fewer steps
   slm-demo --steps=300 --out_dir=runs/demo300
 """
