@@ -56,7 +56,7 @@ def corpus_examples(size: int, seed: int = 0) -> tuple[list[dict], dict[str, int
 
 def _sources(ws: common.WeightSet, examples: list[dict], frames: dict[str, int]):
     """(fixed, bucketed) data sources over the same examples, with the default prompt layout."""
-    from slm_jax import batching
+    from slm_jax.cached_corpus import corpus_lengths
     from slm_jax.encoder_cache import CachedSpeechData
     from slm_jax.prompting import PromptFormat
     from slm_jax.tokenizers import GgufBpeVocabulary
@@ -64,15 +64,11 @@ def _sources(ws: common.WeightSet, examples: list[dict], frames: dict[str, int])
     vocabulary = GgufBpeVocabulary.from_smollm2()
     chat = PromptFormat(before_speech="<|im_start|>user\n", after_speech="<|im_end|>\n<|im_start|>assistant\n",
                         instruction_position="after", separator="\n", decoder_start="last_prompt_token")
-    prompts = batching.encode_prompts(vocabulary, chat, [e["instruction"] for e in examples])
-    up = lambda n, q: -(-n // q) * q  # noqa: E731
-    lengths = {"speech_frames": up(max(frames.values()), 16), "prefix": up(max(len(p.prefix) for p in prompts), 8),
-               "suffix": up(max(len(p.suffix) for p in prompts), 8),
-               "targets": up(max(len(batching.target_ids(vocabulary, e["target"])) for e in examples), 8)}
+    _, lengths = corpus_lengths(vocabulary, chat, examples, frames.__getitem__)
     cache = _LengthOnlyCache(frames, int(ws.whisper_config["d_model"]))
     rate = int(ws.adapter_kwargs["subsample_rate"])
     make = lambda **kw: CachedSpeechData(cache, examples, [], vocabulary, chat, **lengths, subsampling=rate, **kw)  # noqa: E731
-    fixed = make(group_batches=1, speech_quantum=up(lengths["speech_frames"], rate), token_quantum=1024)
+    fixed = make(group_batches=1, speech_quantum=-(-lengths["speech_frames"] // rate) * rate, token_quantum=1024)
     return fixed, make(), lengths
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -51,6 +51,22 @@ def read_corpus(corpus_dir: str, splits: Sequence[str], tasks: Iterable[str] | N
             for path in corpus.shard_paths(corpus_dir, manifest, task, split):
                 out.extend(corpus.read_examples(path))
     return out
+
+
+def corpus_lengths(vocabulary: Any, prompt_format: PromptFormat, examples: Sequence[Mapping[str, str]],
+                   frames: Callable[[str], int]) -> tuple[dict[str, int], dict[str, int]]:
+    """(needed, padded): the longest block of each kind over ``examples`` (encoder frames via
+    ``frames(id)``, prompt pieces, targets with EOS) and the corpus-maximum shape that holds it
+    (the largest bucket: frames rounded up to 16, tokens to 8)."""
+    from slm_jax import batching
+
+    prompts = batching.encode_prompts(vocabulary, prompt_format, [e["instruction"] for e in examples])
+    needed = {"speech_frames": max(frames(e["id"]) for e in examples),
+              "prefix": max(len(p.prefix) for p in prompts), "suffix": max(len(p.suffix) for p in prompts),
+              "targets": max(len(batching.target_ids(vocabulary, e["target"])) for e in examples)}
+    round_up = lambda n, q: -(-max(n, 1) // q) * q  # noqa: E731
+    padded = {k: round_up(n, 16 if k == "speech_frames" else 8) for k, n in needed.items()}
+    return needed, padded
 
 
 class CachedCorpusData:
@@ -112,23 +128,15 @@ class CachedCorpusData:
         self._data = self._make(cache, train, evaluation)
 
     def _make(self, cache: EncoderCache, train: list[dict], evaluation: list[dict]) -> CachedSpeechData:
-        from slm_jax import batching
-
         everything = train + evaluation
-        prompts = batching.encode_prompts(self.vocabulary, self.prompt_format, [e["instruction"] for e in everything])
-        round_up = lambda n, q: -(-n // q) * q  # noqa: E731
-        prefix = max(len(p.prefix) for p in prompts)
-        suffix = max(len(p.suffix) for p in prompts)
-        targets = max(len(batching.target_ids(self.vocabulary, e["target"])) for e in everything)
-        if max(prefix, suffix) > self.max_prompt_tokens or targets > self.max_target_tokens:
-            raise ValueError(f"corpus prompts/targets need {max(prefix, suffix)}/{targets} tokens; raise "
+        needed, lengths = corpus_lengths(self.vocabulary, self.prompt_format, everything, cache.frames)
+        prompt, targets = max(needed["prefix"], needed["suffix"]), needed["targets"]
+        if prompt > self.max_prompt_tokens or targets > self.max_target_tokens:
+            raise ValueError(f"corpus prompts/targets need {prompt}/{targets} tokens; raise "
                              f"max_prompt_tokens/max_target_tokens ({self.max_prompt_tokens}/{self.max_target_tokens})")
-        frames = max(cache.frames(e["id"]) for e in everything)
         log.info("corpus: %d train / %d %s examples; %d encoder frames max", len(train), len(evaluation),
-                 self.eval_split, frames)
-        return CachedSpeechData(cache, train, evaluation, self.vocabulary, self.prompt_format,
-                                speech_frames=round_up(frames, 16), prefix=round_up(max(prefix, 1), 8),
-                                suffix=round_up(max(suffix, 1), 8), targets=round_up(targets, 8))
+                 self.eval_split, needed["speech_frames"])
+        return CachedSpeechData(cache, train, evaluation, self.vocabulary, self.prompt_format, **lengths)
 
     def _ready(self) -> CachedSpeechData:
         if self._data is None:
