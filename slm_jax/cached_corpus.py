@@ -158,6 +158,9 @@ class CachedCorpusData:
     def batch(self, examples):
         return self._ready().batch(examples)
 
+    def alignment_token_ids(self) -> list[int]:
+        return self._ready().alignment_token_ids()
+
     @property
     def cache(self) -> EncoderCache:
         return self._ready().cache

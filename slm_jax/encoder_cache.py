@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from slm_jax import batching
+from slm_jax.alignment import transcript_token_ids
 from slm_jax.models.slm import SLM
 
 INDEX = "index.json"
@@ -183,14 +184,31 @@ class CachedSpeechData:
         return {k: batching.bucket_length(needed[k], self.quanta[k], self.lengths[k]) for k in self.lengths}
 
     def batch(self, examples: Sequence[Mapping[str, str]]) -> dict[str, np.ndarray]:
-        """Pads ``examples`` to the smallest bucket that holds the longest of them."""
+        """Pads ``examples`` to the smallest bucket that holds the longest of them.
+
+        When every example has its transcript (``text``), the batch also carries it as token ids
+        (``transcript_tokens``/``transcript_mask``, no EOS) for the alignment objective."""
         prompts, targets = self._text(examples)
         hidden = [self.cache[e["id"]] for e in examples]
         lengths = self._padded_lengths({
             "speech_frames": max(h.shape[0] for h in hidden), "prefix": max(len(p.prefix) for p in prompts),
             "suffix": max(len(p.suffix) for p in prompts), "targets": max(len(t) for t in targets)})
         hidden, mask = batching.pad_frames(hidden, lengths["speech_frames"], "encoder output")
-        return {"speech_hidden": hidden, "speech_mask": mask, **batching.text_batch(prompts, targets, lengths)}
+        out = {"speech_hidden": hidden, "speech_mask": mask, **batching.text_batch(prompts, targets, lengths)}
+        if all("text" in e for e in examples):
+            transcripts = transcript_token_ids(self.vocabulary, [e["text"] for e in examples])
+            length = -(-max(1, max(len(t) for t in transcripts)) // self.quanta["targets"]) * self.quanta["targets"]
+            out["transcript_tokens"], out["transcript_mask"] = batching.pad_rows(transcripts, length, "transcript")
+        return out
+
+    def alignment_token_ids(self) -> list[int]:
+        """Every token of the training transcripts: the alignment objective's sub-vocabulary."""
+        missing = [e["id"] for e in self.train_examples if "text" not in e]
+        if missing:
+            raise ValueError(f"{len(missing)} training examples have no transcript ('text'), e.g. {missing[0]}; "
+                             "the alignment objective needs one for every example")
+        return sorted({t for ids in transcript_token_ids(self.vocabulary, [e["text"] for e in self.train_examples])
+                       for t in ids})
 
     def _train_lengths(self) -> list[dict[str, int]]:
         """Each training example's block lengths (encoder frames, prompt and target tokens)."""

@@ -94,7 +94,7 @@ def plan(
         batch_args = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=trainer.batch_sharding)
                       for k, v in example.items()}
         start = time.time()
-        analysis = trainer._train_step.lower(state, frozen_args, batch_args).compile().memory_analysis()
+        analysis = trainer._train_steps["next_token"].lower(state, frozen_args, batch_args).compile().memory_analysis()
         seconds = time.time() - start
         compiled = {
             "argument_bytes": int(analysis.argument_size_in_bytes),

@@ -18,8 +18,10 @@ import jax
 import numpy as np
 
 from slm_jax import checkpointing, partitioning
+from slm_jax.alignment import AlignmentVocabulary
 from slm_jax.experiment import ModelSpec, sample_batch
 from slm_jax.frozen import load_frozen_params
+from slm_jax.models import registry
 from slm_jax.trainer import Trainer, count_params, make_optimizer, tree_bytes
 
 log = logging.getLogger("slm_jax.train")
@@ -133,8 +135,13 @@ def train(
     checkpoint_every: int = 100,
     max_to_keep: int = 3,
     max_nonfinite_streak: int = 10,
+    alignment_steps: int = 0,
 ) -> dict[str, Any]:
     """Trains the adapter for ``steps`` steps; returns the final metrics.
+
+    The first ``alignment_steps`` of them use the CTC alignment objective (slm_jax/alignment.py:
+    no LLM forward pass, a small fraction of a next-token step's cost), the rest the next-token
+    loss through the frozen LLM. One optimizer and learning-rate schedule spans both.
 
     ``log_every``, ``eval_every`` and ``checkpoint_every`` may be 0 (never; the last step is still
     checkpointed). After ``max_nonfinite_streak`` consecutive steps with a non-finite loss or
@@ -142,18 +149,23 @@ def train(
     """
     _check_settings(steps=steps, batch_size=batch_size, log_every=log_every, eval_every=eval_every,
                     checkpoint_every=checkpoint_every, max_nonfinite_streak=max_nonfinite_streak,
-                    max_to_keep=max_to_keep)
+                    max_to_keep=max_to_keep, alignment_steps=alignment_steps)
+    if alignment_steps > steps:
+        from slm_jax.errors import UserError
+
+        raise UserError(f"train.alignment_steps ({alignment_steps}) is more than train.steps ({steps})")
     with _Preemption() as preemption:
         return _train(model_dir, preemption, model=model, data=data, steps=steps, batch_size=batch_size,
                       seed=seed, mesh_shape=mesh_shape, learning_rate=learning_rate, warmup_steps=warmup_steps,
                       weight_decay=weight_decay, clip_norm=clip_norm, optimizer=optimizer, log_every=log_every,
                       eval_every=eval_every, eval_batches=eval_batches, checkpoint_every=checkpoint_every,
-                      max_to_keep=max_to_keep, max_nonfinite_streak=max_nonfinite_streak)
+                      max_to_keep=max_to_keep, max_nonfinite_streak=max_nonfinite_streak,
+                      alignment_steps=alignment_steps)
 
 
 def _train(model_dir, preemption, *, model, data, steps, batch_size, seed, mesh_shape, learning_rate, warmup_steps,
            weight_decay, clip_norm, optimizer, log_every, eval_every, eval_batches, checkpoint_every, max_to_keep,
-           max_nonfinite_streak) -> dict[str, Any]:
+           max_nonfinite_streak, alignment_steps) -> dict[str, Any]:
     mesh = partitioning.make_mesh(**partitioning.parse_mesh_spec(mesh_shape))
     tx, schedule = make_optimizer(
         learning_rate=learning_rate, warmup_steps=warmup_steps, total_steps=steps,
@@ -190,18 +202,33 @@ def _train(model_dir, preemption, *, model, data, steps, batch_size, seed, mesh_
     frozen = load_frozen_params(trainer, model, example)
     if hasattr(data, "attach_model"):  # e.g. CachedCorpusData: runs the frozen encoder once, offline
         data.attach_model(slm, frozen["speech_encoder"], model)
+    if alignment_steps:
+        trainer.alignment_vocabulary = alignment_vocabulary(data, model)
     checkpointer = checkpointing.Checkpointer(model_dir, max_to_keep=max_to_keep)
     try:
         return _loop(model_dir, preemption, trainer, checkpointer, frozen, example, metadata, restored, data=data, steps=steps, batch_size=batch_size, host_batch=host_batch, seed=seed,
                      log_every=log_every, eval_every=eval_every, eval_batches=eval_batches,
-                     checkpoint_every=checkpoint_every, max_nonfinite_streak=max_nonfinite_streak)
+                     checkpoint_every=checkpoint_every, max_nonfinite_streak=max_nonfinite_streak,
+                     alignment_steps=alignment_steps)
     finally:
         checkpointer.close()
 
 
+def alignment_vocabulary(data: DataSource, model: ModelSpec) -> AlignmentVocabulary:
+    """The alignment objective's sub-vocabulary: every token of the data's training transcripts."""
+    if not hasattr(data, "alignment_token_ids"):
+        from slm_jax.errors import UserError
+
+        raise UserError(f"train.alignment_steps needs transcripts; the data source {type(data).__name__} has "
+                        "none (use CachedCorpusData, as gin/whisper_base_smollm2.gin does, or alignment_steps=0)")
+    vocabulary = AlignmentVocabulary(data.alignment_token_ids(), registry.llm_vocab_size(model.llm))
+    log.info("alignment objective: %d distinct transcript tokens", len(vocabulary))
+    return vocabulary
+
+
 def _loop(model_dir, preemption, trainer, checkpointer, frozen, example, metadata, restored, *,
           data, steps, batch_size, host_batch, seed, log_every, eval_every, eval_batches, checkpoint_every,
-          max_nonfinite_streak) -> dict[str, Any]:
+          max_nonfinite_streak, alignment_steps) -> dict[str, Any]:
     if restored is None:
         state = trainer.init_state(seed, example)
         batches_consumed = 0
@@ -247,8 +274,9 @@ def _loop(model_dir, preemption, trainer, checkpointer, frozen, example, metadat
                     bar.write(f"SIGTERM: saved checkpoint at step {step}; exiting (run the same command to resume)")
                     last["preempted"] = True
                     break
-                batch = trainer.place_batch(next(batches))
-                state, metrics = trainer.train_step(state, frozen, batch)
+                objective = "alignment" if step < alignment_steps else "next_token"
+                batch = trainer.place_batch(next(batches), objective)
+                state, metrics = trainer.train_step(state, frozen, batch, objective)
                 step += 1
                 batches_consumed += 1
                 window_examples += batch_size
@@ -265,7 +293,8 @@ def _loop(model_dir, preemption, trainer, checkpointer, frozen, example, metadat
                         f"step {checkpointer.last_saved}. Check the data of those steps or lower the learning rate"
                     )
                 bar.update(1)
-                if (log_every and step % log_every == 0) or step == steps:
+                # Also at the switch of objectives: a window's mean loss must be of one objective.
+                if (log_every and step % log_every == 0) or step in (steps, alignment_steps):
                     elapsed = max(time.time() - window_start, 1e-9)
                     last = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     if window_steps:
@@ -273,11 +302,12 @@ def _loop(model_dir, preemption, trainer, checkpointer, frozen, example, metadat
                     last["examples_per_second"] = window_examples / elapsed
                     last["skipped_updates_total"] = float(state.nonfinite_total)
                     bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['learning_rate']:.2e}")
+                    label = "ctc loss" if objective == "alignment" else "loss"
                     bar.write(
-                        f"step {step:>6d}  loss {last['loss']:.4f}  lr {last['learning_rate']:.3e}  "
+                        f"step {step:>6d}  {label} {last['loss']:.4f}  lr {last['learning_rate']:.3e}  "
                         f"grad_norm {last['grad_norm']:.3f}  {last['examples_per_second']:.1f} examples/s"
                     )
-                    writers.scalars("train", step, last)
+                    writers.scalars("train" if objective == "next_token" else "train_alignment", step, last)
                     window_start, window_examples = time.time(), 0
                     window_loss, window_steps = 0.0, 0
                 if eval_every and (step % eval_every == 0 or step == steps):
@@ -303,7 +333,7 @@ def evaluate_loss(trainer: Trainer, state, frozen, data: DataSource, batch_size:
     totals = {"loss_sum": 0.0, "num_target_tokens": 0.0, "correct_tokens": 0.0}
     host_batch = batch_size // jax.process_count()
     for batch in data.eval_batches(host_batch, num_batches):
-        out = jax.device_get(trainer.eval_step(state, frozen, trainer.place_batch(batch)))
+        out = jax.device_get(trainer.eval_step(state, frozen, trainer.place_batch(batch, "next_token")))
         for k in totals:
             totals[k] += float(out[k])
     n = max(totals["num_target_tokens"], 1.0)

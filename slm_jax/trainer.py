@@ -8,10 +8,15 @@ What is frozen and how that is enforced:
     cotangents that flow *through* the LLM to the adapter but none *for* its weights.
   * The optimizer is built over the adapter tree only, so moment buffers exist for adapter
     parameters alone; the frozen trees are inputs and never outputs of the step.
+
+Two objectives share the state, optimizer and guards: 'next_token' (the answer tokens' cross
+entropy through the frozen LLM) and 'alignment' (CTC of the adapter outputs against the LLM's
+token embeddings, slm_jax/alignment.py; cheap, used to start training).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping
 
 import flax
@@ -23,6 +28,7 @@ import optax
 from jax.sharding import Mesh
 
 from slm_jax import partitioning
+from slm_jax.alignment import AlignmentVocabulary, ctc_alignment_loss
 from slm_jax.models.slm import SLM, masked_cross_entropy, merge_params
 
 Batch = Mapping[str, Any]
@@ -31,6 +37,9 @@ Batch = Mapping[str, Any]
 # frozen encoder's outputs were computed offline (encoder caching).
 AUDIO_KEYS = ("audio_features", "audio_mask")
 CACHED_SPEECH_KEYS = ("speech_hidden", "speech_mask")
+# The spoken words as LLM token ids (no EOS), for the alignment objective only.
+TRANSCRIPT_KEYS = ("transcript_tokens", "transcript_mask")
+OBJECTIVES = ("next_token", "alignment")
 
 
 @flax.struct.dataclass
@@ -103,14 +112,16 @@ class Trainer:
         schedule: optax.Schedule | None,
         mesh: Mesh,
         rules=partitioning.DEFAULT_RULES,
+        alignment_vocabulary: AlignmentVocabulary | None = None,
     ):
         self.model = model
+        self.alignment_vocabulary = alignment_vocabulary
         self.optimizer = optimizer
         self.schedule = schedule
         self.mesh = mesh
         self.rules = tuple(rules)
         self.batch_sharding = partitioning.batch_sharding(mesh, self.rules)
-        self._train_step = None
+        self._train_steps: dict[str, Any] = {}
         self._eval_step = None
         self._abstract_variables: dict[tuple, Any] = {}
 
@@ -167,12 +178,33 @@ class Trainer:
         return jax.jit(init, out_shardings=shardings)(jax.random.key(seed), _zeros(sample_batch))
 
     # --- data placement --------------------------------------------------------------------
-    def place_batch(self, batch: Batch) -> dict[str, jax.Array]:
+    def place_batch(self, batch: Batch, objective: str | None = None) -> dict[str, jax.Array]:
         """Host numpy batch -> global arrays sharded over the batch mesh axes.
 
         Each process passes only its own rows (multi-host: every host reads its data shard).
+        With an ``objective``, only the keys that objective reads are placed (a key it ignores
+        would still be a jit input, and its varying length a recompilation), and transcripts
+        become CTC classes.
         """
+        if objective is not None:
+            batch = self._inputs_of(batch, objective)
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v)) for k, v in batch.items()}
+
+    def _inputs_of(self, batch: Batch, objective: str) -> dict[str, Any]:
+        if objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {objective!r}; known: {OBJECTIVES}")
+        speech = CACHED_SPEECH_KEYS if _has_cached_speech(batch) else AUDIO_KEYS
+        if objective == "next_token":
+            return {k: v for k, v in batch.items() if k not in TRANSCRIPT_KEYS}
+        if self.alignment_vocabulary is None:
+            raise ValueError("the alignment objective needs Trainer(alignment_vocabulary=...)")
+        missing = [k for k in TRANSCRIPT_KEYS if k not in batch]
+        if missing:
+            raise ValueError(f"the alignment objective needs transcripts in the batch ({', '.join(missing)} "
+                             "missing); the cached-corpus data source (CachedCorpusData) provides them")
+        tokens, mask = np.asarray(batch["transcript_tokens"]), np.asarray(batch["transcript_mask"])
+        return {**{k: batch[k] for k in speech}, "transcript_tokens": self.alignment_vocabulary.to_classes(tokens, mask),
+                "transcript_mask": mask}
 
     # --- steps -----------------------------------------------------------------------------
     def _speech(self, frozen: Mapping[str, Any], batch: Batch) -> tuple[jax.Array, jax.Array]:
@@ -192,14 +224,24 @@ class Trainer:
         loss_sum, num_tokens = masked_cross_entropy(logits, batch["target_tokens"], batch["target_mask"])
         return loss_sum / jnp.maximum(num_tokens, 1.0), (loss_sum, num_tokens)
 
-    def loss_and_grads(self, adapter_params, frozen, batch):
+    def _alignment_loss(self, adapter_params, frozen, speech, speech_mask, batch):
+        params = merge_params(adapter_params, {"llm": frozen["llm"]})
+        token_ids = jnp.asarray(self.alignment_vocabulary.ids)  # a constant of the compiled step
+        logits, frame_mask = self.model.apply({"params": params}, speech, speech_mask, token_ids,
+                                              method=SLM.alignment_logits)
+        loss_sum, num_tokens = ctc_alignment_loss(logits, frame_mask, batch["transcript_tokens"],
+                                                  batch["transcript_mask"])
+        return loss_sum / jnp.maximum(num_tokens, 1.0), (loss_sum, num_tokens)
+
+    def loss_and_grads(self, adapter_params, frozen, batch, objective: str = "next_token"):
         """(loss, (loss_sum, num_tokens)), adapter gradients. Exposed for tests and tools."""
         speech, speech_mask = self._speech(frozen, batch)
-        return jax.value_and_grad(self._loss, has_aux=True)(adapter_params, frozen, speech, speech_mask, batch)
+        loss = self._loss if objective == "next_token" else self._alignment_loss
+        return jax.value_and_grad(loss, has_aux=True)(adapter_params, frozen, speech, speech_mask, batch)
 
-    def _train_step_fn(self, state: TrainState, frozen, batch):
+    def _train_step_fn(self, state: TrainState, frozen, batch, objective: str):
         with nn.logical_axis_rules(self.rules):
-            (loss, (_, num_tokens)), grads = self.loss_and_grads(state.adapter_params, frozen, batch)
+            (loss, (_, num_tokens)), grads = self.loss_and_grads(state.adapter_params, frozen, batch, objective)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt_state = self.optimizer.update(grads, state.opt_state, state.adapter_params)
@@ -234,22 +276,32 @@ class Trainer:
 
     def compile(self, sample_batch: Batch, frozen_shardings: Any) -> None:
         state_sh = self.state_shardings(sample_batch)
-        self._train_step = jax.jit(
-            self._train_step_fn,
-            in_shardings=(state_sh, frozen_shardings, self.batch_sharding),
-            out_shardings=(state_sh, partitioning.replicated(self.mesh)),
-            donate_argnums=(0,),
-        )
+        objectives = OBJECTIVES if self.alignment_vocabulary is not None else ("next_token",)
+        self._train_steps = {
+            objective: jax.jit(
+                functools.partial(self._train_step_fn, objective=objective),
+                in_shardings=(state_sh, frozen_shardings, self.batch_sharding),
+                out_shardings=(state_sh, partitioning.replicated(self.mesh)),
+                donate_argnums=(0,),
+            )
+            for objective in objectives
+        }
         self._eval_step = jax.jit(
             self._eval_step_fn,
             in_shardings=(state_sh, frozen_shardings, self.batch_sharding),
             out_shardings=partitioning.replicated(self.mesh),
         )
 
-    def train_step(self, state: TrainState, frozen, batch) -> tuple[TrainState, dict[str, jax.Array]]:
-        if self._train_step is None:
+    def train_step(self, state: TrainState, frozen, batch, objective: str = "next_token"
+                   ) -> tuple[TrainState, dict[str, jax.Array]]:
+        """One update with ``objective`` ('next_token' or 'alignment'; see the module docstring).
+        ``batch`` should come from ``place_batch(..., objective)``."""
+        if not self._train_steps:
             raise RuntimeError("call Trainer.compile(sample_batch, frozen_shardings) first")
-        return self._train_step(state, frozen, batch)
+        if objective not in self._train_steps:
+            raise ValueError(f"objective {objective!r} is not compiled; compiled: {sorted(self._train_steps)} "
+                             "('alignment' needs Trainer(alignment_vocabulary=...))")
+        return self._train_steps[objective](state, frozen, batch)
 
     def eval_step(self, state: TrainState, frozen, batch) -> dict[str, jax.Array]:
         if self._eval_step is None:

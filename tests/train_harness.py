@@ -33,13 +33,13 @@ def _install() -> None:
     pause = float(os.environ.get("SLM_HARNESS_STEP_SECONDS", "0") or 0)
     original_step = Trainer.train_step
 
-    def train_step(self, state, frozen, batch):
+    def train_step(self, state, frozen, batch, objective="next_token"):
         step = int(jax.device_get(state.step)) + 1
         digest = hashlib.sha256()
         for key in sorted(batch):
             digest.update(key.encode())
             digest.update(np.asarray(jax.device_get(batch[key])).tobytes())
-        new_state, metrics = original_step(self, state, frozen, batch)
+        new_state, metrics = original_step(self, state, frozen, batch, objective)
         if record:
             loss = float(jax.device_get(metrics["loss"]))
             with open(record, "a") as f:

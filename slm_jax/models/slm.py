@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from slm_jax import alignment
 from slm_jax.layers.embeddings import positions_from_mask
 from slm_jax.models.adapter import Adapter, AdapterConfig
 
@@ -76,6 +77,15 @@ class SLM(nn.Module):
             # Only the decoder block is scored: skip the vocabulary projection of the prompt.
             hidden = hidden[:, -decoder_input.shape[1]:]
         return self.llm.logits(hidden)
+
+    def alignment_logits(
+        self, speech_hidden: jax.Array, speech_mask: jax.Array, token_ids: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
+        """CTC logits of the adapter's outputs against the LLM's embeddings of ``token_ids`` [V]
+        (slm_jax/alignment.py): [B, T', 1 + V] and the frame mask. No LLM layer runs."""
+        speech_embeds, speech_mask = self.adapt(speech_hidden, speech_mask)
+        table = self.llm.embed(token_ids[None, :])[0]
+        return alignment.alignment_logits(speech_embeds, table), speech_mask
 
     def __call__(self, batch: Mapping[str, jax.Array]) -> jax.Array:
         """Full forward from log-mel features (used for initialisation and tests)."""

@@ -1,0 +1,161 @@
+"""The CTC alignment objective: sub-vocabulary, feasibility, the step, and its place in train()."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from slm_jax import alignment, partitioning
+from slm_jax.data.vocab import load_vocabulary
+from slm_jax.encoder_cache import CachedSpeechData
+from slm_jax.errors import UserError
+from slm_jax.prompting import PromptFormat
+from slm_jax.train import train
+from slm_jax.trainer import Trainer, make_optimizer
+
+from tiny_models import model_spec
+
+# Byte tokens: one per character, so each must fit 6 encoder frames -> 1.5 adapter frames.
+WORDS = ["red cup", "blue box", "green hat", "a pen", "the lamp"]
+
+
+class _Cache:
+    """Encoder outputs keyed by id: each word's frames carry a fixed random pattern, so the
+    transcript is recoverable from the 'speech' (a learnable toy alignment problem)."""
+
+    def __init__(self, examples, dim=32, frames_per_char=6, seed=0):
+        rng = np.random.default_rng(seed)
+        patterns = {c: rng.normal(size=dim).astype(np.float32) for c in "abcdefghijklmnopqrstuvwxyz "}
+        self._hidden = {e["id"]: np.repeat(np.stack([patterns[c] for c in e["text"]]), frames_per_char, axis=0)
+                        for e in examples}
+        self.dim = dim
+
+    def frames(self, example_id):
+        return self._hidden[example_id].shape[0]
+
+    def __getitem__(self, example_id):
+        return self._hidden[example_id]
+
+
+def _examples(n=24, with_text=True):
+    out = []
+    for i in range(n):
+        text = WORDS[i % len(WORDS)]
+        example = {"id": f"e{i}", "instruction": "Transcribe.", "target": text}
+        if with_text:
+            example["text"] = text
+        out.append(example)
+    return out
+
+
+def _source(with_text=True):
+    examples = _examples(with_text=with_text)
+    cache = _Cache(_examples())
+    # 'byte' ids of lowercase text stay below the tiny LLM's 128-token vocabulary.
+    return CachedSpeechData(cache, examples, examples[:8], load_vocabulary("byte"), PromptFormat(),
+                            speech_frames=64, prefix=16, suffix=8, targets=32, group_batches=1)
+
+
+def test_vocabulary_maps_ids_to_classes_and_refuses_unknown_tokens():
+    vocab = alignment.AlignmentVocabulary([7, 3, 7, 11], vocab_size=16)
+    assert len(vocab) == 3 and vocab.ids.tolist() == [3, 7, 11]
+    tokens = np.array([[11, 3, 0], [7, 7, 5]])
+    mask = np.array([[1, 1, 0], [1, 1, 0]])
+    assert vocab.to_classes(tokens, mask).tolist() == [[3, 1, 0], [2, 2, 0]]
+    with pytest.raises(ValueError, match=r"\[0, 5\] are not"):
+        vocab.to_classes(tokens, np.ones_like(mask))
+    with pytest.raises(ValueError, match="empty"):
+        alignment.AlignmentVocabulary([], vocab_size=16)
+    with pytest.raises(ValueError, match=r"\[0, 16\)"):
+        alignment.AlignmentVocabulary([3, 16], vocab_size=16)
+
+
+def test_rows_whose_transcript_cannot_fit_their_frames_are_left_out():
+    labels = jnp.array([[1, 2, 0], [1, 1, 2], [1, 2, 3]])
+    label_mask = jnp.array([[1, 1, 0], [1, 1, 1], [1, 1, 1]])
+    # Row 1 needs 4 frames (a blank between the repeated 1s) and has 3; row 2 needs 3 and has 3.
+    frames = jnp.array([2, 3, 3])
+    assert alignment.ctc_feasible(frames, labels, label_mask).tolist() == [True, False, True]
+    logits = jax.random.normal(jax.random.key(0), (3, 4, 4))
+    frame_mask = (jnp.arange(4)[None, :] < frames[:, None]).astype(jnp.int32)
+    loss_sum, tokens = alignment.ctc_alignment_loss(logits, frame_mask, labels, label_mask)
+    assert float(tokens) == 5.0  # rows 0 and 2
+    only_fitting, _ = alignment.ctc_alignment_loss(logits[::2], frame_mask[::2], labels[::2], label_mask[::2])
+    np.testing.assert_allclose(float(loss_sum), float(only_fitting), rtol=1e-6)
+    assert np.isfinite(float(loss_sum))
+
+
+def test_greedy_decode_merges_repeats_and_drops_blanks():
+    vocab = alignment.AlignmentVocabulary([40, 50], vocab_size=64)
+    best = [0, 1, 1, 0, 1, 2, 2, 0]  # classes: blank, 40, 40, blank, 40, 50, 50, blank
+    logits = np.eye(3)[best][None]
+    assert alignment.greedy_decode(logits, np.ones((1, 8)), vocab) == [[40, 40, 50]]
+
+
+def _trainer(data, llm="llama"):
+    spec = model_spec(llm=llm)
+    tx, schedule = make_optimizer(learning_rate=1e-2, warmup_steps=1, total_steps=300)
+    mesh = partitioning.make_mesh(data=1, devices=jax.devices()[:1])
+    vocab = alignment.AlignmentVocabulary(data.alignment_token_ids(), spec.llm.vocab_size)
+    return Trainer(spec.build(), tx, schedule, mesh, alignment_vocabulary=vocab), spec
+
+
+@pytest.mark.parametrize("llm", ["llama", "t5"])
+def test_alignment_steps_learn_the_transcript_and_leave_frozen_weights_alone(llm):
+    from slm_jax.experiment import sample_batch
+
+    data = _source()
+    trainer, spec = _trainer(data, llm)
+    example = sample_batch(4, data.feature_lengths)
+    frozen = {name: trainer.init_frozen_randomly(name, i, example) for i, name in enumerate(("speech_encoder", "llm"))}
+    before = jax.tree.map(np.asarray, frozen)
+    state = trainer.init_state(0, example)
+    trainer.compile(example, jax.tree.map(lambda x: x.sharding, frozen))
+    batch = data.batch(data.train_examples[:5])  # one example of each transcript
+    placed = trainer.place_batch(batch, "alignment")
+    assert set(placed) == {"speech_hidden", "speech_mask", "transcript_tokens", "transcript_mask"}
+    losses = []
+    for _ in range(300):
+        state, metrics = trainer.train_step(state, frozen, placed, "alignment")
+        losses.append(float(metrics["loss"]))
+        assert float(metrics["num_target_tokens"]) == sum(len(w) for w in WORDS)  # every row fits
+    assert losses[-1] < 0.1 * losses[0], losses[::50]
+    jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, frozen))
+    # What the adapter now 'says' is the transcript.
+    logits, frame_mask = trainer.model.apply(
+        {"params": {"adapter": state.adapter_params, "llm": frozen["llm"]}}, placed["speech_hidden"],
+        placed["speech_mask"], jnp.asarray(trainer.alignment_vocabulary.ids), method=type(trainer.model).alignment_logits)
+    decoded = alignment.greedy_decode(np.asarray(logits), np.asarray(frame_mask), trainer.alignment_vocabulary)
+    assert [data.vocabulary.decode(d) for d in decoded] == WORDS
+
+
+def test_next_token_batches_carry_no_transcripts():
+    data = _source()
+    trainer, _ = _trainer(data)
+    batch = data.batch(data.train_examples[:4])
+    assert "transcript_tokens" in batch
+    assert not {"transcript_tokens", "transcript_mask"} & set(trainer.place_batch(batch, "next_token"))
+
+
+def test_train_runs_the_alignment_steps_first_then_the_next_token_loss(tmp_path, monkeypatch):
+    objectives = []
+    original = Trainer.train_step
+
+    def spy(self, state, frozen, batch, objective="next_token"):
+        objectives.append(objective)
+        return original(self, state, frozen, batch, objective)
+
+    monkeypatch.setattr(Trainer, "train_step", spy)
+    result = train(str(tmp_path / "run"), model=model_spec(llm="llama"), data=_source(), steps=5, batch_size=8,
+                   alignment_steps=3, eval_every=0, log_every=1, checkpoint_every=0, learning_rate=1e-3,
+                   warmup_steps=1)
+    assert objectives == ["alignment"] * 3 + ["next_token"] * 2
+    assert result["step"] == 5 and np.isfinite(result["loss"])
+
+
+def test_alignment_without_transcripts_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="more than train.steps"):
+        train(str(tmp_path / "a"), model=model_spec(llm="llama"), data=_source(), steps=2, alignment_steps=3)
+    with pytest.raises(ValueError, match="no transcript"):
+        train(str(tmp_path / "b"), model=model_spec(llm="llama"), data=_source(with_text=False), steps=2,
+              batch_size=8, alignment_steps=1, eval_every=0)
