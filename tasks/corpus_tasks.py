@@ -7,14 +7,18 @@ Registered on ``import slm_jax.tasks``:
   instruct_qa, instruct_biasing, instruct_dialog, instruct_count
   zeroshot_answer_in_french, zeroshot_which_colour, zeroshot_biasing_unseen
                                             held out (test split only; in no training mixture)
+  asr_en_open                               free-form English speech recognition; opt-in
+                                            (``slm-make-corpus --open_asr=N``): registered, and
+                                            in both mixtures, only when the corpus holds it
   mixture asr_ast_instruct                  every ASR/AST/instruction task, rate = its number of
                                             training examples (the paper's proportional mixing)
-  mixture asr                               the four ASR tasks, rates proportional to size
+  mixture asr                               the ASR tasks, rates proportional to size
 
 Where the corpus is: ``register_corpus_tasks(corpus_dir)`` (re)registers everything over that
 directory; on import it uses ``$SLM_CORPUS_DIR``, or ``data/corpus`` when that is unset. The
-directory is read lazily: registering needs no data, and using a task whose corpus is missing
-raises one ``DataNotPreparedError`` saying how to make it. The vocabulary defaults to the
+directory is read lazily: registering needs no data (only its manifest, when there is one, says
+which opt-in tasks to add), and using a task whose corpus is missing raises one
+``DataNotPreparedError`` saying how to make it. The vocabulary defaults to the
 corpus' own SentencePiece model (``DIR/spm.model``) and the prompt to the T5 layout; pass others
 for a real LLM (``SeqioData`` does this from its gin configuration).
 """
@@ -29,7 +33,7 @@ import tensorflow as tf
 
 from slm_jax.data import corpus
 from slm_jax.data import preprocessors as prep
-from slm_jax.data.errors import DataNotPreparedError
+from slm_jax.data.errors import DataError, DataNotPreparedError
 from slm_jax.prompting import T5_PROMPT, PromptFormat
 
 DEFAULT_CORPUS_DIR = "data/corpus"
@@ -68,7 +72,7 @@ class CorpusSource(seqio.DataSource):
     def __init__(self, corpus_dir: str, task: str):
         self.corpus_dir = corpus_dir
         self.task = task
-        splits = ("test",) if corpus.TASKS[task].zero_shot else corpus.SPLITS
+        splits = ("test",) if corpus.ALL_TASKS[task].zero_shot else corpus.SPLITS
         # The source shuffles records itself (before decoding and log-mel), so the Task needs no
         # shuffle buffer of decoded features (hundreds of MB for 1,000 clips).
         super().__init__(splits=splits, caching_permitted=False, performs_internal_shuffling=True)
@@ -143,6 +147,17 @@ def corpus_vocabulary(corpus_dir: str) -> seqio.Vocabulary:
     return seqio.SentencePieceVocabulary(os.path.abspath(os.path.join(corpus_dir, f"{corpus.SPM_PREFIX}.model")))
 
 
+def _opt_in_tasks_of(corpus_dir: str) -> list[str]:
+    """The opt-in tasks (``corpus.OPT_IN_TASKS``) that the corpus in ``corpus_dir`` holds."""
+    if not os.path.exists(os.path.join(corpus_dir, corpus.MANIFEST)):
+        return []
+    try:
+        manifest = corpus.load_manifest(corpus_dir)
+    except DataError:  # the default tasks report the broken manifest when they are used
+        return []
+    return [n for n in manifest["tasks"] if n in corpus.OPT_IN_TASKS]
+
+
 def _examples_rate(task: seqio.Task) -> float:
     # Proportional mixing (the paper): a task's rate is its number of training examples.
     return float(task.source.num_input_examples("train"))
@@ -151,6 +166,9 @@ def _examples_rate(task: seqio.Task) -> float:
 def register_corpus_tasks(corpus_dir: Optional[str] = None, vocabulary: Optional[seqio.Vocabulary] = None,
                           prompt_format: PromptFormat = T5_PROMPT, normalization: str = "whisper") -> list[str]:
     """(Re)registers every corpus task and mixture over ``corpus_dir``; returns the task names.
+
+    The opt-in tasks (``corpus.OPT_IN_TASKS``) are registered when the corpus there holds them
+    (a corpus made later with them needs registering again).
 
     Registering again replaces the previous registration (e.g. another corpus or vocabulary).
     """
@@ -163,15 +181,15 @@ def register_corpus_tasks(corpus_dir: Optional[str] = None, vocabulary: Optional
     output_features = prep.speech_output_features(vocabulary)
     preprocessors = [prep.decode_corpus_example, *prep.speech_preprocessors(prompt_format, normalization)]
     names = []
-    for name in sorted(corpus.TASKS):
+    for name in sorted([*corpus.TASKS, *_opt_in_tasks_of(corpus_dir)]):
         seqio.TaskRegistry.remove(name)
         seqio.TaskRegistry.add(name, source=CorpusSource(corpus_dir, name), preprocessors=preprocessors,
                                output_features=output_features, shuffle_buffer_size=None)
         names.append(name)
-    training = [n for n in names if not corpus.TASKS[n].zero_shot]
+    training = [n for n in names if not corpus.ALL_TASKS[n].zero_shot]
     mixtures = {
         TRAINING_MIXTURE: training,
-        ASR_MIXTURE: [n for n in training if corpus.TASKS[n].family == "asr"],
+        ASR_MIXTURE: [n for n in training if corpus.ALL_TASKS[n].family == "asr"],
     }
     for name, members in mixtures.items():
         seqio.MixtureRegistry.remove(name)

@@ -16,6 +16,10 @@ translation from English (ast_en_fr, ast_en_de, ast_en_es), instruction tasks (i
 instruct_biasing, instruct_dialog, instruct_count) and held-out zero-shot tasks (zeroshot_*,
 test split only). A SentencePiece vocabulary (spm.model) is trained on the training text.
 
+Opt-in: --open_asr=N adds N examples of asr_en_open, free-form English sentences (5 to 20 words,
+a large vocabulary) from a seeded walk over a Markov chain of Wikipedia text (the package
+essential-generators), so that a model does not learn only the grammar's templates.
+
 The directory is complete when manifest.json exists (written last, atomically); readers refuse a
 directory without it, so an interrupted run is never read half-done.
 
@@ -23,6 +27,7 @@ examples:
   slm-make-corpus --out=data/tiny --size=300
   slm-make-corpus --out=data/corpus --size=2000 --workers=4 --snr_db=20
   slm-make-corpus --out=data/en_fr --size=500 --languages=en,fr
+  slm-make-corpus --out=data/open --size=2000 --open_asr=1000
 """
 
 
@@ -75,6 +80,9 @@ def main(argv=None) -> int:
         parser.add_argument("--examples_per_shard", type=int, default=500, help="TFRecord shard size (default 500)")
         parser.add_argument("--vocab_size", type=int, default=1000,
                             help="SentencePiece pieces (upper bound; 0: no vocabulary) (default 1000)")
+        parser.add_argument("--open_asr", type=int, default=0, metavar="N",
+                            help="also N free-form English ASR examples (task asr_en_open, besides --size; "
+                                 "needs en in --languages) (default 0: none)")
         parser.add_argument("--overwrite", action="store_true", help="replace an existing corpus in --out")
         parser.add_argument("--quiet", action="store_true", help="no progress bar")
         args = parser.parse_args(argv)
@@ -84,6 +92,10 @@ def main(argv=None) -> int:
             raise common.UserError(f"--workers must be positive, got {args.workers}")
         if args.examples_per_shard < 1:
             raise common.UserError(f"--examples_per_shard must be positive, got {args.examples_per_shard}")
+        if args.open_asr < 0:
+            raise common.UserError(f"--open_asr must not be negative, got {args.open_asr}")
+        if args.open_asr and "en" not in args.languages:
+            raise common.UserError(f"--open_asr makes English speech; add en to --languages={','.join(args.languages)}")
         unknown = sorted(set(args.languages) - set(grammar.LANGUAGES))
         if unknown:
             raise common.UserError(f"unknown --languages {','.join(unknown)}; the grammar speaks "
@@ -94,7 +106,7 @@ def main(argv=None) -> int:
         manifest = corpus.make_corpus(
             args.out, args.size, seed=args.seed, workers=args.workers, snr_db=args.snr_db,
             languages=args.languages, synthesizer=args.synthesizer, examples_per_shard=args.examples_per_shard,
-            vocab_size=args.vocab_size, overwrite=args.overwrite, progress=not args.quiet,
+            vocab_size=args.vocab_size, overwrite=args.overwrite, progress=not args.quiet, open_asr=args.open_asr,
         )
         print("\n".join(summary_lines(manifest, args.out)))
         return 0

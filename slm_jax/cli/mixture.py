@@ -50,7 +50,7 @@ def _list(args) -> int:
         else:
             from slm_jax.data import corpus
 
-            info = corpus.TASKS.get(name)
+            info = corpus.ALL_TASKS.get(name)
             kind = info.description if info else type(task.source).__name__
         print(f"  {name:<28s} [{','.join(task.splits)}] {kind}")
     return 0

@@ -4,7 +4,9 @@
 
   1. plan: for every task, seeded meanings -> (text, instruction, target) and a voice, speed,
      pitch and noise; the split comes from a hash of the example id, so train, validation and
-     test never overlap and do not depend on the order of generation;
+     test never overlap and do not depend on the order of generation; opt-in tasks
+     (``OPT_IN_TASKS``: ``asr_en_open``, free-form English from ``open_text``) are added only
+     when asked for, and leave every other example as it was;
   2. speak: espeak-ng in parallel worker processes, resampled to 16 kHz mono, noise added at the
      requested SNR (``audio.add_noise``), stored as 16-bit PCM;
   3. write: TFRecord shards per task and split, each written under a temporary name and renamed
@@ -57,7 +59,7 @@ class CorpusTask:
     family: str  # 'asr' | 'ast' | 'instruct' | 'zeroshot'
     speech_lang: str
     target_lang: str
-    weight: float  # share of --size
+    weight: float  # share of --size (opt-in tasks: unused, their count is asked for)
     description: str
 
     @property
@@ -90,7 +92,17 @@ def _tasks() -> dict[str, CorpusTask]:
     return {t.name: t for t in tasks}
 
 
-TASKS: dict[str, CorpusTask] = _tasks()
+def _opt_in_tasks() -> dict[str, CorpusTask]:
+    tasks = [
+        CorpusTask("asr_en_open", "asr", "en", "en", 0.0,
+                   "speech recognition, English, free-form sentences (Markov chain over Wikipedia text)"),
+    ]
+    return {t.name: t for t in tasks}
+
+
+TASKS: dict[str, CorpusTask] = _tasks()  # every corpus has these (those its languages allow)
+OPT_IN_TASKS: dict[str, CorpusTask] = _opt_in_tasks()  # only when asked for (plan_corpus(open_asr=N))
+ALL_TASKS: dict[str, CorpusTask] = {**TASKS, **OPT_IN_TASKS}
 
 
 def split_of(example_id: str) -> str:
@@ -144,7 +156,12 @@ def _content(task: CorpusTask, rng: np.random.Generator) -> tuple[str, str, str]
     g = grammar
     name = task.name
     if task.family == "asr":
-        text = g.render(g.sample_meaning(rng), task.speech_lang)
+        if name == "asr_en_open":
+            from slm_jax.data import open_text  # reads its Markov chain on first use
+
+            text = open_text.sentence(rng)
+        else:
+            text = g.render(g.sample_meaning(rng), task.speech_lang)
         instruction = _pick(rng, ASR_INSTRUCTIONS).format(language=g.LANGUAGE_NAMES[task.speech_lang])
         return text, instruction, text
     if task.family == "ast":
@@ -199,8 +216,33 @@ def _allocate(total: int, weights: dict[str, float]) -> dict[str, int]:
     return counts
 
 
-def plan_corpus(size: int, seed: int = 0, languages: Sequence[str] = grammar.LANGUAGES) -> list[ExampleSpec]:
-    """The ``size`` examples of a corpus (no audio yet), a pure function of its arguments."""
+def _plan_example(task: CorpusTask, index: int, rng: np.random.Generator) -> ExampleSpec:
+    """Example ``index`` of ``task``: its content, then its voice, speed, pitch and noise, from ``rng``."""
+    example_id = f"{task.name}-{index:06d}"
+    text, instruction, target = _content(task, rng)
+    return ExampleSpec(
+        id=example_id, task=task.name,
+        split="test" if task.zero_shot else split_of(example_id),
+        lang=task.speech_lang, text=text, instruction=instruction, target=target,
+        voice=f"{_pick(rng, VOICES[task.speech_lang])}+{_pick(rng, VARIANTS)}",
+        speed=int(rng.integers(130, 191)), pitch=int(rng.integers(25, 76)),
+        noise=_pick(rng, ("white", "pink")), noise_seed=int(rng.integers(2**31)),
+    )
+
+
+def _stream_of(task_name: str) -> int:
+    """The random stream of an opt-in task, from its name: never the index of a weighted task, so
+    asking for an opt-in task changes no other example."""
+    return int.from_bytes(hashlib.sha256(task_name.encode()).digest()[:4], "big")
+
+
+def plan_corpus(size: int, seed: int = 0, languages: Sequence[str] = grammar.LANGUAGES,
+                open_asr: int = 0) -> list[ExampleSpec]:
+    """The ``size`` examples of a corpus (no audio yet), a pure function of its arguments.
+
+    ``open_asr`` adds that many ``asr_en_open`` examples (free-form English, ``open_text``) after
+    them; the other examples are the same with or without them.
+    """
     unknown = sorted(set(languages) - set(grammar.LANGUAGES))
     if unknown:
         raise ValueError(f"unknown languages {unknown}; the grammar speaks {list(grammar.LANGUAGES)}")
@@ -209,23 +251,22 @@ def plan_corpus(size: int, seed: int = 0, languages: Sequence[str] = grammar.LAN
     tasks = {n: t for n, t in TASKS.items() if t.languages <= set(languages)}
     if not tasks:
         raise ValueError(f"no task can be made from languages {list(languages)}")
+    opt_in = {"asr_en_open": open_asr}
+    for name, count in opt_in.items():
+        if count < 0:
+            raise ValueError(f"{name}: the number of examples must not be negative, got {count}")
+        if count and not OPT_IN_TASKS[name].languages <= set(languages):
+            raise ValueError(f"{name} needs languages {sorted(OPT_IN_TASKS[name].languages)}, "
+                             f"got {list(languages)}")
     counts = _allocate(size, {n: t.weight for n, t in tasks.items()})
     specs = []
     for task_index, name in enumerate(sorted(tasks)):
-        task = tasks[name]
         for i in range(counts[name]):
-            example_id = f"{name}-{i:06d}"
             # One generator per example: its content does not depend on the other tasks' sizes.
-            rng = np.random.default_rng([seed, task_index, i])
-            text, instruction, target = _content(task, rng)
-            specs.append(ExampleSpec(
-                id=example_id, task=name,
-                split="test" if task.zero_shot else split_of(example_id),
-                lang=task.speech_lang, text=text, instruction=instruction, target=target,
-                voice=f"{_pick(rng, VOICES[task.speech_lang])}+{_pick(rng, VARIANTS)}",
-                speed=int(rng.integers(130, 191)), pitch=int(rng.integers(25, 76)),
-                noise=_pick(rng, ("white", "pink")), noise_seed=int(rng.integers(2**31)),
-            ))
+            specs.append(_plan_example(tasks[name], i, np.random.default_rng([seed, task_index, i])))
+    for name, count in opt_in.items():
+        stream = _stream_of(name)
+        specs += [_plan_example(OPT_IN_TASKS[name], i, np.random.default_rng([seed, stream, i])) for i in range(count)]
     return specs
 
 
@@ -387,8 +428,12 @@ def make_corpus(
     vocab_size: int = 1000,
     overwrite: bool = False,
     progress: bool = True,
+    open_asr: int = 0,
 ) -> dict:
-    """Generates a corpus into ``out_dir``; returns its manifest (also written as manifest.json)."""
+    """Generates a corpus into ``out_dir``; returns its manifest (also written as manifest.json).
+
+    ``open_asr``: that many free-form English ASR examples (``asr_en_open``) besides the ``size``.
+    """
     if synthesizer not in SYNTHESIZERS:
         raise ValueError(f"unknown synthesizer {synthesizer!r}; expected one of {sorted(SYNTHESIZERS)}")
     if synthesizer == "espeak" and not espeak_available():
@@ -399,7 +444,7 @@ def make_corpus(
         if not overwrite:
             raise DataError(f"{out_dir} already holds a corpus ({MANIFEST} exists); pass --overwrite to replace it")
         os.remove(manifest_path)  # first: the directory is not a complete corpus while rewriting
-    specs = plan_corpus(size, seed, languages)
+    specs = plan_corpus(size, seed, languages, open_asr=open_asr)
     task_names = sorted({s.task for s in specs})
     os.makedirs(out_dir, exist_ok=True)
     for name in task_names:  # stale shards of an older corpus must not linger next to new ones
@@ -409,7 +454,7 @@ def make_corpus(
     for s in specs:
         totals[(s.task, s.split)] = totals.get((s.task, s.split), 0) + 1
     writers = {(t, sp): _ShardedWriter(out_dir, t, sp, totals.get((t, sp), 0), examples_per_shard)
-               for t in task_names for sp in SPLITS if not (TASKS[t].zero_shot and sp != "test")}
+               for t in task_names for sp in SPLITS if not (ALL_TASKS[t].zero_shot and sp != "test")}
 
     start = time.time()
     jobs = [_Job(s, synthesizer, snr_db) for s in specs]
@@ -434,14 +479,14 @@ def make_corpus(
         "sample_rate": SAMPLE_RATE,
         "config": {"size": size, "seed": seed, "snr_db": snr_db, "languages": list(languages),
                    "synthesizer": synthesizer, "espeak": espeak_version() if synthesizer == "espeak" else None,
-                   "examples_per_shard": examples_per_shard},
+                   "examples_per_shard": examples_per_shard, "open_asr": open_asr},
         "generation_seconds": round(elapsed, 2),
         "vocab_text": VOCAB_TEXT,
         "spm_model": spm_model,
         "tasks": {},
     }
     for name in task_names:
-        t = TASKS[name]
+        t = ALL_TASKS[name]
         splits = {}
         for (task, split), w in sorted(writers.items()):
             if task == name:
