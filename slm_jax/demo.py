@@ -6,8 +6,9 @@ Phases (each timed and reported):
   1. corpus: espeak-ng speech for ASR, AST, instruction and zero-shot tasks
      (``slm_jax.data.corpus.make_corpus``; reused when one with the same settings exists);
   2. encoder pass + step probe: the frozen encoder runs once over the corpus (cached on disk) and
-     a few real train steps measure this machine's step time;
-  3. training: ``slm_jax.train.train`` for as many steps as fit the remaining budget (or
+     a few real train steps of both objectives measure this machine's step times;
+  3. training: ``slm_jax.train.train``: ``alignment_steps`` cheap CTC alignment steps
+     (slm_jax/alignment.py), then as many next-token steps as fit the remaining budget (or
      ``--steps``), with the usual progress bar and time estimate;
   4. evaluation on the held-out test split: the SLM from speech, and the cascade (the same LLM
      given the reference transcript, and given the SLM's own transcript) from text.
@@ -38,11 +39,15 @@ class DemoSettings:
     gin_files: tuple[str, ...] = ("whisper_base_smollm2.gin",)
     gin_bindings: tuple[str, ...] = ()
     corpus_size: int = 1500
+    open_asr: int = 0  # extra free-form English ASR utterances (asr_en_open; release runs)
     languages: tuple[str, ...] = ("en", "fr")
     synthesizer: str = "espeak"
     workers: int = 2
     minutes: float = 23.0  # the whole demo, corpus to table (+ about 4 min of install: under 30)
-    steps: int | None = None  # None: as many as fit the budget
+    steps: int | None = None  # next-token steps; None: as many as fit the budget
+    # CTC alignment steps first (slm_jax/alignment.py): a few percent of a next-token step each,
+    # and on the demo corpus they carry most of the learning to hear the words.
+    alignment_steps: int = 300
     checkpoint_every: int | None = None  # None: only at the end (long runs: keep intermediate ones)
     resume: bool = False  # continue OUT_DIR/train instead of starting afresh (long runs)
     min_steps: int = 20
@@ -57,7 +62,7 @@ class DemoSettings:
 
 # --quick: a smaller corpus and evaluation, about 5 minutes in all.
 QUICK = {"corpus_size": 400, "minutes": 5.0, "eval_per_task": 4, "eval_batch_size": 4, "min_steps": 10,
-         "warmup_steps": 5}
+         "warmup_steps": 5, "alignment_steps": 150}
 
 # Evaluation cost in units of one measured train step of batch 8, for sizing the training to the
 # budget. Measured with SmolLM2-135M on the shared 2-core CPU (slm-demo --quick, 2026-11-25): a
@@ -109,11 +114,11 @@ def ensure_corpus(settings: DemoSettings) -> str:
 
     directory = os.path.join(settings.out_dir, "corpus")
     wanted = {"size": settings.corpus_size, "seed": settings.seed, "languages": list(settings.languages),
-              "synthesizer": settings.synthesizer}
+              "synthesizer": settings.synthesizer, "open_asr": settings.open_asr}
     from slm_jax.data.errors import DataError
 
     try:
-        config = corpus.load_manifest(directory)["config"]
+        config = {"open_asr": 0, **corpus.load_manifest(directory)["config"]}  # older manifests: none
         if all(config.get(k) == v for k, v in wanted.items()):
             print(f"corpus: reusing {directory} ({settings.corpus_size} utterances)", flush=True)
             return directory
@@ -123,7 +128,7 @@ def ensure_corpus(settings: DemoSettings) -> str:
           flush=True)
     corpus.make_corpus(directory, settings.corpus_size, seed=settings.seed, workers=settings.workers,
                        languages=settings.languages, synthesizer=settings.synthesizer, vocab_size=0,
-                       overwrite=True)
+                       overwrite=True, open_asr=settings.open_asr)
     return directory
 
 
@@ -132,7 +137,8 @@ def ensure_corpus(settings: DemoSettings) -> str:
 
 def probe_step_seconds(model: Any, data: Any, settings: DemoSettings, probe_steps: int = 2) -> dict[str, float]:
     """Loads the frozen models, encodes the corpus once (``data.attach_model``: cached on disk)
-    and times ``probe_steps`` real train steps on one batch after compiling for its shape.
+    and times ``probe_steps`` real train steps on one batch after compiling for its shape, for
+    the next-token objective and (with ``settings.alignment_steps``) the alignment objective.
 
     Batches are length-bucketed, so their cost varies: the probe reports seconds per padded LLM
     token (the step is close to linear in it at these lengths) and the run's plan scales it by
@@ -142,6 +148,7 @@ def probe_step_seconds(model: Any, data: Any, settings: DemoSettings, probe_step
     from slm_jax import partitioning
     from slm_jax.experiment import sample_batch
     from slm_jax.frozen import load_frozen_params
+    from slm_jax.train import alignment_vocabulary
     from slm_jax.trainer import Trainer, make_optimizer
 
     tx, schedule = make_optimizer(learning_rate=settings.learning_rate, warmup_steps=settings.warmup_steps,
@@ -154,23 +161,34 @@ def probe_step_seconds(model: Any, data: Any, settings: DemoSettings, probe_step
     loaded = time.time()
     data.attach_model(slm, frozen["speech_encoder"], model)
     encoded = time.time()
+    if settings.alignment_steps:
+        trainer.alignment_vocabulary = alignment_vocabulary(data, model)
     state = trainer.init_state(settings.seed, example)
     trainer.compile(example, jax.tree.map(lambda x: x.sharding, frozen))
     batch = next(data.train_batches(settings.batch_size, settings.seed + 1))
-    placed = trainer.place_batch(batch)
-    state, metrics = trainer.train_step(state, frozen, placed)
-    jax.block_until_ready(metrics)
-    compiled = time.time()
-    for _ in range(probe_steps):  # the same shape: no compile
-        state, metrics = trainer.train_step(state, frozen, placed)
-    jax.block_until_ready(metrics)
-    done = time.time()
+
+    def timed(objective):
+        """(seconds to compile + run one step, seconds per step after it) for ``objective``."""
+        nonlocal state
+        placed = trainer.place_batch(batch, objective)
+        began = time.time()
+        state, metrics = trainer.train_step(state, frozen, placed, objective)
+        jax.block_until_ready(metrics)
+        compiled = time.time()
+        for _ in range(probe_steps):  # the same shape: no compile
+            state, metrics = trainer.train_step(state, frozen, placed, objective)
+        jax.block_until_ready(metrics)
+        return compiled - began, (time.time() - compiled) / probe_steps
+
+    compile_seconds, step_seconds = timed("next_token")
     tokens = data.llm_tokens({"speech_frames": batch["speech_hidden"].shape[1], "prefix": batch["prefix_tokens"].shape[1],
                               "suffix": batch["suffix_tokens"].shape[1], "targets": batch["target_tokens"].shape[1]})
-    step_seconds = (done - compiled) / probe_steps
-    return {"load_seconds": loaded - started, "encode_seconds": encoded - loaded,
-            "compile_seconds": compiled - encoded, "step_seconds": step_seconds,
-            "seconds_per_llm_token": step_seconds / tokens}
+    probe = {"load_seconds": loaded - started, "encode_seconds": encoded - loaded,
+             "compile_seconds": compile_seconds, "step_seconds": step_seconds,
+             "seconds_per_llm_token": step_seconds / tokens}
+    if settings.alignment_steps:
+        probe["alignment_compile_seconds"], probe["alignment_step_seconds"] = timed("alignment")
+    return probe
 
 
 # --- phase 4: evaluation ------------------------------------------------------------------------
@@ -278,7 +296,8 @@ def statement(report: Mapping[str, Any], run: Mapping[str, Any]) -> str:
     tasks = report["slm"]["tasks"]
     lines = [
         f"Measured: the adapter ({run['adapter_params']:,} parameters; encoder and LLM frozen) trained for "
-        f"{run['steps']} steps of {run['batch_size']} ({run['steps'] * run['batch_size']:,} examples, "
+        f"{run['steps']} steps of {run['batch_size']} ({run.get('alignment_steps', 0)} of them CTC alignment; "
+        f"{run['steps'] * run['batch_size']:,} examples, "
         f"{run['epochs']:.1f} passes over {run['train_examples']:,} training utterances) in "
         f"{run['train_seconds'] / 60:.1f} min; final training loss {run.get('loss', float('nan')):.3f}.",
         f"Evaluated on {sum(int(s['examples']) for s in tasks.values())} held-out test utterances "
@@ -340,10 +359,11 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
                                f"(got {type(data).__name__})")
 
     examples = test_examples(corpus_dir, settings.eval_per_task)
+    aligning = settings.alignment_steps
     if settings.steps is not None:  # no sizing: train() loads, encodes and compiles by itself
         steps, probe = settings.steps, {}
-        print(f"plan: {steps} train steps (--steps), then evaluation on {len(examples)} test utterances",
-              flush=True)
+        print(f"plan: {aligning} alignment + {steps} next-token train steps (--steps), then evaluation on "
+              f"{len(examples)} test utterances", flush=True)
     else:
         started = time.time()
         print("loading the frozen models, encoding the corpus once, measuring the train step ...", flush=True)
@@ -351,7 +371,13 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
         clock.phase("encoder pass + step probe", started)
         print(f"  frozen weights {probe['load_seconds']:.0f} s, encoder pass {probe['encode_seconds']:.0f} s, "
               f"compile {probe['compile_seconds']:.0f} s, {probe['step_seconds']:.2f} s per step of "
-              f"{settings.batch_size}", flush=True)
+              f"{settings.batch_size}" + (f"; alignment step {probe['alignment_step_seconds']:.2f} s" if aligning else ""),
+              flush=True)
+        # The alignment phase: its steps and one compile per distinct speech length it meets.
+        align_seconds = 0.0
+        if aligning:
+            align_shapes = data.shape_plan(settings.batch_size, settings.seed, aligning)["distinct_shapes"]
+            align_seconds = aligning * probe["alignment_step_seconds"] + align_shapes * probe["alignment_compile_seconds"]
         # Evaluation is costed in steps at the corpus' full padded length (how it was calibrated).
         full_step = probe["seconds_per_llm_token"] * data.llm_tokens(data._ready().lengths)
         eval_estimate = estimate_eval_seconds(count_generate_calls(examples, settings.eval_batch_size), full_step)
@@ -359,13 +385,15 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
         # distinct shape; train() also loads the weights again.
         steps = 512
         for _ in range(2):  # the shapes met depend on the step count and the step count on them
-            shapes = data.shape_plan(settings.batch_size, settings.seed, steps)
+            shapes = data.shape_plan(settings.batch_size, settings.seed, aligning + steps)
             mean_step = probe["seconds_per_llm_token"] * shapes["mean_llm_tokens"]
-            train_overhead = probe["load_seconds"] + probe["compile_seconds"] * shapes["distinct_shapes"]
+            train_overhead = (probe["load_seconds"] + probe["compile_seconds"] * shapes["distinct_shapes"]
+                              + align_seconds)
             steps = steps_for_budget(clock.left() - train_overhead, mean_step, eval_estimate, settings.min_steps)
         probe["step_seconds"] = mean_step
         finish = clock.elapsed() + train_overhead + steps * mean_step + eval_estimate
-        print(f"plan: {steps} train steps (~{steps * mean_step / 60:.1f} min at {mean_step:.2f} s per mean step, "
+        print(f"plan: {aligning} alignment steps (~{align_seconds / 60:.1f} min), then {steps} next-token steps "
+              f"(~{steps * mean_step / 60:.1f} min at {mean_step:.2f} s per mean step, "
               f"{shapes['distinct_shapes']} batch shapes to compile), then evaluation on {len(examples)} test "
               f"utterances (~{eval_estimate / 60:.1f} min); expected total {finish / 60:.1f} min "
               f"(budget {settings.minutes:.0f} min)", flush=True)
@@ -377,13 +405,15 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     if not settings.resume:
         shutil.rmtree(model_dir, ignore_errors=True)  # the demo's own folder: every run trains afresh
     started = time.time()
-    final = train.train(model_dir, data=data, steps=steps, batch_size=settings.batch_size, seed=settings.seed,
-                        learning_rate=settings.learning_rate, warmup_steps=settings.warmup_steps,
-                        eval_every=0, checkpoint_every=settings.checkpoint_every or steps, log_every=max(1, min(25, steps // 10)))
+    total = aligning + steps
+    final = train.train(model_dir, data=data, steps=total, alignment_steps=aligning, batch_size=settings.batch_size,
+                        seed=settings.seed, learning_rate=settings.learning_rate, warmup_steps=settings.warmup_steps,
+                        eval_every=0, checkpoint_every=settings.checkpoint_every or total,
+                        log_every=max(1, min(25, total // 10)))
     train_seconds = time.time() - started
     clock.phase("training", started)
     if final.get("preempted"):  # stopped by SIGTERM: the checkpoint is saved; evaluating now would waste it
-        raise common.UserError(f"training stopped by SIGTERM at step {final['step']} of {steps}; rerun the same "
+        raise common.UserError(f"training stopped by SIGTERM at step {final['step']} of {total}; rerun the same "
                                "command with --resume to continue")
 
     started = time.time()
@@ -392,7 +422,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     clock.phase("evaluation", started)
 
     train_examples = len(data._ready().train_examples)
-    run = {"steps": step, "batch_size": settings.batch_size, "train_examples": train_examples,
+    run = {"steps": step, "alignment_steps": aligning, "batch_size": settings.batch_size, "train_examples": train_examples,
            "epochs": step * settings.batch_size / max(train_examples, 1), "train_seconds": train_seconds,
            "loss": final.get("loss", float("nan")), "adapter_params": count_params(slm.params["adapter"]),
            "step_seconds": probe.get("step_seconds"), "phases": clock.phases, "total_seconds": clock.elapsed(),

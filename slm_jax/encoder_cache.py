@@ -174,6 +174,7 @@ class CachedSpeechData:
         self._permutations: dict[tuple[int, int], np.ndarray] = {}
         self._lengths: list[dict[str, int]] | None = None
         self._sizes: list[int] | None = None
+        self._transcript_max: int | None = None
 
     def _text(self, examples: Sequence[Mapping[str, str]]):
         prompts = batching.encode_prompts(self.vocabulary, self.prompt_format, [e["instruction"] for e in examples])
@@ -197,9 +198,18 @@ class CachedSpeechData:
         out = {"speech_hidden": hidden, "speech_mask": mask, **batching.text_batch(prompts, targets, lengths)}
         if all("text" in e for e in examples):
             transcripts = transcript_token_ids(self.vocabulary, [e["text"] for e in examples])
-            length = -(-max(1, max(len(t) for t in transcripts)) // self.quanta["targets"]) * self.quanta["targets"]
-            out["transcript_tokens"], out["transcript_mask"] = batching.pad_rows(transcripts, length, "transcript")
+            out["transcript_tokens"], out["transcript_mask"] = batching.pad_rows(
+                transcripts, max(self._transcript_length(), *map(len, transcripts)), "transcript")
         return out
+
+    def _transcript_length(self) -> int:
+        """One padded transcript length for the whole corpus: the alignment step is so cheap that
+        padding costs nothing, while each extra shape would cost a compilation."""
+        if self._transcript_max is None:
+            every = [e["text"] for e in self.train_examples + self.eval_examples if "text" in e]
+            longest = max([len(t) for t in transcript_token_ids(self.vocabulary, every)], default=1)
+            self._transcript_max = -(-max(longest, 1) // self.quanta["targets"]) * self.quanta["targets"]
+        return self._transcript_max
 
     def alignment_token_ids(self) -> list[int]:
         """Every token of the training transcripts: the alignment objective's sub-vocabulary."""

@@ -102,6 +102,9 @@ def test_quick_settings():
     args = demo_cli.build_parser().parse_args(["--quick", "--steps=7"])
     settings = demo_cli.settings_from_args(args)
     assert settings.minutes == 5.0 and settings.corpus_size == 400 and settings.steps == 7
+    assert 0 < settings.alignment_steps < demo.DemoSettings().alignment_steps
+    args = demo_cli.build_parser().parse_args(["--alignment_steps=0"])
+    assert demo_cli.settings_from_args(args).alignment_steps == 0
     assert settings.eval_per_task < demo.DemoSettings().eval_per_task
 
 
@@ -112,7 +115,7 @@ def test_demo_end_to_end_on_a_tiny_model(tmp_path, capsys):
     out = tmp_path / "demo"
     settings = demo.DemoSettings(
         out_dir=str(out), gin_files=(str(gin_file),), corpus_size=70, languages=("en", "fr"),
-        synthesizer="tones", workers=1, steps=3, batch_size=8, warmup_steps=1, eval_per_task=2,
+        synthesizer="tones", workers=1, steps=3, alignment_steps=2, batch_size=8, warmup_steps=1, eval_per_task=2,
         eval_batch_size=2, max_new_tokens=8, minutes=5,
         gin_bindings=(f"CachedCorpusData.vocabulary='corpus:{out / 'corpus'}'",),
     )
@@ -120,7 +123,8 @@ def test_demo_end_to_end_on_a_tiny_model(tmp_path, capsys):
     printed = capsys.readouterr().out
 
     saved = json.loads((out / "report.json").read_text())
-    assert saved["run"]["steps"] == 3 and report["run"]["steps"] == 3
+    # 2 CTC alignment steps, then the 3 next-token steps.
+    assert saved["run"]["steps"] == 5 and report["run"]["steps"] == 5 and saved["run"]["alignment_steps"] == 2
     tasks = set(saved["slm"]["tasks"])
     manifest = json.loads((out / "corpus" / "manifest.json").read_text())
     with_test = {t for t, info in manifest["tasks"].items() if info["splits"].get("test", {}).get("examples")}
@@ -130,7 +134,7 @@ def test_demo_end_to_end_on_a_tiny_model(tmp_path, capsys):
     assert set(saved["cascade_own"]["tasks"]) == set(saved["cascade_reference"]["tasks"])
     assert all(0 <= s["wer"] for t, s in saved["slm"]["tasks"].items() if t.startswith("asr_"))
     assert "WER" in printed and "cascade (reference text)" in printed and "Measured:" in printed
-    assert os.path.isdir(out / "train" / "3")  # the checkpoint slm-infer reads
+    assert os.path.isdir(out / "train" / "5")  # the checkpoint slm-infer reads
 
     assert "tone sequences standing in for speech" in printed  # says what the audio was
 
@@ -142,7 +146,7 @@ def test_demo_end_to_end_on_a_tiny_model(tmp_path, capsys):
     release.export_release(str(out / "train"), str(out / "release"), model, data, note="test")
     trained, _ = inference.load_trained(str(out / "train"), model, data)
     shipped, step = inference.load_trained(str(out / "release"), model, data)
-    assert step == 3 and release.directory_bytes(out / "release") < release.directory_bytes(out / "train") / 3
+    assert step == 5 and release.directory_bytes(out / "release") < release.directory_bytes(out / "train") / 3
     for a, b in zip(jax.tree.leaves(trained.params["adapter"]), jax.tree.leaves(shipped.params["adapter"])):
         assert b.dtype == np.float32
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-3, atol=1e-6)
@@ -156,8 +160,8 @@ def test_demo_end_to_end_on_a_tiny_model(tmp_path, capsys):
     # planned batches' shapes (a short budget: at least min_steps).
     sized = demo.run_demo(dataclasses.replace(settings, steps=None, minutes=1.0, min_steps=2))
     printed = capsys.readouterr().out
-    assert "batch shapes to compile" in printed and "s per mean step" in printed
-    assert sized["run"]["steps"] >= 2 and sized["run"]["step_seconds"] > 0
+    assert "batch shapes to compile" in printed and "s per mean step" in printed and "2 alignment steps" in printed
+    assert sized["run"]["steps"] >= 4 and sized["run"]["step_seconds"] > 0
 
 
 def test_cascade_puts_the_transcript_in_the_speech_slot(tmp_path):

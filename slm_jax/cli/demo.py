@@ -17,7 +17,9 @@ Train and show a speech language model on this machine, offline: frozen pretrain
   1. synthesise a speech corpus with espeak-ng (ASR, speech translation, instruction tasks, and
      zero-shot tasks whose instructions never occur in training) into OUT_DIR/corpus;
   2. run the frozen encoder once over it (cached) and measure this machine's train step;
-  3. train the adapter for as many steps as fit the time budget (or --steps);
+  3. train the adapter: first --alignment_steps cheap CTC steps that align its outputs with the
+     LLM's token embeddings, then next-token steps through the frozen LLM, as many as fit the
+     time budget (or --steps);
   4. evaluate on held-out speech: WER (ASR), BLEU (translation), accuracy (instructions),
      next to the cascade baseline (the same LLM given the reference transcript, and given the
      model's own transcript), and say plainly what was measured.
@@ -39,9 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="the 5-minute version")
     parser.add_argument("--minutes", type=float, default=None,
                         help=f"time budget for the whole demo (default {defaults.minutes:g}; --quick: 5)")
-    parser.add_argument("--steps", type=int, default=None, help="train exactly this many steps (no budget sizing)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="train exactly this many next-token steps after the alignment steps (no budget sizing)")
+    parser.add_argument("--alignment_steps", type=int, default=None,
+                        help=f"CTC alignment steps before the next-token steps (default {defaults.alignment_steps}; "
+                             "--quick: 150; 0: none). Cheap: no LLM forward pass")
     parser.add_argument("--corpus_size", type=int, default=None,
                         help=f"utterances to synthesise (default {defaults.corpus_size}; --quick: 400)")
+    parser.add_argument("--open_asr", type=int, default=0,
+                        help="also synthesise this many free-form English sentences (task asr_en_open, "
+                             "Wikipedia-like word sequences) for a wider vocabulary; used by the release run")
     parser.add_argument("--languages", default=",".join(defaults.languages),
                         help="speech/target languages of the corpus (en, fr, de, es)")
     parser.add_argument("--synthesizer", default=defaults.synthesizer, choices=["espeak", "tones"],
@@ -67,9 +76,11 @@ def settings_from_args(args: argparse.Namespace):
     from slm_jax.demo import QUICK, DemoSettings
 
     values = dict(QUICK) if args.quick else {}
-    for name in ("minutes", "steps", "corpus_size", "eval_per_task", "checkpoint_every"):
+    for name in ("minutes", "steps", "corpus_size", "eval_per_task", "checkpoint_every", "alignment_steps"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
+    if values.get("alignment_steps", 0) < 0:
+        raise common.UserError(f"--alignment_steps must be 0 or more, got {values['alignment_steps']}")
     for name in ("minutes", "steps", "corpus_size", "eval_per_task", "batch_size", "checkpoint_every",
                  "learning_rate"):
         value = values.get(name, getattr(args, name, None))
@@ -82,7 +93,9 @@ def settings_from_args(args: argparse.Namespace):
     if unknown or "en" not in languages:
         raise common.UserError(f"--languages must include en and only use {', '.join(grammar.LANGUAGES)}; "
                                f"got {args.languages!r}")
-    settings = DemoSettings(out_dir=args.out_dir, languages=languages, synthesizer=args.synthesizer,
+    if args.open_asr < 0:
+        raise common.UserError(f"--open_asr must be 0 or more, got {args.open_asr}")
+    settings = DemoSettings(out_dir=args.out_dir, open_asr=args.open_asr, languages=languages, synthesizer=args.synthesizer,
                             batch_size=args.batch_size, learning_rate=args.learning_rate, resume=args.resume,
                             **values)
     if args.gin_file:
