@@ -98,6 +98,25 @@ def test_cli_rejects_bad_flags(capsys):
     assert "zero-shot" in capsys.readouterr().out
 
 
+def test_corpus_is_reused_only_with_the_same_free_form_sentence_count(tmp_path, monkeypatch):
+    from slm_jax.data import corpus
+
+    made = []
+    # A manifest written before --open_asr existed has no such key: it means none.
+    config = {"size": 70, "seed": 0, "languages": ["en", "fr"], "synthesizer": "tones"}
+    monkeypatch.setattr(corpus, "load_manifest", lambda directory: {"config": config})
+    monkeypatch.setattr(corpus, "make_corpus", lambda directory, size, **kw: made.append(kw["open_asr"]))
+    settings = demo.DemoSettings(out_dir=str(tmp_path), corpus_size=70, synthesizer="tones")
+    demo.ensure_corpus(settings)
+    assert made == []
+    demo.ensure_corpus(dataclasses.replace(settings, open_asr=5))
+    assert made == [5]
+    config["open_asr"] = 5
+    demo.ensure_corpus(dataclasses.replace(settings, open_asr=5))
+    assert made == [5]
+    assert demo_cli.main(["--open_asr=-1"]) == 2
+
+
 def test_quick_settings():
     args = demo_cli.build_parser().parse_args(["--quick", "--steps=7"])
     settings = demo_cli.settings_from_args(args)
