@@ -47,7 +47,7 @@ class DemoSettings:
     steps: int | None = None  # next-token steps; None: as many as fit the budget
     # CTC alignment steps first (slm_jax/alignment.py): a few percent of a next-token step each,
     # and on the demo corpus they carry most of the learning to hear the words.
-    alignment_steps: int = 300
+    alignment_steps: int = 600
     checkpoint_every: int | None = None  # None: only at the end (long runs: keep intermediate ones)
     resume: bool = False  # continue OUT_DIR/train instead of starting afresh (long runs)
     min_steps: int = 20
