@@ -108,13 +108,15 @@ def load_trained(checkpoint: str, model: ModelSpec, data: Any) -> tuple[SpeechLa
     trainer = Trainer(model.build(), optimizer, schedule, mesh)
     example = sample_batch(1, data.feature_lengths)
     abstract = trainer.abstract_state(example)
-    checkpointing.check_compatible(
-        checkpointer.read_metadata(step),
-        checkpointing.describe_state(abstract.adapter_params, model.frozen_sources),
-        directory,
-    )
-    state, _ = checkpointer.restore(step, abstract)
-    checkpointer.close()
+    try:  # closed on refusal too: an open Orbax manager's threads fail noisily at exit
+        checkpointing.check_compatible(
+            checkpointer.read_metadata(step),
+            checkpointing.describe_state(abstract.adapter_params, model.frozen_sources),
+            directory,
+        )
+        state, _ = checkpointer.restore(step, abstract)
+    finally:
+        checkpointer.close()
     frozen = load_frozen_params(trainer, model, example)
     return SpeechLanguageModel(model, frozen, state.adapter_params, data.vocabulary, data.prompt_format), step
 

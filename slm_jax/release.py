@@ -32,11 +32,13 @@ def _restore_training_state(checkpoint: str, model: Any, data: Any):
     optimizer, schedule = make_optimizer(name=_optimizer_name())
     trainer = Trainer(model.build(), optimizer, schedule, partitioning.make_mesh(data=1, devices=jax.devices()[:1]))
     abstract = trainer.abstract_state(sample_batch(1, data.feature_lengths))
-    metadata = source.read_metadata(step)
-    checkpointing.check_compatible(
-        metadata, checkpointing.describe_state(abstract.adapter_params, model.frozen_sources), directory)
-    state, position = source.restore(step, abstract)
-    source.close()
+    try:  # closed on refusal too: an open Orbax manager's threads fail noisily at exit
+        metadata = source.read_metadata(step)
+        checkpointing.check_compatible(
+            metadata, checkpointing.describe_state(abstract.adapter_params, model.frozen_sources), directory)
+        state, position = source.restore(step, abstract)
+    finally:
+        source.close()
     return state, position, metadata, step, directory
 
 
