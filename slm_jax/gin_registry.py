@@ -10,7 +10,7 @@ import importlib
 
 import gin
 
-from slm_jax import cached_corpus, experiment, prompting, synthetic_data, train  # noqa: F401
+from slm_jax import augment, cached_corpus, experiment, prompting, synthetic_data, train  # noqa: F401
 from slm_jax.models import adapter
 
 _REGISTERED = False
@@ -27,6 +27,7 @@ def register_all() -> None:
     _REGISTERED = True
     _register(experiment.ModelSpec, "slm_jax.experiment")
     _register(adapter.AdapterConfig, "slm_jax.models.adapter")
+    _register(augment.SpeechMasking, "slm_jax.augment")
     _register(synthetic_data.SyntheticData, "slm_jax.synthetic_data")
     _register(cached_corpus.CachedCorpusData, "slm_jax.cached_corpus")
     _register(prompting.PromptFormat, "slm_jax.prompting")

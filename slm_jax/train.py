@@ -19,6 +19,7 @@ import numpy as np
 
 from slm_jax import checkpointing, partitioning
 from slm_jax.alignment import AlignmentVocabulary
+from slm_jax.augment import SpeechMasking
 from slm_jax.experiment import ModelSpec, sample_batch
 from slm_jax.frozen import load_frozen_params
 from slm_jax.models import registry
@@ -136,12 +137,14 @@ def train(
     max_to_keep: int = 3,
     max_nonfinite_streak: int = 10,
     alignment_steps: int = 0,
+    speech_masking: SpeechMasking | None = None,
 ) -> dict[str, Any]:
     """Trains the adapter for ``steps`` steps; returns the final metrics.
 
     The first ``alignment_steps`` of them use the CTC alignment objective (slm_jax/alignment.py:
     no LLM forward pass, a small fraction of a next-token step's cost), the rest the next-token
     loss through the frozen LLM. One optimizer and learning-rate schedule spans both.
+    ``speech_masking`` (slm_jax/augment.py) masks spans of the encoder output in training steps.
 
     ``log_every``, ``eval_every`` and ``checkpoint_every`` may be 0 (never; the last step is still
     checkpointed). After ``max_nonfinite_streak`` consecutive steps with a non-finite loss or
@@ -160,19 +163,19 @@ def train(
                       weight_decay=weight_decay, clip_norm=clip_norm, optimizer=optimizer, log_every=log_every,
                       eval_every=eval_every, eval_batches=eval_batches, checkpoint_every=checkpoint_every,
                       max_to_keep=max_to_keep, max_nonfinite_streak=max_nonfinite_streak,
-                      alignment_steps=alignment_steps)
+                      alignment_steps=alignment_steps, speech_masking=speech_masking)
 
 
 def _train(model_dir, preemption, *, model, data, steps, batch_size, seed, mesh_shape, learning_rate, warmup_steps,
            weight_decay, clip_norm, optimizer, log_every, eval_every, eval_batches, checkpoint_every, max_to_keep,
-           max_nonfinite_streak, alignment_steps) -> dict[str, Any]:
+           max_nonfinite_streak, alignment_steps, speech_masking) -> dict[str, Any]:
     mesh = partitioning.make_mesh(**partitioning.parse_mesh_spec(mesh_shape))
     tx, schedule = make_optimizer(
         learning_rate=learning_rate, warmup_steps=warmup_steps, total_steps=steps,
         weight_decay=weight_decay, clip_norm=clip_norm, name=optimizer,
     )
     slm = model.build()
-    trainer = Trainer(slm, tx, schedule, mesh)
+    trainer = Trainer(slm, tx, schedule, mesh, speech_masking=speech_masking, masking_seed=seed)
     host_batch = batch_size // jax.process_count()
     if host_batch * jax.process_count() != batch_size:
         raise ValueError(f"batch_size {batch_size} is not divisible by {jax.process_count()} processes")

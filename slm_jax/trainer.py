@@ -11,7 +11,9 @@ What is frozen and how that is enforced:
 
 Two objectives share the state, optimizer and guards: 'next_token' (the answer tokens' cross
 entropy through the frozen LLM) and 'alignment' (CTC of the adapter outputs against the LLM's
-token embeddings, slm_jax/alignment.py; cheap, used to start training).
+token embeddings, slm_jax/alignment.py; cheap, used to start training). Optionally the speech
+encoder's output is masked in training steps (``speech_masking``, slm_jax/augment.py), from a key
+derived from (seed, step) so that resumed runs mask the same.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from jax.sharding import Mesh
 
 from slm_jax import partitioning
 from slm_jax.alignment import AlignmentVocabulary, ctc_alignment_loss
+from slm_jax.augment import SpeechMasking, mask_speech
 from slm_jax.models.slm import SLM, masked_cross_entropy, merge_params
 
 Batch = Mapping[str, Any]
@@ -113,9 +116,13 @@ class Trainer:
         mesh: Mesh,
         rules=partitioning.DEFAULT_RULES,
         alignment_vocabulary: AlignmentVocabulary | None = None,
+        speech_masking: SpeechMasking | None = None,
+        masking_seed: int = 0,
     ):
         self.model = model
         self.alignment_vocabulary = alignment_vocabulary
+        self.speech_masking = speech_masking
+        self.masking_seed = masking_seed
         self.optimizer = optimizer
         self.schedule = schedule
         self.mesh = mesh
@@ -233,15 +240,20 @@ class Trainer:
                                                   batch["transcript_mask"])
         return loss_sum / jnp.maximum(num_tokens, 1.0), (loss_sum, num_tokens)
 
-    def loss_and_grads(self, adapter_params, frozen, batch, objective: str = "next_token"):
-        """(loss, (loss_sum, num_tokens)), adapter gradients. Exposed for tests and tools."""
+    def loss_and_grads(self, adapter_params, frozen, batch, objective: str = "next_token", masking_rng=None):
+        """(loss, (loss_sum, num_tokens)), adapter gradients. Exposed for tests and tools.
+        With ``masking_rng`` (and ``speech_masking`` set) the encoder output is masked first."""
         speech, speech_mask = self._speech(frozen, batch)
+        if masking_rng is not None and self.speech_masking is not None:
+            speech = mask_speech(masking_rng, speech, speech_mask, self.speech_masking)
         loss = self._loss if objective == "next_token" else self._alignment_loss
         return jax.value_and_grad(loss, has_aux=True)(adapter_params, frozen, speech, speech_mask, batch)
 
     def _train_step_fn(self, state: TrainState, frozen, batch, objective: str):
         with nn.logical_axis_rules(self.rules):
-            (loss, (_, num_tokens)), grads = self.loss_and_grads(state.adapter_params, frozen, batch, objective)
+            masking_rng = jax.random.fold_in(jax.random.key(self.masking_seed), state.step)
+            (loss, (_, num_tokens)), grads = self.loss_and_grads(state.adapter_params, frozen, batch, objective,
+                                                                 masking_rng)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt_state = self.optimizer.update(grads, state.opt_state, state.adapter_params)

@@ -19,6 +19,9 @@ test split only). A SentencePiece vocabulary (spm.model) is trained on the train
 Opt-in: --open_asr=N adds N examples of asr_en_open, free-form English sentences (5 to 20 words,
 a large vocabulary) from a seeded walk over a Markov chain of Wikipedia text (the package
 essential-generators), so that a model does not learn only the grammar's templates.
+--flite_share=F gives about that share of the English utterances a flite voice (awb, rms, kal16;
+Debian package flite) instead of espeak-ng's: a second synthesiser family, so that a model does
+not learn the sound of one synthesiser only.
 
 The directory is complete when manifest.json exists (written last, atomically); readers refuse a
 directory without it, so an interrupted run is never read half-done.
@@ -27,7 +30,7 @@ examples:
   slm-make-corpus --out=data/tiny --size=300
   slm-make-corpus --out=data/corpus --size=2000 --workers=4 --snr_db=20
   slm-make-corpus --out=data/en_fr --size=500 --languages=en,fr
-  slm-make-corpus --out=data/open --size=2000 --open_asr=1000
+  slm-make-corpus --out=data/open --size=2000 --open_asr=1000 --flite_share=0.5
 """
 
 
@@ -83,6 +86,9 @@ def main(argv=None) -> int:
         parser.add_argument("--open_asr", type=int, default=0, metavar="N",
                             help="also N free-form English ASR examples (task asr_en_open, besides --size; "
                                  "needs en in --languages) (default 0: none)")
+        parser.add_argument("--flite_share", type=float, default=0.0, metavar="F",
+                            help="share (0..1) of English utterances spoken by flite voices instead of "
+                                 "espeak-ng (needs the flite package) (default 0)")
         parser.add_argument("--overwrite", action="store_true", help="replace an existing corpus in --out")
         parser.add_argument("--quiet", action="store_true", help="no progress bar")
         args = parser.parse_args(argv)
@@ -96,6 +102,8 @@ def main(argv=None) -> int:
             raise common.UserError(f"--open_asr must not be negative, got {args.open_asr}")
         if args.open_asr and "en" not in args.languages:
             raise common.UserError(f"--open_asr makes English speech; add en to --languages={','.join(args.languages)}")
+        if not 0.0 <= args.flite_share <= 1.0:
+            raise common.UserError(f"--flite_share must be between 0 and 1, got {args.flite_share}")
         unknown = sorted(set(args.languages) - set(grammar.LANGUAGES))
         if unknown:
             raise common.UserError(f"unknown --languages {','.join(unknown)}; the grammar speaks "
@@ -107,6 +115,7 @@ def main(argv=None) -> int:
             args.out, args.size, seed=args.seed, workers=args.workers, snr_db=args.snr_db,
             languages=args.languages, synthesizer=args.synthesizer, examples_per_shard=args.examples_per_shard,
             vocab_size=args.vocab_size, overwrite=args.overwrite, progress=not args.quiet, open_asr=args.open_asr,
+            flite_share=args.flite_share,
         )
         print("\n".join(summary_lines(manifest, args.out)))
         return 0

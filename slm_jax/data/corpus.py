@@ -7,7 +7,8 @@
      test never overlap and do not depend on the order of generation; opt-in tasks
      (``OPT_IN_TASKS``: ``asr_en_open``, free-form English from ``open_text``) are added only
      when asked for, and leave every other example as it was;
-  2. speak: espeak-ng in parallel worker processes, resampled to 16 kHz mono, noise added at the
+  2. speak: espeak-ng (and, opt-in, flite's statistical voices for a share of the English
+     utterances: ``flite_share``) in parallel worker processes, resampled to 16 kHz mono, noise added at the
      requested SNR (``audio.add_noise``), stored as 16-bit PCM;
   3. write: TFRecord shards per task and split, each written under a temporary name and renamed
      when complete, then ``manifest.json`` (written last, also atomically) and the text file from
@@ -31,6 +32,7 @@ import os
 import shutil
 import struct
 import subprocess
+import tempfile
 import time
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -121,6 +123,12 @@ VOICES = {
     "es": ("es", "es-419"),
 }
 VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m7", "f1", "f2", "f3", "f4")
+# flite (Debian package flite) voices for English, a different synthesiser family from espeak-ng's
+# formant voices: awb and rms are clustergen voices built from CMU ARCTIC recordings of two
+# speakers, kal16 a diphone voice. flite's slt is left out on purpose: it is built from ARCTIC
+# speaker slt, whose real recording is in release/real_speech (the real-speech evaluation).
+FLITE_VOICES = ("awb", "rms", "kal16")
+FLITE_PREFIX = "flite:"
 
 ASR_INSTRUCTIONS = ("Transcribe the speech.", "Write down what was said.", "Transcribe the {language} speech.")
 AST_INSTRUCTIONS = ("Translate the speech into {language}.", "Translate what was said into {language}.",
@@ -237,12 +245,16 @@ def _stream_of(task_name: str) -> int:
 
 
 def plan_corpus(size: int, seed: int = 0, languages: Sequence[str] = grammar.LANGUAGES,
-                open_asr: int = 0) -> list[ExampleSpec]:
+                open_asr: int = 0, flite_share: float = 0.0) -> list[ExampleSpec]:
     """The ``size`` examples of a corpus (no audio yet), a pure function of its arguments.
 
     ``open_asr`` adds that many ``asr_en_open`` examples (free-form English, ``open_text``) after
-    them; the other examples are the same with or without them.
+    them; the other examples are the same with or without them. ``flite_share`` (0..1) gives about
+    that share of the English utterances a flite voice instead of espeak-ng's; only the voice
+    changes (drawn from a stream of its own), never the text, split or other examples.
     """
+    if not 0.0 <= flite_share <= 1.0:
+        raise ValueError(f"flite_share must be between 0 and 1, got {flite_share}")
     unknown = sorted(set(languages) - set(grammar.LANGUAGES))
     if unknown:
         raise ValueError(f"unknown languages {unknown}; the grammar speaks {list(grammar.LANGUAGES)}")
@@ -267,7 +279,18 @@ def plan_corpus(size: int, seed: int = 0, languages: Sequence[str] = grammar.LAN
     for name, count in opt_in.items():
         stream = _stream_of(name)
         specs += [_plan_example(OPT_IN_TASKS[name], i, np.random.default_rng([seed, stream, i])) for i in range(count)]
+    if flite_share > 0:
+        specs = [_with_flite_voice(s, seed, flite_share) for s in specs]
     return specs
+
+
+def _with_flite_voice(spec: ExampleSpec, seed: int, share: float) -> ExampleSpec:
+    if spec.lang != "en":
+        return spec
+    rng = np.random.default_rng([seed, _stream_of("flite"), _stream_of(spec.id)])
+    if rng.random() >= share:
+        return spec
+    return dataclasses.replace(spec, voice=FLITE_PREFIX + _pick(rng, FLITE_VOICES))
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,6 +317,27 @@ def speak_espeak(text: str, voice: str, speed: int, pitch: int) -> tuple[np.ndar
         raise DataError(f"espeak-ng failed for {text!r} ({' '.join(cmd[:7])}): "
                         f"{result.stderr.decode(errors='replace').strip() or 'no audio'}")
     samples, rate = soundfile.read(io.BytesIO(result.stdout), dtype="float32")
+    return samples, rate
+
+
+def flite_available() -> bool:
+    return shutil.which("flite") is not None
+
+
+def speak_flite(text: str, voice: str, speed: int, pitch: int) -> tuple[np.ndarray, int]:
+    """flite's waveform for ``text`` in ``voice`` ('flite:rms'); espeak's speed range (130..190
+    words/min, 160 typical) becomes flite's duration stretch. flite keeps its voice's own pitch."""
+    import soundfile
+
+    del pitch
+    name = voice[len(FLITE_PREFIX):]
+    with tempfile.NamedTemporaryFile(suffix=".wav") as out:
+        cmd = ["flite", "-voice", name, "--setf", f"duration_stretch={160.0 / speed:.3f}", "-t", text, "-o", out.name]
+        result = subprocess.run(cmd, capture_output=True)
+        if result.returncode != 0 or os.path.getsize(out.name) <= 44:
+            raise DataError(f"flite failed for {text!r} (voice {name}): "
+                            f"{result.stderr.decode(errors='replace').strip() or 'no audio'}")
+        samples, rate = soundfile.read(out.name, dtype="float32")
     return samples, rate
 
 
@@ -333,7 +377,10 @@ class _Job:
 def synthesize(job: _Job) -> tuple[ExampleSpec, bytes]:
     """Speaks one example: 16 kHz mono 16-bit PCM bytes (runs in a worker process)."""
     spec = job.spec
-    samples, rate = SYNTHESIZERS[job.synthesizer](spec.text, spec.voice, spec.speed, spec.pitch)
+    speak = SYNTHESIZERS[job.synthesizer]
+    if job.synthesizer == "espeak" and spec.voice.startswith(FLITE_PREFIX):
+        speak = speak_flite
+    samples, rate = speak(spec.text, spec.voice, spec.speed, spec.pitch)
     samples = audio_lib.check_audio(samples, rate, SAMPLE_RATE, name=f"example {spec.id} ({spec.text!r})")
     samples = audio_lib.add_noise(samples, job.snr_db, spec.noise, np.random.default_rng(spec.noise_seed))
     return spec, audio_lib.to_pcm16(samples)
@@ -429,22 +476,27 @@ def make_corpus(
     overwrite: bool = False,
     progress: bool = True,
     open_asr: int = 0,
+    flite_share: float = 0.0,
 ) -> dict:
     """Generates a corpus into ``out_dir``; returns its manifest (also written as manifest.json).
 
     ``open_asr``: that many free-form English ASR examples (``asr_en_open``) besides the ``size``.
+    ``flite_share``: about that share of the English utterances spoken by flite voices.
     """
     if synthesizer not in SYNTHESIZERS:
         raise ValueError(f"unknown synthesizer {synthesizer!r}; expected one of {sorted(SYNTHESIZERS)}")
     if synthesizer == "espeak" and not espeak_available():
         raise DataError("espeak-ng is not installed (Debian/Ubuntu: apt-get install espeak-ng); "
                         "or use --synthesizer=tones for a stand-in corpus")
+    if flite_share > 0 and synthesizer == "espeak" and not flite_available():
+        raise DataError("flite is not installed (Debian/Ubuntu: apt-get install flite); it speaks the "
+                        f"--flite_share={flite_share} of English utterances")
     manifest_path = os.path.join(out_dir, MANIFEST)
     if os.path.exists(manifest_path):
         if not overwrite:
             raise DataError(f"{out_dir} already holds a corpus ({MANIFEST} exists); pass --overwrite to replace it")
         os.remove(manifest_path)  # first: the directory is not a complete corpus while rewriting
-    specs = plan_corpus(size, seed, languages, open_asr=open_asr)
+    specs = plan_corpus(size, seed, languages, open_asr=open_asr, flite_share=flite_share)
     task_names = sorted({s.task for s in specs})
     os.makedirs(out_dir, exist_ok=True)
     for name in task_names:  # stale shards of an older corpus must not linger next to new ones
@@ -479,7 +531,7 @@ def make_corpus(
         "sample_rate": SAMPLE_RATE,
         "config": {"size": size, "seed": seed, "snr_db": snr_db, "languages": list(languages),
                    "synthesizer": synthesizer, "espeak": espeak_version() if synthesizer == "espeak" else None,
-                   "examples_per_shard": examples_per_shard, "open_asr": open_asr},
+                   "examples_per_shard": examples_per_shard, "open_asr": open_asr, "flite_share": flite_share},
         "generation_seconds": round(elapsed, 2),
         "vocab_text": VOCAB_TEXT,
         "spm_model": spm_model,
