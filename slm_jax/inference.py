@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 
-from slm_jax import batching, decoding
+from slm_jax import alignment, batching, decoding
 from slm_jax.experiment import ModelSpec
 from slm_jax.models import registry
 from slm_jax.models.slm import SLM, merge_params
@@ -32,6 +32,7 @@ class SpeechLanguageModel:
     def __init__(
         self, model: ModelSpec, frozen: Mapping[str, Any], adapter_params: Any, vocabulary: Any,
         prompt_format: PromptFormat, audio_bucket_frames: int = 200, token_bucket: int = 8,
+        alignment_token_ids: Sequence[int] | None = None,
     ):
         self.spec = model
         self.slm: SLM = model.build()
@@ -41,6 +42,10 @@ class SpeechLanguageModel:
         self.prompt_format = prompt_format
         self.audio_bucket_frames = audio_bucket_frames
         self.token_bucket = token_bucket
+        # The sub-vocabulary of the alignment objective the adapter was trained with, if any.
+        self.alignment_vocabulary = (
+            alignment.AlignmentVocabulary(alignment_token_ids, registry.llm_vocab_size(model.llm))
+            if alignment_token_ids else None)
 
     @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("max_new_tokens", "num_beams"))
     def _generate(self, params, batch, start_tokens, *, max_new_tokens: int, num_beams: int):
@@ -56,6 +61,28 @@ class SpeechLanguageModel:
             self.llm, params["llm"], prompt, prompt_mask, start_tokens, max_new_tokens,
             eos_id=int(self.vocabulary.eos_id), num_beams=num_beams,
         )
+
+    @functools.partial(jax.jit, static_argnums=(0,))
+    def _alignment_logits(self, params, audio, audio_mask, token_ids):
+        variables = {"params": params}
+        hidden, mask = self.slm.apply(variables, audio, audio_mask, method=SLM.encode_speech)
+        return self.slm.apply(variables, hidden, mask, token_ids, method=SLM.alignment_logits)
+
+    def transcribe_ctc(self, features: Sequence[np.ndarray]) -> list[str]:
+        """What the adapter itself 'says', without the LLM: the best path of its CTC head over the
+        alignment sub-vocabulary (only for adapters trained with alignment steps). A diagnostic of
+        the speech-to-embedding alignment, not the model's answer."""
+        if self.alignment_vocabulary is None:
+            raise ValueError("this checkpoint has no alignment vocabulary: it was trained without alignment "
+                             "steps (train.alignment_steps) or before checkpoints recorded it")
+        if not features:
+            return []
+        audio, audio_mask = batching.pad_frames(
+            features, _bucket(max(f.shape[0] for f in features), self.audio_bucket_frames))
+        ids = np.asarray(self.alignment_vocabulary.ids, np.int32)
+        logits, frame_mask = self._alignment_logits(self.params, audio, audio_mask, ids)
+        decoded = alignment.greedy_decode(np.asarray(logits), np.asarray(frame_mask), self.alignment_vocabulary)
+        return [self.vocabulary.decode(tokens).strip() for tokens in decoded]
 
     def generate(
         self, features: Sequence[np.ndarray], instructions: Sequence[str] | str, max_new_tokens: int = 64,
@@ -109,8 +136,9 @@ def load_trained(checkpoint: str, model: ModelSpec, data: Any) -> tuple[SpeechLa
     example = sample_batch(1, data.feature_lengths)
     abstract = trainer.abstract_state(example)
     try:  # closed on refusal too: an open Orbax manager's threads fail noisily at exit
+        metadata = checkpointer.read_metadata(step)
         checkpointing.check_compatible(
-            checkpointer.read_metadata(step),
+            metadata,
             checkpointing.describe_state(abstract.adapter_params, model.frozen_sources),
             directory,
         )
@@ -118,7 +146,8 @@ def load_trained(checkpoint: str, model: ModelSpec, data: Any) -> tuple[SpeechLa
     finally:
         checkpointer.close()
     frozen = load_frozen_params(trainer, model, example)
-    return SpeechLanguageModel(model, frozen, state.adapter_params, data.vocabulary, data.prompt_format), step
+    return SpeechLanguageModel(model, frozen, state.adapter_params, data.vocabulary, data.prompt_format,
+                               alignment_token_ids=metadata.get("alignment_token_ids")), step
 
 
 def _optimizer_name() -> str:

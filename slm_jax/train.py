@@ -207,6 +207,9 @@ def _train(model_dir, preemption, *, model, data, steps, batch_size, seed, mesh_
         data.attach_model(slm, frozen["speech_encoder"], model)
     if alignment_steps:
         trainer.alignment_vocabulary = alignment_vocabulary(data, model)
+        # Kept with each checkpoint: the adapter's CTC head can then be read without the corpus
+        # (slm-eval --decoder=ctc).
+        metadata = {**metadata, "alignment_token_ids": [int(i) for i in trainer.alignment_vocabulary.ids]}
     checkpointer = checkpointing.Checkpointer(model_dir, max_to_keep=max_to_keep)
     try:
         return _loop(model_dir, preemption, trainer, checkpointer, frozen, example, metadata, restored, data=data, steps=steps, batch_size=batch_size, host_batch=host_batch, seed=seed,

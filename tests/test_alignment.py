@@ -151,6 +151,11 @@ def test_train_runs_the_alignment_steps_first_then_the_next_token_loss(tmp_path,
                    warmup_steps=1)
     assert objectives == ["alignment"] * 3 + ["next_token"] * 2
     assert result["step"] == 5 and np.isfinite(result["loss"])
+    # The checkpoint records the sub-vocabulary, so its CTC head can be read without the corpus.
+    from slm_jax import checkpointing
+
+    metadata = checkpointing.read_metadata(str(tmp_path / "run"), 5)
+    assert metadata["alignment_token_ids"] == sorted({b + 3 for w in WORDS for b in w.encode()})
 
 
 def test_alignment_without_transcripts_is_a_clear_error(tmp_path):

@@ -50,3 +50,32 @@ def test_mismatched_instruction_count_is_refused():
     slm = _model("t5")
     with pytest.raises(ValueError, match="2 audio inputs but 3 instructions"):
         slm.generate([np.zeros((10, 80), np.float32)] * 2, ["a", "b", "c"])
+
+
+def test_ctc_transcript_is_the_adapters_best_path_and_needs_an_alignment_vocabulary():
+    import jax.numpy as jnp
+
+    from slm_jax import alignment
+    from slm_jax.models.slm import SLM
+
+    plain = _model("llama")
+    with pytest.raises(ValueError, match="no alignment vocabulary"):
+        plain.transcribe_ctc([np.zeros((10, 80), np.float32)])
+    ids = [ord(c) + 3 for c in "abcdefghij "]  # byte-vocabulary ids of these characters
+    slm = SpeechLanguageModel(plain.spec, {k: v for k, v in plain.params.items() if k != "adapter"},
+                              plain.params["adapter"], VOCAB, CHATML_PROMPT, audio_bucket_frames=16,
+                              alignment_token_ids=ids)
+    rng = np.random.default_rng(1)
+    short, long = rng.normal(size=(20, 80)).astype(np.float32), rng.normal(size=(44, 80)).astype(np.float32)
+    together = slm.transcribe_ctc([short, long])
+    assert together == [slm.transcribe_ctc([short])[0], slm.transcribe_ctc([long])[0]]
+    # The same best path computed directly (the input padded to its bucket, 48 frames, as generate pads).
+    padded = np.zeros((1, 48, 80), np.float32)
+    padded[0, :44] = long
+    hidden, mask = slm.slm.apply({"params": slm.params}, jnp.asarray(padded), jnp.arange(48)[None] < 44,
+                                 method=SLM.encode_speech)
+    logits, frame_mask = slm.slm.apply({"params": slm.params}, hidden, mask, jnp.asarray(slm.alignment_vocabulary.ids),
+                                       method=SLM.alignment_logits)
+    direct = alignment.greedy_decode(np.asarray(logits), np.asarray(frame_mask), slm.alignment_vocabulary)[0]
+    assert together[1] == VOCAB.decode(direct).strip()
+    assert set(together[1]) <= set("abcdefghij ")

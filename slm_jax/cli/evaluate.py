@@ -17,10 +17,17 @@ per-task metrics and every prediction: WER for ASR (asr_*, biasing), BLEU for sp
 With --audio_tsv, score your own recordings instead: a TSV of "path<TAB>transcript" lines (paths
 relative to the TSV's folder), each transcribed with --instruction and scored by WER.
 
+With --decoder=ctc, the LLM is not run: each utterance is transcribed by the adapter's own CTC
+head (its best path over the alignment sub-vocabulary; adapters trained with alignment steps
+only). A diagnostic of how well the speech is aligned with the LLM's token embeddings; score ASR
+tasks with it.
+
 examples:
   slm-eval --gin_file=gin/whisper_base_smollm2.gin --checkpoint=runs/default --out=report.json
   slm-eval --gin_file=gin/whisper_base_smollm2.gin --checkpoint=release/whisper_base_smollm2 \\
       --audio_tsv=release/real_speech/transcripts.tsv --out=real_speech.json
+  slm-eval --gin_file=gin/whisper_base_smollm2.gin --checkpoint=runs/default --decoder=ctc \
+      --audio_tsv=release/real_speech/transcripts.tsv --out=real_speech_ctc.json
   slm-eval --gin_file=gin/tiny.gin --checkpoint=runs/tiny --tasks=asr_en,ast_en_fr --split=validation
 """
 
@@ -95,6 +102,9 @@ def main(argv=None) -> int:
         parser.add_argument("--max_examples_per_task", type=int, default=None)
         parser.add_argument("--batch_size", type=int, default=8)
         parser.add_argument("--num_beams", type=int, default=1)
+        parser.add_argument("--decoder", choices=["llm", "ctc"], default="llm",
+                            help="llm: the model's answer (default); ctc: the adapter's CTC transcript, "
+                                 "no LLM (adapters trained with alignment steps)")
         parser.add_argument("--max_new_tokens", type=int, default=64)
         parser.add_argument("--audio_tsv", default=None,
                             help="score these recordings (lines 'path<TAB>transcript') instead of a corpus split")
@@ -122,14 +132,19 @@ def main(argv=None) -> int:
                 ex["features"] = audio.log_mel_spectrogram(ex["audio"])
         model = gin.query_parameter("train.model").scoped_configurable_fn()
         slm, step = inference.load_trained(args.checkpoint, model, data)
+        if args.decoder == "ctc" and slm.alignment_vocabulary is None:
+            raise common.UserError(f"--decoder=ctc: checkpoint {args.checkpoint} records no alignment vocabulary "
+                                   "(trained without train.alignment_steps, or before checkpoints kept it)")
 
         def answer(batch):
+            if args.decoder == "ctc":
+                return slm.transcribe_ctc([e["features"] for e in batch])
             return slm.generate([e["features"] for e in batch], [e["instruction"] for e in batch],
                                 max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
 
         report = evaluation.evaluate(examples, answer, batch_size=args.batch_size)
         report.update({"checkpoint": os.path.abspath(args.checkpoint), "step": step, "split": args.split,
-                       **source, "num_beams": args.num_beams})
+                       **source, "num_beams": args.num_beams, "decoder": args.decoder})
         tmp = args.out + ".tmp"
         with open(tmp, "w") as f:
             json.dump(report, f, indent=1, ensure_ascii=False)
