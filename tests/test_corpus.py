@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -189,3 +190,42 @@ def test_snr_controls_the_noise_level():
     n = np.frombuffer(noisy, "<i2").astype(np.float64)
     snr = 10 * np.log10(np.mean(c**2) / np.mean((n - c) ** 2))
     assert snr == pytest.approx(10.0, abs=0.5)
+
+
+# --------------------------------------------------------------------------------------------
+# flite voices (--flite_share)
+# --------------------------------------------------------------------------------------------
+def test_flite_share_changes_only_the_voices_of_english_utterances():
+    plain = corpus.plan_corpus(200, seed=4, open_asr=20)
+    mixed = corpus.plan_corpus(200, seed=4, open_asr=20, flite_share=0.5)
+    assert len(plain) == len(mixed)
+    flite = 0
+    for a, b in zip(plain, mixed):
+        if b.voice.startswith(corpus.FLITE_PREFIX):
+            flite += 1
+            assert a.lang == "en" and b.voice[len(corpus.FLITE_PREFIX):] in corpus.FLITE_VOICES
+            b = b.__class__(**{**b.__dict__, "voice": a.voice})
+        assert a == b  # text, instruction, target, split, speed, noise: unchanged
+    english = sum(s.lang == "en" for s in plain)
+    assert 0.35 * english < flite < 0.65 * english
+    assert corpus.plan_corpus(200, seed=4, open_asr=20, flite_share=0.5) == mixed  # deterministic
+    assert all(not s.voice.startswith(corpus.FLITE_PREFIX) for s in corpus.plan_corpus(50, flite_share=0.0))
+    assert "slt" not in corpus.FLITE_VOICES  # a real-speech evaluation speaker (release/real_speech)
+    with pytest.raises(ValueError, match="flite_share"):
+        corpus.plan_corpus(10, flite_share=1.5)
+
+
+@pytest.mark.skipif(not corpus.flite_available(), reason="flite is not installed (apt-get install flite)")
+def test_flite_speaks_at_the_corpus_rate_and_speed_stretches_it():
+    spec = next(s for s in corpus.plan_corpus(40, seed=1, flite_share=1.0) if s.lang == "en")
+    slow = corpus.synthesize(corpus._Job(dataclasses.replace(spec, speed=130), "espeak", float("inf")))[1]
+    fast = corpus.synthesize(corpus._Job(dataclasses.replace(spec, speed=190), "espeak", float("inf")))[1]
+    samples = np.frombuffer(slow, "<i2")
+    assert samples.size > corpus.SAMPLE_RATE // 2 and np.abs(samples).max() > 1000  # real, audible speech
+    assert len(slow) > 1.2 * len(fast)
+
+
+def test_make_corpus_cli_rejects_a_bad_flite_share(tmp_path, capsys):
+    assert make_corpus_cli.main([f"--out={tmp_path / 'c'}", "--size=8", "--synthesizer=tones", "--quiet",
+                                 "--flite_share=2"]) == 2
+    assert "--flite_share must be between 0 and 1" in capsys.readouterr().err
