@@ -10,6 +10,12 @@ being spoken, or "nothing" (CTC's blank), scored with CTC against the transcript
   logits[b, t, 0]     = 0                                  (blank: the zero vector's score)
   logits[b, t, 1 + k] = <adapter_out[b, t], E[ids[k]]>     (E: the frozen LLM's input embeddings)
 
+Centred scoring (``AlignmentVocabulary(centered=True)``): both sides have the sub-vocabulary's
+mean embedding removed before the dot product. SmolLM2's input embeddings share a large common
+direction (mean |cosine| between random token embeddings 0.45), which the plain dot product gives
+to every token alike; centring scores only what tells tokens apart. The adapter still outputs in
+the LLM's own (uncentred) embedding space.
+
 ``ids`` is a fixed sub-vocabulary (every token of the training transcripts): scoring against all
 49k SmolLM2 embeddings per frame would cost more than the adapter itself. The objective needs no
 LLM forward pass, so a step costs a few percent of a next-token step; training runs it for the
@@ -34,13 +40,14 @@ class AlignmentVocabulary:
     CTC class 0 is the blank; class ``1 + k`` is LLM token ``ids[k]``.
     """
 
-    def __init__(self, token_ids: Iterable[int], vocab_size: int):
+    def __init__(self, token_ids: Iterable[int], vocab_size: int, centered: bool = False):
         ids = np.unique(np.asarray(list(token_ids), np.int64))
         if ids.size == 0:
             raise ValueError("the alignment vocabulary is empty: no transcript has any token")
         if ids[0] < 0 or ids[-1] >= vocab_size:
             raise ValueError(f"alignment token ids must lie in [0, {vocab_size}); got {ids[0]}..{ids[-1]}")
         self.ids = ids.astype(np.int32)
+        self.centered = bool(centered)
         # LLM id -> CTC class; -1 for tokens outside the sub-vocabulary.
         self.classes = np.full((vocab_size,), -1, np.int32)
         self.classes[self.ids] = np.arange(1, ids.size + 1, dtype=np.int32)
@@ -58,9 +65,14 @@ class AlignmentVocabulary:
         return classes
 
 
-def alignment_logits(speech_embeds: jax.Array, token_embeddings: jax.Array) -> jax.Array:
-    """[B, T, D] adapter outputs, [V, D] embeddings of the sub-vocabulary -> [B, T, 1 + V] logits."""
-    scores = jnp.einsum("btd,vd->btv", speech_embeds.astype(jnp.float32), token_embeddings.astype(jnp.float32))
+def alignment_logits(speech_embeds: jax.Array, token_embeddings: jax.Array, centered: bool = False) -> jax.Array:
+    """[B, T, D] adapter outputs, [V, D] embeddings of the sub-vocabulary -> [B, T, 1 + V] logits.
+    ``centered``: the embeddings' mean is removed from both sides first (module docstring)."""
+    speech_embeds, token_embeddings = speech_embeds.astype(jnp.float32), token_embeddings.astype(jnp.float32)
+    if centered:
+        mean = jnp.mean(token_embeddings, axis=0)
+        speech_embeds, token_embeddings = speech_embeds - mean, token_embeddings - mean
+    scores = jnp.einsum("btd,vd->btv", speech_embeds, token_embeddings)
     return jnp.concatenate([jnp.zeros(scores.shape[:2] + (1,), scores.dtype), scores], axis=-1)
 
 

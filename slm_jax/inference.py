@@ -32,7 +32,7 @@ class SpeechLanguageModel:
     def __init__(
         self, model: ModelSpec, frozen: Mapping[str, Any], adapter_params: Any, vocabulary: Any,
         prompt_format: PromptFormat, audio_bucket_frames: int = 200, token_bucket: int = 8,
-        alignment_token_ids: Sequence[int] | None = None,
+        alignment_token_ids: Sequence[int] | None = None, alignment_centered: bool = False,
     ):
         self.spec = model
         self.slm: SLM = model.build()
@@ -44,7 +44,7 @@ class SpeechLanguageModel:
         self.token_bucket = token_bucket
         # The sub-vocabulary of the alignment objective the adapter was trained with, if any.
         self.alignment_vocabulary = (
-            alignment.AlignmentVocabulary(alignment_token_ids, registry.llm_vocab_size(model.llm))
+            alignment.AlignmentVocabulary(alignment_token_ids, registry.llm_vocab_size(model.llm), alignment_centered)
             if alignment_token_ids else None)
 
     @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("max_new_tokens", "num_beams"))
@@ -62,11 +62,11 @@ class SpeechLanguageModel:
             eos_id=int(self.vocabulary.eos_id), num_beams=num_beams,
         )
 
-    @functools.partial(jax.jit, static_argnums=(0,))
-    def _alignment_logits(self, params, audio, audio_mask, token_ids):
+    @functools.partial(jax.jit, static_argnums=(0, 5))
+    def _alignment_logits(self, params, audio, audio_mask, token_ids, centered):
         variables = {"params": params}
         hidden, mask = self.slm.apply(variables, audio, audio_mask, method=SLM.encode_speech)
-        return self.slm.apply(variables, hidden, mask, token_ids, method=SLM.alignment_logits)
+        return self.slm.apply(variables, hidden, mask, token_ids, centered, method=SLM.alignment_logits)
 
     def transcribe_ctc(self, features: Sequence[np.ndarray]) -> list[str]:
         """What the adapter itself 'says', without the LLM: the best path of its CTC head over the
@@ -80,7 +80,8 @@ class SpeechLanguageModel:
         audio, audio_mask = batching.pad_frames(
             features, _bucket(max(f.shape[0] for f in features), self.audio_bucket_frames))
         ids = np.asarray(self.alignment_vocabulary.ids, np.int32)
-        logits, frame_mask = self._alignment_logits(self.params, audio, audio_mask, ids)
+        logits, frame_mask = self._alignment_logits(self.params, audio, audio_mask, ids,
+                                                    self.alignment_vocabulary.centered)
         decoded = alignment.greedy_decode(np.asarray(logits), np.asarray(frame_mask), self.alignment_vocabulary)
         return [self.vocabulary.decode(tokens).strip() for tokens in decoded]
 
@@ -147,7 +148,8 @@ def load_trained(checkpoint: str, model: ModelSpec, data: Any) -> tuple[SpeechLa
         checkpointer.close()
     frozen = load_frozen_params(trainer, model, example)
     return SpeechLanguageModel(model, frozen, state.adapter_params, data.vocabulary, data.prompt_format,
-                               alignment_token_ids=metadata.get("alignment_token_ids")), step
+                               alignment_token_ids=metadata.get("alignment_token_ids"),
+                               alignment_centered=bool(metadata.get("alignment_centered", False))), step
 
 
 def _optimizer_name() -> str:

@@ -138,6 +138,7 @@ def train(
     max_nonfinite_streak: int = 10,
     alignment_steps: int = 0,
     speech_masking: SpeechMasking | None = None,
+    alignment_centered: bool = False,
 ) -> dict[str, Any]:
     """Trains the adapter for ``steps`` steps; returns the final metrics.
 
@@ -145,6 +146,7 @@ def train(
     no LLM forward pass, a small fraction of a next-token step's cost), the rest the next-token
     loss through the frozen LLM. One optimizer and learning-rate schedule spans both.
     ``speech_masking`` (slm_jax/augment.py) masks spans of the encoder output in training steps.
+    ``alignment_centered`` scores the alignment against mean-centred embeddings (slm_jax/alignment.py).
 
     ``log_every``, ``eval_every`` and ``checkpoint_every`` may be 0 (never; the last step is still
     checkpointed). After ``max_nonfinite_streak`` consecutive steps with a non-finite loss or
@@ -163,12 +165,13 @@ def train(
                       weight_decay=weight_decay, clip_norm=clip_norm, optimizer=optimizer, log_every=log_every,
                       eval_every=eval_every, eval_batches=eval_batches, checkpoint_every=checkpoint_every,
                       max_to_keep=max_to_keep, max_nonfinite_streak=max_nonfinite_streak,
-                      alignment_steps=alignment_steps, speech_masking=speech_masking)
+                      alignment_steps=alignment_steps, speech_masking=speech_masking,
+                      alignment_centered=alignment_centered)
 
 
 def _train(model_dir, preemption, *, model, data, steps, batch_size, seed, mesh_shape, learning_rate, warmup_steps,
            weight_decay, clip_norm, optimizer, log_every, eval_every, eval_batches, checkpoint_every, max_to_keep,
-           max_nonfinite_streak, alignment_steps, speech_masking) -> dict[str, Any]:
+           max_nonfinite_streak, alignment_steps, speech_masking, alignment_centered) -> dict[str, Any]:
     mesh = partitioning.make_mesh(**partitioning.parse_mesh_spec(mesh_shape))
     tx, schedule = make_optimizer(
         learning_rate=learning_rate, warmup_steps=warmup_steps, total_steps=steps,
@@ -206,10 +209,11 @@ def _train(model_dir, preemption, *, model, data, steps, batch_size, seed, mesh_
     if hasattr(data, "attach_model"):  # e.g. CachedCorpusData: runs the frozen encoder once, offline
         data.attach_model(slm, frozen["speech_encoder"], model)
     if alignment_steps:
-        trainer.alignment_vocabulary = alignment_vocabulary(data, model)
+        trainer.alignment_vocabulary = alignment_vocabulary(data, model, alignment_centered)
         # Kept with each checkpoint: the adapter's CTC head can then be read without the corpus
         # (slm-eval --decoder=ctc).
-        metadata = {**metadata, "alignment_token_ids": [int(i) for i in trainer.alignment_vocabulary.ids]}
+        metadata = {**metadata, "alignment_token_ids": [int(i) for i in trainer.alignment_vocabulary.ids],
+                    "alignment_centered": trainer.alignment_vocabulary.centered}
     checkpointer = checkpointing.Checkpointer(model_dir, max_to_keep=max_to_keep)
     try:
         return _loop(model_dir, preemption, trainer, checkpointer, frozen, example, metadata, restored, data=data, steps=steps, batch_size=batch_size, host_batch=host_batch, seed=seed,
@@ -220,14 +224,14 @@ def _train(model_dir, preemption, *, model, data, steps, batch_size, seed, mesh_
         checkpointer.close()
 
 
-def alignment_vocabulary(data: DataSource, model: ModelSpec) -> AlignmentVocabulary:
+def alignment_vocabulary(data: DataSource, model: ModelSpec, centered: bool = False) -> AlignmentVocabulary:
     """The alignment objective's sub-vocabulary: every token of the data's training transcripts."""
     if not hasattr(data, "alignment_token_ids"):
         from slm_jax.errors import UserError
 
         raise UserError(f"train.alignment_steps needs transcripts; the data source {type(data).__name__} has "
                         "none (use CachedCorpusData, as gin/whisper_base_smollm2.gin does, or alignment_steps=0)")
-    vocabulary = AlignmentVocabulary(data.alignment_token_ids(), registry.llm_vocab_size(model.llm))
+    vocabulary = AlignmentVocabulary(data.alignment_token_ids(), registry.llm_vocab_size(model.llm), centered)
     log.info("alignment objective: %d distinct transcript tokens", len(vocabulary))
     return vocabulary
 

@@ -235,7 +235,7 @@ class Trainer:
         params = merge_params(adapter_params, {"llm": frozen["llm"]})
         token_ids = jnp.asarray(self.alignment_vocabulary.ids)  # a constant of the compiled step
         logits, frame_mask = self.model.apply({"params": params}, speech, speech_mask, token_ids,
-                                              method=SLM.alignment_logits)
+                                              self.alignment_vocabulary.centered, method=SLM.alignment_logits)
         loss_sum, num_tokens = ctc_alignment_loss(logits, frame_mask, batch["transcript_tokens"],
                                                   batch["transcript_mask"])
         return loss_sum / jnp.maximum(num_tokens, 1.0), (loss_sum, num_tokens)

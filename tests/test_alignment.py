@@ -156,6 +156,7 @@ def test_train_runs_the_alignment_steps_first_then_the_next_token_loss(tmp_path,
 
     metadata = checkpointing.read_metadata(str(tmp_path / "run"), 5)
     assert metadata["alignment_token_ids"] == sorted({b + 3 for w in WORDS for b in w.encode()})
+    assert metadata["alignment_centered"] is False
 
 
 def test_alignment_without_transcripts_is_a_clear_error(tmp_path):
@@ -164,3 +165,19 @@ def test_alignment_without_transcripts_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="no transcript"):
         train(str(tmp_path / "b"), model=model_spec(llm="llama"), data=_source(with_text=False), steps=2,
               batch_size=8, alignment_steps=1, eval_every=0)
+
+
+def test_centred_scores_ignore_a_direction_common_to_all_embeddings():
+    rng = np.random.default_rng(0)
+    table = rng.normal(size=(12, 6)).astype(np.float32)
+    speech = rng.normal(size=(2, 5, 6)).astype(np.float32)
+    common = 4.0 * rng.normal(size=6).astype(np.float32)
+    centred = np.asarray(alignment.alignment_logits(jnp.asarray(speech), jnp.asarray(table), centered=True))
+    mean = table.mean(0)
+    np.testing.assert_allclose(centred[..., 1:], np.einsum("btd,vd->btv", speech - mean, table - mean), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(centred[..., 0], 0.0)  # the blank stays the zero score
+    # Shifting every embedding and the speech by one vector changes plain scores, not centred ones.
+    shifted = np.asarray(alignment.alignment_logits(jnp.asarray(speech + common), jnp.asarray(table + common), centered=True))
+    np.testing.assert_allclose(shifted, centred, rtol=1e-4, atol=1e-4)
+    plain = np.asarray(alignment.alignment_logits(jnp.asarray(speech + common), jnp.asarray(table + common)))
+    assert np.abs(plain - np.asarray(alignment.alignment_logits(jnp.asarray(speech), jnp.asarray(table)))).max() > 1.0

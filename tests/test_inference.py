@@ -53,18 +53,23 @@ def test_mismatched_instruction_count_is_refused():
 
 
 def test_ctc_transcript_is_the_adapters_best_path_and_needs_an_alignment_vocabulary():
+    plain = _model("llama")
+    with pytest.raises(ValueError, match="no alignment vocabulary"):
+        plain.transcribe_ctc([np.zeros((10, 80), np.float32)])
+    ids = [ord(c) + 3 for c in "abcdefghij "]  # byte-vocabulary ids of these characters
+    for centered in (False, True):
+        slm = SpeechLanguageModel(plain.spec, {k: v for k, v in plain.params.items() if k != "adapter"},
+                                  plain.params["adapter"], VOCAB, CHATML_PROMPT, audio_bucket_frames=16,
+                                  alignment_token_ids=ids, alignment_centered=centered)
+        _check_ctc_transcript(slm, centered)
+
+
+def _check_ctc_transcript(slm, centered):
     import jax.numpy as jnp
 
     from slm_jax import alignment
     from slm_jax.models.slm import SLM
 
-    plain = _model("llama")
-    with pytest.raises(ValueError, match="no alignment vocabulary"):
-        plain.transcribe_ctc([np.zeros((10, 80), np.float32)])
-    ids = [ord(c) + 3 for c in "abcdefghij "]  # byte-vocabulary ids of these characters
-    slm = SpeechLanguageModel(plain.spec, {k: v for k, v in plain.params.items() if k != "adapter"},
-                              plain.params["adapter"], VOCAB, CHATML_PROMPT, audio_bucket_frames=16,
-                              alignment_token_ids=ids)
     rng = np.random.default_rng(1)
     short, long = rng.normal(size=(20, 80)).astype(np.float32), rng.normal(size=(44, 80)).astype(np.float32)
     together = slm.transcribe_ctc([short, long])
@@ -75,7 +80,7 @@ def test_ctc_transcript_is_the_adapters_best_path_and_needs_an_alignment_vocabul
     hidden, mask = slm.slm.apply({"params": slm.params}, jnp.asarray(padded), jnp.arange(48)[None] < 44,
                                  method=SLM.encode_speech)
     logits, frame_mask = slm.slm.apply({"params": slm.params}, hidden, mask, jnp.asarray(slm.alignment_vocabulary.ids),
-                                       method=SLM.alignment_logits)
+                                       centered, method=SLM.alignment_logits)
     direct = alignment.greedy_decode(np.asarray(logits), np.asarray(frame_mask), slm.alignment_vocabulary)[0]
     assert together[1] == VOCAB.decode(direct).strip()
     assert set(together[1]) <= set("abcdefghij ")

@@ -79,13 +79,13 @@ class SLM(nn.Module):
         return self.llm.logits(hidden)
 
     def alignment_logits(
-        self, speech_hidden: jax.Array, speech_mask: jax.Array, token_ids: jax.Array
+        self, speech_hidden: jax.Array, speech_mask: jax.Array, token_ids: jax.Array, centered: bool = False
     ) -> tuple[jax.Array, jax.Array]:
         """CTC logits of the adapter's outputs against the LLM's embeddings of ``token_ids`` [V]
         (slm_jax/alignment.py): [B, T', 1 + V] and the frame mask. No LLM layer runs."""
         speech_embeds, speech_mask = self.adapt(speech_hidden, speech_mask)
         table = self.llm.embed(token_ids[None, :])[0]
-        return alignment.alignment_logits(speech_embeds, table), speech_mask
+        return alignment.alignment_logits(speech_embeds, table, centered), speech_mask
 
     def __call__(self, batch: Mapping[str, jax.Array]) -> jax.Array:
         """Full forward from log-mel features (used for initialisation and tests)."""
