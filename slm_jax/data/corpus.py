@@ -7,8 +7,8 @@
      test never overlap and do not depend on the order of generation; opt-in tasks
      (``OPT_IN_TASKS``: ``asr_en_open``, free-form English from ``open_text``) are added only
      when asked for, and leave every other example as it was;
-  2. speak: espeak-ng (and, opt-in, flite's statistical voices for a share of the English
-     utterances: ``flite_share``) in parallel worker processes, resampled to 16 kHz mono, noise added at the
+  2. speak: espeak-ng (and, opt-in, flite's voices for a share of the English utterances:
+     ``flite_share``) in parallel worker processes, resampled to 16 kHz mono, noise added at the
      requested SNR (``audio.add_noise``), stored as 16-bit PCM;
   3. write: TFRecord shards per task and split, each written under a temporary name and renamed
      when complete, then ``manifest.json`` (written last, also atomically) and the text file from
