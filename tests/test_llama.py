@@ -224,6 +224,34 @@ def test_remat_policies_give_the_same_values_and_gradients(llama_pair):
         assert relative_error(value, base_value) < 1e-5 and relative_error(grad, base_grad) < 1e-5
 
 
+def test_causal_query_blocks_match_hf_and_the_unblocked_gradients(pair):
+    """Blocked causal self-attention (``causal_query_block``; the parity tests above run
+    sequences shorter than the default block, so unblocked) against HF on an uneven split
+    (19 = 5 + 5 + 5 + 4), and its gradients against the unblocked attention's with right
+    padding: equal on every real position."""
+    _, reference, cfg, params = pair
+    blocked, unblocked = (dataclasses.replace(cfg, causal_query_block=n) for n in (5, 0))
+    ids = np.random.RandomState(3).randint(0, VOCAB, (2, 19))
+    with torch.no_grad():
+        want = reference(torch.tensor(ids)).logits.numpy()
+    assert relative_error(_logits(blocked, params, jnp.asarray(ids)), want) < 1e-4
+
+    mask = np.ones((2, 19), np.int32)
+    mask[1, 12:] = 0
+    embeds = jax.random.normal(jax.random.PRNGKey(4), (2, 19, cfg.hidden_size))
+
+    def loss(x, c):
+        hidden, _ = Llama(c).apply({"params": params}, x, jnp.asarray(mask))
+        return jnp.sum((hidden ** 2) * mask[..., None])
+
+    value_and_grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+    (value, grad), (base_value, base_grad) = value_and_grad(embeds, blocked), value_and_grad(embeds, unblocked)
+    assert relative_error(value, base_value) < 1e-5
+    assert relative_error(grad * mask[..., None], base_grad * mask[..., None]) < 1e-5
+    with pytest.raises(ValueError, match="causal_query_block"):
+        dataclasses.replace(cfg, causal_query_block=-1)
+
+
 # --- presets ----------------------------------------------------------------------------------
 
 def _abstract_param_count(cfg: LlamaConfig) -> int:

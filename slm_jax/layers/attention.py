@@ -52,20 +52,42 @@ def causal_mask(q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
 
 def attend(
     q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None, bias: jax.Array | None,
-    scale: float, implementation: str | None = None,
+    scale: float, implementation: str | None = None, causal_block: int | None = None,
 ) -> jax.Array:
     """Scaled dot-product attention. q [B,Q,N,D], k/v [B,K,Nkv,D], mask bool [B,1|N,Q,K].
 
     Goes through ``jax.nn.dot_product_attention`` (XLA on CPU/TPU, cuDNN flash attention on GPU
     when ``implementation='cudnn'``), which handles grouped-query attention natively.
+
+    ``causal_block``: the caller promises causal self-attention by slot (Q == K and ``mask``
+    hides key j from query i whenever j > i). Queries then go in blocks of this many and each
+    block attends only to the keys up to its own last slot. XLA computes and differentiates
+    the whole masked score matrix otherwise; skipping its upper triangle saves about a quarter
+    of a long sequence's step on the CPU (the layer microbenchmark in bench/README.md). Rows
+    with at least one visible key come out the same; a row with none (left padding) is
+    undefined either way.
     """
     if bias is not None:
         bias = bias.astype(q.dtype)
     if mask is not None and mask.shape[1] not in (1, q.shape[2]):
         raise ValueError(f"mask heads dim {mask.shape[1]} must be 1 or {q.shape[2]}")
-    return jax.nn.dot_product_attention(
-        q, k, v, bias=bias, mask=mask, scale=scale, implementation=implementation
-    )
+    length = q.shape[1]
+    if causal_block is None or implementation == "cudnn" or length <= causal_block:
+        return jax.nn.dot_product_attention(
+            q, k, v, bias=bias, mask=mask, scale=scale, implementation=implementation
+        )
+    if k.shape[1] != length:
+        raise ValueError(f"causal_block needs self-attention (as many keys as queries); got {length} queries, "
+                         f"{k.shape[1]} keys")
+    blocks = []
+    for start in range(0, length, causal_block):  # static shapes: one piece per block, unrolled
+        end = min(start + causal_block, length)
+        piece = lambda a: None if a is None else a[..., start:end, :end]  # noqa: E731
+        blocks.append(jax.nn.dot_product_attention(
+            q[:, start:end], k[:, :end], v[:, :end], bias=piece(bias), mask=piece(mask), scale=scale,
+            implementation=implementation,
+        ))
+    return jnp.concatenate(blocks, axis=1)
 
 
 class Attention(nn.Module):
@@ -83,6 +105,9 @@ class Attention(nn.Module):
     param_dtype: Any = jnp.float32
     kernel_init: Any = nn.initializers.lecun_normal()
     implementation: str | None = None
+    # Set only by callers whose uncached self-attention mask is causal by slot (decoders):
+    # see ``attend``. Cached decoding and cross-attention never use it.
+    causal_block: int | None = None
 
     def setup(self):
         kv_heads = self.num_kv_heads or self.num_heads
@@ -142,6 +167,8 @@ class Attention(nn.Module):
                 new_cache = KVCache(k, v)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
         scale = self.scale if self.scale is not None else self.head_dim ** -0.5
+        uncached_self_attention = cache is None and kv_input is None
         y = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, bias=bias, scale=scale,
-                   implementation=self.implementation)
+                   implementation=self.implementation,
+                   causal_block=self.causal_block if uncached_self_attention else None)
         return self.out(y), new_cache

@@ -61,6 +61,9 @@ class LlamaConfig:
     norm_scale_offset: float = 0.0  # Gemma stores RMSNorm scales as (scale - 1)
     embedding_init_std: float = 0.02  # random initialisation only (HF's initializer_range)
     attention_implementation: str | None = None  # passed to jax.nn.dot_product_attention
+    # Uncached (training, prefill) self-attention in query blocks of this many, each attending
+    # only to keys up to its own slot: skips the causal mask's upper triangle. 0 = off.
+    causal_query_block: int = 128
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -72,6 +75,8 @@ class LlamaConfig:
             raise ValueError(f"head_dim {self.head_dim} must be even for rotary embeddings")
         get_activation(self.activation)
         check_remat_policy(self.remat_policy)
+        if self.causal_query_block < 0:
+            raise ValueError(f"causal_query_block must be >= 0 (0 = off), got {self.causal_query_block}")
         object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
         object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype))
 
@@ -147,6 +152,7 @@ class LlamaLayer(nn.Module):
             dtype=cfg.dtype,
             param_dtype=cfg.param_dtype,
             implementation=cfg.attention_implementation,
+            causal_block=cfg.causal_query_block or None,
         )
         self.post_attention_norm = norm()
         self.mlp = MLP(
