@@ -101,6 +101,9 @@ def rows(results: Mapping[str, Any]) -> list[tuple[str, ...]]:
         out.append(_row("growth: bare step", _case(r["case"], r["llm_tokens"]),
                         f"{eps['slm-jax']:.2f} ex/s, +{_mib(rss['slm-jax'])}",
                         f"{eps['torch']:.2f} ex/s, +{_mib(rss['torch'])}", r["speedup_vs_torch"], None))
+        for name, speedup in r.get("speedup_vs_variant", {}).items():
+            out.append(_row(f"  same, default vs {name}", _case(r["case"], r["llm_tokens"]),
+                            f"{eps['slm-jax']:.2f} ex/s", f"{eps[f'slm-jax {name}']:.2f} ex/s", speedup, None))
     return out
 
 

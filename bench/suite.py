@@ -33,6 +33,8 @@ class Plan:
     scaling_batches: tuple[int, ...]
     scaling_seconds_at_batch: float
     bare_variants: dict[str, dict[str, Any]]
+    # LLM config overrides timed beside each scaling case (the same step without an optimisation)
+    scaling_variants: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     # padding: a demo-style corpus of this many utterances, batches of this size, this many
     # batches (16 = one length-grouping window, so both sides see the same examples)
     padding_corpus: int = 400
@@ -45,6 +47,7 @@ FULL = Plan(
     prompt_tokens=141, new_tokens=32, scaling_seconds=(5.0, 30.0, 60.0), scaling_batch_at_seconds=2,
     scaling_batches=(1,), scaling_seconds_at_batch=10.0,
     bare_variants={"bf16 LLM compute": {"dtype": "bfloat16"}, "remat full": {"remat_policy": "full"}},
+    scaling_variants={"unblocked causal attention": {"causal_query_block": 0}},
 )
 QUICK = Plan(
     repeats=2, bare=Case(8, 6.4), e2e=Case(2, 10.0), decode_cases=((1, 1),), prompt_tokens=141,
@@ -55,7 +58,9 @@ QUICK = Plan(
 TOY = Plan(
     repeats=1, bare=Case(2, 1.0, 4, 4, 4), e2e=Case(2, 1.0, 4, 4, 4), decode_cases=((2, 1),), prompt_tokens=8,
     new_tokens=4, scaling_seconds=(1.0,), scaling_batch_at_seconds=1, scaling_batches=(), scaling_seconds_at_batch=1.0,
-    bare_variants={}, padding_corpus=120, padding_batch=2,
+    # toy sequences are shorter than the default query block: the variant blocks them instead
+    bare_variants={}, scaling_variants={"query blocks of 4": {"causal_query_block": 4}},
+    padding_corpus=120, padding_batch=2,
 )
 
 
@@ -83,10 +88,15 @@ def _scaling(weights_name: str, plan: Plan) -> list[dict[str, Any]]:
               if Case(b, plan.scaling_seconds_at_batch) not in cases]
     rows = []
     for case in cases:
-        r = train_step.bare_step(weights_name, case, plan.repeats)
+        r = train_step.bare_step(weights_name, case, plan.repeats, plan.scaling_variants)
+        default = r["sides"]["slm-jax"]["median_s"]
         rows.append({"case": r["case"], "llm_tokens": r["llm_tokens"],
                      "examples_per_s": {n: s["examples_per_s"] for n, s in r["sides"].items()},
                      "speedup_vs_torch": r["speedup_vs_torch"]["slm-jax"],
+                     # how much faster the default step is than each variant (median step times)
+                     "speedup_vs_variant": {n: r["sides"][f"slm-jax {n}"]["median_s"] / default
+                                            for n in plan.scaling_variants},
+                     "first_step_loss": r["first_step_loss"],
                      "step_peak_extra_rss_bytes": r["memory"]["step_peak_extra_rss_bytes"]})
     return rows
 

@@ -71,3 +71,17 @@ def test_padding_section_runs_both_sides_on_the_same_examples():
     assert r["encoder_frames"]["max"] <= r["fixed_lengths"]["speech_frames"]
     rows = report.rows({"padding": r})
     assert rows[0][0].startswith("train step, length-grouped") and rows[0][4].endswith("x")
+
+
+def test_scaling_section_times_the_variant_on_the_same_losses():
+    """The scaling rows carry the default step against the same step with another attention
+    blocking (toy plan: blocks of 4), which must compute the same loss."""
+    from bench import report, suite
+
+    [r] = suite._scaling("toy", suite.TOY)
+    losses = r["first_step_loss"]
+    assert losses["slm-jax query blocks of 4"] == pytest.approx(losses["slm-jax"], rel=1e-5)
+    assert losses["slm-jax"] == pytest.approx(losses["torch"], rel=1e-4)
+    assert r["speedup_vs_variant"]["query blocks of 4"] > 0
+    rows = report.rows({"scaling": [r]})
+    assert [row[0] for row in rows] == ["growth: bare step", "  same, default vs query blocks of 4"]
