@@ -62,10 +62,9 @@ def attend(
     ``causal_block``: the caller promises causal self-attention by slot (Q == K and ``mask``
     hides key j from query i whenever j > i). Queries then go in blocks of this many and each
     block attends only to the keys up to its own last slot. XLA computes and differentiates
-    the whole masked score matrix otherwise; skipping its upper triangle saves about a quarter
-    of a long sequence's step on the CPU (the layer microbenchmark in bench/README.md). Rows
-    with at least one visible key come out the same; a row with none (left padding) is
-    undefined either way.
+    the whole masked score matrix otherwise; skipping its upper triangle is what the `scaling`
+    benchmark's "default vs unblocked causal attention" rows measure. Rows with at least one
+    visible key come out the same; a row with none (left padding) is undefined either way.
     """
     if bias is not None:
         bias = bias.astype(q.dtype)
