@@ -231,24 +231,11 @@ def main(argv=None) -> int:
             raise common.UserError("--repeats and --warmup must be >= 1")
         common.setup_logging()
         common.parse_gin(args.gin_file, args.gin_bindings + overrides)
-        import gin
-
-        def macro(name, default):
-            try:
-                return gin.query_parameter(f"%{name}")
-            except ValueError:
-                return default
-
-        spec = gin.query_parameter("train.model").scoped_configurable_fn()
-        lengths = {
-            "audio_frames": args.audio_frames or macro("AUDIO_FRAMES", 3000),
-            "prefix": args.prompt_tokens // 2,
-            "suffix": args.prompt_tokens - args.prompt_tokens // 2,
-            "targets": args.target_tokens or macro("TARGET_TOKENS", 128),
-        }
+        spec, batch_size, lengths = common.configured_step_shape(args.batch_size, args.audio_frames,
+                                                                 args.prompt_tokens, args.target_tokens)
         try:
-            result = measure(spec, args.batch_size or macro("BATCH_SIZE", 8), lengths, repeats=args.repeats,
-                             warmup=args.warmup, peak_size=args.peak_size)
+            result = measure(spec, batch_size, lengths, repeats=args.repeats, warmup=args.warmup,
+                             peak_size=args.peak_size)
         except ValueError as e:
             raise common.UserError(str(e)) from None
         text = table(result)

@@ -7,7 +7,7 @@ import logging
 import os
 import pathlib
 import sys
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from slm_jax.errors import UserError  # re-exported: the CLIs raise common.UserError
 
@@ -81,6 +81,32 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
             if isinstance(e, SystemError):
                 raise
             raise UserError(f"bad gin configuration: {first}") from None
+
+
+def gin_macro(name: str, default: Any) -> Any:
+    """The value of gin macro ``%name`` in the parsed config, or ``default`` when it has none."""
+    import gin
+
+    try:
+        return gin.query_parameter(f"%{name}")
+    except ValueError:
+        return default
+
+
+def configured_step_shape(batch_size: int | None, audio_frames: int | None, prompt_tokens: int,
+                          target_tokens: int | None) -> tuple[Any, int, dict[str, int]]:
+    """(model spec, global batch, feature lengths) of the parsed config's train step, with the
+    command line's choices over the config's BATCH_SIZE / AUDIO_FRAMES / TARGET_TOKENS."""
+    import gin
+
+    model = gin.query_parameter("train.model").scoped_configurable_fn()
+    lengths = {
+        "audio_frames": audio_frames or gin_macro("AUDIO_FRAMES", 3000),
+        "prefix": prompt_tokens // 2,
+        "suffix": prompt_tokens - prompt_tokens // 2,
+        "targets": target_tokens or gin_macro("TARGET_TOKENS", 128),
+    }
+    return model, batch_size or gin_macro("BATCH_SIZE", 8), lengths
 
 
 def setup_logging(verbose: bool = False) -> None:

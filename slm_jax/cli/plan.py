@@ -54,24 +54,10 @@ def main(argv=None) -> int:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
         common.setup_logging()
         common.parse_gin(args.gin_file, args.gin_bindings + overrides)
-        import gin
-
         from slm_jax import planning
 
-        def macro(name, default):
-            try:
-                return gin.query_parameter(f"%{name}")
-            except ValueError:
-                return default
-
-        model = gin.query_parameter("train.model").scoped_configurable_fn()
-        batch = args.batch_size or macro("BATCH_SIZE", 8)
-        lengths = {
-            "audio_frames": args.audio_frames or macro("AUDIO_FRAMES", 3000),
-            "prefix": args.prompt_tokens // 2,
-            "suffix": args.prompt_tokens - args.prompt_tokens // 2,
-            "targets": args.target_tokens or macro("TARGET_TOKENS", 128),
-        }
+        model, batch, lengths = common.configured_step_shape(args.batch_size, args.audio_frames, args.prompt_tokens,
+                                                             args.target_tokens)
         print(f"global batch {batch}, feature lengths {lengths}")
         plans = []
         for shape in shapes:
