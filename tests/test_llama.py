@@ -207,6 +207,20 @@ def test_generation_with_padding_between_blocks_equals_compacted_prompt(llama_pa
         np.testing.assert_array_equal(padded.tokens[b], alone.tokens[0])
 
 
+def test_prefill_in_causal_query_blocks_generates_the_same_tokens(llama_pair):
+    """A prefill writes the cache from the static index 0, so it runs in query blocks too
+    (blocks of 3 over an 11-slot prompt with padding); generation must not change."""
+    _, cfg, params = llama_pair
+    ids, mask, _ = _blocks_with_padding(np.random.RandomState(5), [(2, 4, 2), (4, 1, 3)], (4, 4, 3))
+    start = jnp.asarray([7, 9])
+    tokens = {}
+    for block in (3, 0):
+        model = Llama(dataclasses.replace(cfg, causal_query_block=block))
+        embeds = model.apply({"params": params}, jnp.asarray(ids), method=Llama.embed)
+        tokens[block] = decoding.generate(model, params, embeds, jnp.asarray(mask), start, 8, None).tokens
+    np.testing.assert_array_equal(tokens[3], tokens[0])
+
+
 def test_remat_policies_give_the_same_values_and_gradients(llama_pair):
     _, cfg, params = llama_pair
     embeds = jax.random.normal(jax.random.PRNGKey(0), (2, 6, cfg.hidden_size))

@@ -52,16 +52,17 @@ def causal_mask(q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
 
 def attend(
     q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None, bias: jax.Array | None,
-    scale: float, implementation: str | None = None, causal_block: int | None = None,
+    scale: float, implementation: str | None = None, causal_block: int | None = None, query_offset: int = 0,
 ) -> jax.Array:
     """Scaled dot-product attention. q [B,Q,N,D], k/v [B,K,Nkv,D], mask bool [B,1|N,Q,K].
 
     Goes through ``jax.nn.dot_product_attention`` (XLA on CPU/TPU, cuDNN flash attention on GPU
     when ``implementation='cudnn'``), which handles grouped-query attention natively.
 
-    ``causal_block``: the caller promises causal self-attention by slot (Q == K and ``mask``
-    hides key j from query i whenever j > i). Queries then go in blocks of this many and each
-    block attends only to the keys up to its own last slot. XLA computes and differentiates
+    ``causal_block``: the caller promises causal self-attention by slot: query i sits in key
+    slot ``query_offset + i`` (0 without a cache; a prefill's static cache index with one) and
+    ``mask`` hides every later key slot. Queries then go in blocks of this many and each block
+    attends only to the keys up to its own last slot. XLA computes and differentiates
     the whole masked score matrix otherwise; skipping its upper triangle is what the `scaling`
     benchmark's "default vs unblocked causal attention" rows measure. Rows with at least one
     visible key come out the same; a row with none (left padding) is undefined either way.
@@ -75,15 +76,16 @@ def attend(
         return jax.nn.dot_product_attention(
             q, k, v, bias=bias, mask=mask, scale=scale, implementation=implementation
         )
-    if k.shape[1] != length:
-        raise ValueError(f"causal_block needs self-attention (as many keys as queries); got {length} queries, "
-                         f"{k.shape[1]} keys")
+    if k.shape[1] < query_offset + length:
+        raise ValueError(f"causal_block: {length} queries from key slot {query_offset} need at least "
+                         f"{query_offset + length} keys, got {k.shape[1]}")
     blocks = []
     for start in range(0, length, causal_block):  # static shapes: one piece per block, unrolled
         end = min(start + causal_block, length)
-        piece = lambda a: None if a is None else a[..., start:end, :end]  # noqa: E731
+        visible = query_offset + end
+        piece = lambda a: None if a is None else a[..., start:end, :visible]  # noqa: E731
         blocks.append(jax.nn.dot_product_attention(
-            q[:, start:end], k[:, :end], v[:, :end], bias=piece(bias), mask=piece(mask), scale=scale,
+            q[:, start:end], k[:, :visible], v[:, :visible], bias=piece(bias), mask=piece(mask), scale=scale,
             implementation=implementation,
         ))
     return jnp.concatenate(blocks, axis=1)
@@ -104,8 +106,9 @@ class Attention(nn.Module):
     param_dtype: Any = jnp.float32
     kernel_init: Any = nn.initializers.lecun_normal()
     implementation: str | None = None
-    # Set only by callers whose uncached self-attention mask is causal by slot (decoders):
-    # see ``attend``. Cached decoding and cross-attention never use it.
+    # Set only by callers whose self-attention mask is causal by slot (decoders): see
+    # ``attend``. Used without a cache and for a cache written from a static index (prefill);
+    # token-by-token decoding (a traced index) and cross-attention never use it.
     causal_block: int | None = None
 
     def setup(self):
@@ -166,8 +169,10 @@ class Attention(nn.Module):
                 new_cache = KVCache(k, v)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
         scale = self.scale if self.scale is not None else self.head_dim ** -0.5
-        uncached_self_attention = cache is None and kv_input is None
+        # Where this chunk's queries sit among the keys, when that is known while tracing.
+        query_offset = 0 if cache is None else (cache_index if isinstance(cache_index, int) else None)
+        blockable = kv_input is None and not static_kv and query_offset is not None
         y = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, bias=bias, scale=scale,
-                   implementation=self.implementation,
-                   causal_block=self.causal_block if uncached_self_attention else None)
+                   implementation=self.implementation, causal_block=self.causal_block if blockable else None,
+                   query_offset=query_offset or 0)
         return self.out(y), new_cache

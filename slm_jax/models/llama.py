@@ -61,7 +61,7 @@ class LlamaConfig:
     norm_scale_offset: float = 0.0  # Gemma stores RMSNorm scales as (scale - 1)
     embedding_init_std: float = 0.02  # random initialisation only (HF's initializer_range)
     attention_implementation: str | None = None  # passed to jax.nn.dot_product_attention
-    # Uncached (training, prefill) self-attention in query blocks of this many, each attending
+    # Self-attention of training steps and prefills in query blocks of this many, each attending
     # only to keys up to its own slot: skips the causal mask's upper triangle. 0 = off.
     causal_query_block: int = 128
 
