@@ -139,12 +139,15 @@ def train(
     alignment_steps: int = 0,
     speech_masking: SpeechMasking | None = None,
     alignment_centered: bool = False,
+    restart_schedule_after_alignment: bool = False,
 ) -> dict[str, Any]:
     """Trains the adapter for ``steps`` steps; returns the final metrics.
 
     The first ``alignment_steps`` of them use the CTC alignment objective (slm_jax/alignment.py:
     no LLM forward pass, a small fraction of a next-token step's cost), the rest the next-token
-    loss through the frozen LLM. One optimizer and learning-rate schedule spans both.
+    loss through the frozen LLM. One optimizer spans both; its learning-rate schedule spans
+    both too, or, with ``restart_schedule_after_alignment``, starts over (warm-up, cosine decay)
+    for the next-token steps, which otherwise begin at the first phase's decayed rate.
     ``speech_masking`` (slm_jax/augment.py) masks spans of the encoder output in training steps.
     ``alignment_centered`` scores the alignment against mean-centred embeddings (slm_jax/alignment.py).
 
@@ -166,16 +169,19 @@ def train(
                       eval_every=eval_every, eval_batches=eval_batches, checkpoint_every=checkpoint_every,
                       max_to_keep=max_to_keep, max_nonfinite_streak=max_nonfinite_streak,
                       alignment_steps=alignment_steps, speech_masking=speech_masking,
-                      alignment_centered=alignment_centered)
+                      alignment_centered=alignment_centered,
+                      restart_schedule_after_alignment=restart_schedule_after_alignment)
 
 
 def _train(model_dir, preemption, *, model, data, steps, batch_size, seed, mesh_shape, learning_rate, warmup_steps,
            weight_decay, clip_norm, optimizer, log_every, eval_every, eval_batches, checkpoint_every, max_to_keep,
-           max_nonfinite_streak, alignment_steps, speech_masking, alignment_centered) -> dict[str, Any]:
+           max_nonfinite_streak, alignment_steps, speech_masking, alignment_centered,
+           restart_schedule_after_alignment) -> dict[str, Any]:
     mesh = partitioning.make_mesh(**partitioning.parse_mesh_spec(mesh_shape))
+    restarts = (alignment_steps,) if restart_schedule_after_alignment and 0 < alignment_steps < steps else ()
     tx, schedule = make_optimizer(
         learning_rate=learning_rate, warmup_steps=warmup_steps, total_steps=steps,
-        weight_decay=weight_decay, clip_norm=clip_norm, name=optimizer,
+        weight_decay=weight_decay, clip_norm=clip_norm, name=optimizer, restarts=restarts,
     )
     slm = model.build()
     trainer = Trainer(slm, tx, schedule, mesh, speech_masking=speech_masking, masking_seed=seed)

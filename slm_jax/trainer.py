@@ -19,7 +19,7 @@ derived from (seed, step) so that resumed runs mask the same.
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import flax
 import flax.linen as nn
@@ -68,21 +68,32 @@ def make_optimizer(
     b1: float = 0.9,
     b2: float = 0.98,
     name: str = "adamw",
+    restarts: Sequence[int] = (),
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW or Adafactor with linear warm-up and cosine decay, after global-norm clipping.
 
     Adafactor (T5X's default) factors the second moment into row and column statistics, so its
     state is a small fraction of AdamW's two full moments: the choice for paper-scale adapters.
+    ``restarts``: steps where the schedule starts over (warm-up and cosine decay over the steps
+    up to the next restart), e.g. where a run switches objective.
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; known: {OPTIMIZERS}")
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=learning_rate,
-        warmup_steps=max(1, min(warmup_steps, total_steps - 1)),
-        decay_steps=max(total_steps, 2),
-        end_value=learning_rate * end_learning_rate_fraction,
-    )
+    bounds = [0, *restarts, total_steps]
+    if any(b >= e for b, e in zip(bounds, bounds[1:])):
+        raise ValueError(f"schedule restarts {list(restarts)} must increase strictly inside (0, {total_steps})")
+
+    def phase(length: int) -> optax.Schedule:
+        return optax.warmup_cosine_decay_schedule(
+            init_value=0.0,
+            peak_value=learning_rate,
+            warmup_steps=max(1, min(warmup_steps, length - 1)),
+            decay_steps=max(length, 2),
+            end_value=learning_rate * end_learning_rate_fraction,
+        )
+
+    phases = [phase(e - b) for b, e in zip(bounds, bounds[1:])]
+    schedule = phases[0] if len(phases) == 1 else optax.join_schedules(phases, list(restarts))
     if name == "adamw":
         inner = optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay)
     else:

@@ -181,3 +181,38 @@ def test_centred_scores_ignore_a_direction_common_to_all_embeddings():
     np.testing.assert_allclose(shifted, centred, rtol=1e-4, atol=1e-4)
     plain = np.asarray(alignment.alignment_logits(jnp.asarray(speech + common), jnp.asarray(table + common)))
     assert np.abs(plain - np.asarray(alignment.alignment_logits(jnp.asarray(speech), jnp.asarray(table)))).max() > 1.0
+
+
+def test_schedule_restarts_after_alignment():
+    """``restarts`` start warm-up and cosine decay over (train.restart_schedule_after_alignment):
+    the next-token phase gets the peak rate again instead of the first phase's decayed one."""
+    import optax
+
+    plain = make_optimizer(learning_rate=1e-3, warmup_steps=10, total_steps=300)[1]
+    reference = optax.warmup_cosine_decay_schedule(0.0, 1e-3, 10, 300, 1e-4)
+    assert all(float(plain(s)) == pytest.approx(float(reference(s))) for s in (0, 5, 10, 150, 299))
+    restarted = make_optimizer(learning_rate=1e-3, warmup_steps=10, total_steps=300, restarts=(200,))[1]
+    first = optax.warmup_cosine_decay_schedule(0.0, 1e-3, 10, 200, 1e-4)
+    assert float(restarted(150)) == pytest.approx(float(first(150)))
+    assert float(restarted(199)) == pytest.approx(1e-4, rel=0.01)  # the first phase decayed
+    assert float(restarted(200)) == 0.0 and float(restarted(210)) == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match="restarts"):
+        make_optimizer(total_steps=300, restarts=(300,))
+
+
+def test_train_restarts_the_schedule_only_when_asked(tmp_path, monkeypatch):
+    from slm_jax import train as train_module
+
+    restarts = []
+    original = train_module.make_optimizer
+
+    def spy(**kwargs):
+        restarts.append(tuple(kwargs.get("restarts", ())))
+        return original(**kwargs)
+
+    monkeypatch.setattr(train_module, "make_optimizer", spy)
+    for i, restart in enumerate((False, True)):
+        train(str(tmp_path / f"run{i}"), model=model_spec(llm="llama"), data=_source(), steps=4, batch_size=8,
+              alignment_steps=2, eval_every=0, log_every=0, checkpoint_every=0, warmup_steps=1,
+              restart_schedule_after_alignment=restart)
+    assert restarts == [(), (2,)]
