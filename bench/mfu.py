@@ -31,9 +31,6 @@ import sys
 import time
 from typing import Any, Mapping
 
-DESCRIPTION = __doc__.split("\n\n")[0]
-
-
 def lowered_flops(lowered: Any) -> float:
     """FLOPs XLA counts for a lowered (unoptimised) computation."""
     cost = lowered.cost_analysis()
@@ -90,20 +87,6 @@ def _trainer(spec: Any, mesh: Any):
     return Trainer(spec.build(), optimizer, schedule, mesh)
 
 
-def _abstract_args(trainer: Any, example: Mapping[str, Any]):
-    """(state, frozen, batch) as sharded ShapeDtypeStructs: enough to lower the step."""
-    import jax
-    import flax.linen as nn
-
-    state = trainer.abstract_state(example)
-    frozen_abstract = nn.unbox(trainer.abstract_variables(example)["params"])
-    shardings = trainer.param_shardings(example)
-    frozen = {k: jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                              frozen_abstract[k], shardings[k]) for k in ("speech_encoder", "llm")}
-    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=trainer.batch_sharding) for k, v in example.items()}
-    return state, frozen, batch, {k: shardings[k] for k in frozen}
-
-
 def measure(spec: Any, batch_size: int, feature_lengths: Mapping[str, int], *, repeats: int = 5, warmup: int = 2,
             peak_size: int | None = None, seed: int = 0) -> dict[str, Any]:
     """Step time, model FLOPs, measured peak and MFU for ``spec`` (a ModelSpec) at this batch."""
@@ -120,16 +103,9 @@ def measure(spec: Any, batch_size: int, feature_lengths: Mapping[str, int], *, r
     mesh = partitioning.make_mesh()
     example = sample_batch(batch_size, feature_lengths, getattr(spec.speech_encoder, "num_mel_bins", 80))
 
-    reference = _trainer(_reference_spec(spec), mesh)
-    r_state, r_frozen, r_batch, r_shardings = _abstract_args(reference, example)
-    reference.compile(example, r_shardings)
-    model_flops = lowered_flops(reference._train_steps["next_token"].lower(r_state, r_frozen, r_batch))
-
+    model_flops = lowered_flops(_trainer(_reference_spec(spec), mesh).lower_train_step(example))
     trainer = _trainer(spec, mesh)
-    state_abstract, frozen_abstract, batch_abstract, frozen_shardings = _abstract_args(trainer, example)
-    trainer.compile(example, frozen_shardings)
-    configured_flops = lowered_flops(
-        trainer._train_steps["next_token"].lower(state_abstract, frozen_abstract, batch_abstract))
+    configured_flops = lowered_flops(trainer.lower_train_step(example))  # also compiles its steps
     frozen = {name: trainer.init_frozen_randomly(name, seed + i, example)
               for i, name in enumerate(("speech_encoder", "llm"))}
     vocab = registry.llm_vocab_size(spec.llm)

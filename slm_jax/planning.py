@@ -88,13 +88,8 @@ def plan(
     count = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))  # noqa: E731
     compiled = seconds = None
     if compile_step:
-        trainer.compile(example, frozen_shardings)
-        frozen_args = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                   frozen_abstract, frozen_shardings)
-        batch_args = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=trainer.batch_sharding)
-                      for k, v in example.items()}
         start = time.time()
-        analysis = trainer._train_steps["next_token"].lower(state, frozen_args, batch_args).compile().memory_analysis()
+        analysis = trainer.lower_train_step(example).compile().memory_analysis()
         seconds = time.time() - start
         compiled = {
             "argument_bytes": int(analysis.argument_size_in_bytes),

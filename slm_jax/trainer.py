@@ -315,6 +315,21 @@ class Trainer:
             out_shardings=partitioning.replicated(self.mesh),
         )
 
+    def lower_train_step(self, sample_batch: Batch, objective: str = "next_token") -> Any:
+        """The train step lowered for abstract, sharded arguments of this batch signature
+        (nothing is allocated): what memory plans and FLOP counts read. Compiles the steps'
+        jit wrappers with the default parameter shardings if that was not done yet."""
+        shardings = self.param_shardings(sample_batch)
+        frozen_shardings = {k: v for k, v in shardings.items() if k != "adapter"}
+        if not self._train_steps:
+            self.compile(sample_batch, frozen_shardings)
+        abstract = nn.unbox(self.abstract_variables(sample_batch)["params"])
+        frozen = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              {k: abstract[k] for k in frozen_shardings}, frozen_shardings)
+        batch = {k: jax.ShapeDtypeStruct(tuple(v.shape), v.dtype, sharding=self.batch_sharding)
+                 for k, v in sample_batch.items()}
+        return self._train_steps[objective].lower(self.abstract_state(sample_batch), frozen, batch)
+
     def train_step(self, state: TrainState, frozen, batch, objective: str = "next_token"
                    ) -> tuple[TrainState, dict[str, jax.Array]]:
         """One update with ``objective`` ('next_token' or 'alignment'; see the module docstring).
