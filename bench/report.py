@@ -69,6 +69,11 @@ def rows(results: Mapping[str, Any]) -> list[tuple[str, ...]]:
         out.append(_row(f"decode {kind} tokens/s vs generate", shape, f"{ours['tokens_per_s']:.1f} tok/s",
                         f"{ref['tokens_per_s']:.1f} tok/s", r["speedup_vs_transformers"],
                         2.0 if r["num_beams"] == 1 else None))
+        if r.get("loop_speedup_vs_transformers"):
+            out.append(_row("  loop alone tokens/s (ratio); prefill = prompt + 1 token", shape,
+                            f"{ours['loop_tokens_per_s']:.1f} tok/s; prefill {ours['prefill_s']:.3f} s",
+                            f"{ref['loop_tokens_per_s']:.1f} tok/s; prefill {ref['prefill_s']:.3f} s",
+                            r["loop_speedup_vs_transformers"], None))
         if r["batch_size"] == 1:
             out.append(_row(f"decode {kind} latency / utterance", shape, f"{ours['median_s']:.3f} s",
                             f"{ref['median_s']:.3f} s", r["speedup_vs_transformers"], None))

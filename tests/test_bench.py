@@ -26,6 +26,9 @@ def test_toy_run_matches_the_reference_and_writes_results(tmp_path, capsys):
     assert greedy and all(r["token_agreement"] == 1.0 for r in greedy)
     for r in results["decode"]:
         assert r["sides"]["slm-jax"]["tokens_per_s"] > 0 and r["sides"]["transformers"]["tokens_per_s"] > 0
+        # The one-token run (the prefill) is timed too; the loop is the rest of the full run.
+        for side in r["sides"].values():
+            assert 0 < side["prefill_s"] and side["prefill_s"] + side["loop_s"] == pytest.approx(side["median_s"])
     table = capsys.readouterr().out
     assert "train step, bare" in table and "decode greedy tokens/s" in table and "Machine:" in table
     # The table can be re-made from the JSON alone.
