@@ -140,6 +140,7 @@ def train(
     speech_masking: SpeechMasking | None = None,
     alignment_centered: bool = False,
     restart_schedule_after_alignment: bool = False,
+    alignment_weight: float = 0.0,
 ) -> dict[str, Any]:
     """Trains the adapter for ``steps`` steps; returns the final metrics.
 
@@ -150,6 +151,9 @@ def train(
     for the next-token steps, which otherwise begin at the first phase's decayed rate.
     ``speech_masking`` (slm_jax/augment.py) masks spans of the encoder output in training steps.
     ``alignment_centered`` scores the alignment against mean-centred embeddings (slm_jax/alignment.py).
+    ``alignment_weight`` > 0 adds that times the CTC alignment loss to every next-token step, so
+    the adapter's outputs stay near the token embeddings the alignment steps put them at (the
+    logged ``loss`` stays the next-token loss; ``alignment_loss`` is the CTC term).
 
     ``log_every``, ``eval_every`` and ``checkpoint_every`` may be 0 (never; the last step is still
     checkpointed). After ``max_nonfinite_streak`` consecutive steps with a non-finite loss or
@@ -158,10 +162,12 @@ def train(
     _check_settings(steps=steps, batch_size=batch_size, log_every=log_every, eval_every=eval_every,
                     checkpoint_every=checkpoint_every, max_nonfinite_streak=max_nonfinite_streak,
                     max_to_keep=max_to_keep, alignment_steps=alignment_steps)
-    if alignment_steps > steps:
+    if alignment_steps > steps or not alignment_weight >= 0:
         from slm_jax.errors import UserError
 
-        raise UserError(f"train.alignment_steps ({alignment_steps}) is more than train.steps ({steps})")
+        if alignment_steps > steps:
+            raise UserError(f"train.alignment_steps ({alignment_steps}) is more than train.steps ({steps})")
+        raise UserError(f"train.alignment_weight must be >= 0, got {alignment_weight!r}")
     with _Preemption() as preemption:
         return _train(model_dir, preemption, model=model, data=data, steps=steps, batch_size=batch_size,
                       seed=seed, mesh_shape=mesh_shape, learning_rate=learning_rate, warmup_steps=warmup_steps,
@@ -170,13 +176,14 @@ def train(
                       max_to_keep=max_to_keep, max_nonfinite_streak=max_nonfinite_streak,
                       alignment_steps=alignment_steps, speech_masking=speech_masking,
                       alignment_centered=alignment_centered,
-                      restart_schedule_after_alignment=restart_schedule_after_alignment)
+                      restart_schedule_after_alignment=restart_schedule_after_alignment,
+                      alignment_weight=alignment_weight)
 
 
 def _train(model_dir, preemption, *, model, data, steps, batch_size, seed, mesh_shape, learning_rate, warmup_steps,
            weight_decay, clip_norm, optimizer, log_every, eval_every, eval_batches, checkpoint_every, max_to_keep,
            max_nonfinite_streak, alignment_steps, speech_masking, alignment_centered,
-           restart_schedule_after_alignment) -> dict[str, Any]:
+           restart_schedule_after_alignment, alignment_weight) -> dict[str, Any]:
     mesh = partitioning.make_mesh(**partitioning.parse_mesh_spec(mesh_shape))
     restarts = (alignment_steps,) if restart_schedule_after_alignment and 0 < alignment_steps < steps else ()
     tx, schedule = make_optimizer(
@@ -184,7 +191,8 @@ def _train(model_dir, preemption, *, model, data, steps, batch_size, seed, mesh_
         weight_decay=weight_decay, clip_norm=clip_norm, name=optimizer, restarts=restarts,
     )
     slm = model.build()
-    trainer = Trainer(slm, tx, schedule, mesh, speech_masking=speech_masking, masking_seed=seed)
+    trainer = Trainer(slm, tx, schedule, mesh, speech_masking=speech_masking, masking_seed=seed,
+                      alignment_weight=alignment_weight)
     host_batch = batch_size // jax.process_count()
     if host_batch * jax.process_count() != batch_size:
         raise ValueError(f"batch_size {batch_size} is not divisible by {jax.process_count()} processes")
@@ -214,7 +222,7 @@ def _train(model_dir, preemption, *, model, data, steps, batch_size, seed, mesh_
     frozen = load_frozen_params(trainer, model, example)
     if hasattr(data, "attach_model"):  # e.g. CachedCorpusData: runs the frozen encoder once, offline
         data.attach_model(slm, frozen["speech_encoder"], model)
-    if alignment_steps:
+    if alignment_steps or alignment_weight:
         trainer.alignment_vocabulary = alignment_vocabulary(data, model, alignment_centered)
         # Kept with each checkpoint: the adapter's CTC head can then be read without the corpus
         # (slm-eval --decoder=ctc).
@@ -235,8 +243,9 @@ def alignment_vocabulary(data: DataSource, model: ModelSpec, centered: bool = Fa
     if not hasattr(data, "alignment_token_ids"):
         from slm_jax.errors import UserError
 
-        raise UserError(f"train.alignment_steps needs transcripts; the data source {type(data).__name__} has "
-                        "none (use CachedCorpusData, as gin/whisper_base_smollm2.gin does, or alignment_steps=0)")
+        raise UserError(f"train.alignment_steps and train.alignment_weight need transcripts; the data source "
+                        f"{type(data).__name__} has none (use CachedCorpusData, as gin/whisper_base_smollm2.gin "
+                        "does, or alignment_steps=0 and alignment_weight=0)")
     vocabulary = AlignmentVocabulary(data.alignment_token_ids(), registry.llm_vocab_size(model.llm), centered)
     log.info("alignment objective: %d distinct transcript tokens", len(vocabulary))
     return vocabulary

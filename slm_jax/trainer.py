@@ -129,9 +129,14 @@ class Trainer:
         alignment_vocabulary: AlignmentVocabulary | None = None,
         speech_masking: SpeechMasking | None = None,
         masking_seed: int = 0,
+        alignment_weight: float = 0.0,
     ):
+        if not alignment_weight >= 0:
+            raise ValueError(f"alignment_weight must be >= 0, got {alignment_weight}")
         self.model = model
         self.alignment_vocabulary = alignment_vocabulary
+        # > 0: next-token steps also pay this times the CTC alignment loss (see _joint_loss).
+        self.alignment_weight = float(alignment_weight)
         self.speech_masking = speech_masking
         self.masking_seed = masking_seed
         self.optimizer = optimizer
@@ -213,7 +218,13 @@ class Trainer:
             raise ValueError(f"unknown objective {objective!r}; known: {OBJECTIVES}")
         speech = CACHED_SPEECH_KEYS if _has_cached_speech(batch) else AUDIO_KEYS
         if objective == "next_token":
-            return {k: v for k, v in batch.items() if k not in TRANSCRIPT_KEYS}
+            text = {k: v for k, v in batch.items() if k not in TRANSCRIPT_KEYS}
+            if not self.alignment_weight:
+                return text
+            return {**text, **self._transcript_classes(batch)}
+        return {**{k: batch[k] for k in speech}, **self._transcript_classes(batch)}
+
+    def _transcript_classes(self, batch: Batch) -> dict[str, Any]:
         if self.alignment_vocabulary is None:
             raise ValueError("the alignment objective needs Trainer(alignment_vocabulary=...)")
         missing = [k for k in TRANSCRIPT_KEYS if k not in batch]
@@ -221,8 +232,7 @@ class Trainer:
             raise ValueError(f"the alignment objective needs transcripts in the batch ({', '.join(missing)} "
                              "missing); the cached-corpus data source (CachedCorpusData) provides them")
         tokens, mask = np.asarray(batch["transcript_tokens"]), np.asarray(batch["transcript_mask"])
-        return {**{k: batch[k] for k in speech}, "transcript_tokens": self.alignment_vocabulary.to_classes(tokens, mask),
-                "transcript_mask": mask}
+        return {"transcript_tokens": self.alignment_vocabulary.to_classes(tokens, mask), "transcript_mask": mask}
 
     # --- steps -----------------------------------------------------------------------------
     def _speech(self, frozen: Mapping[str, Any], batch: Batch) -> tuple[jax.Array, jax.Array]:
@@ -251,22 +261,38 @@ class Trainer:
                                                   batch["transcript_mask"])
         return loss_sum / jnp.maximum(num_tokens, 1.0), (loss_sum, num_tokens)
 
+    def _joint_loss(self, adapter_params, frozen, speech, speech_mask, batch):
+        """Next-token loss + alignment_weight x CTC alignment loss. The next-token loss alone
+        moves the adapter's outputs away from the token embeddings the alignment steps put them
+        near (the CTC transcript of a run's adapter got worse with every next-token step); the
+        CTC term holds them there. aux: the next-token (loss_sum, num_tokens) and the CTC loss."""
+        next_token, (loss_sum, num_tokens) = self._loss(adapter_params, frozen, speech, speech_mask, batch)
+        ctc, _ = self._alignment_loss(adapter_params, frozen, speech, speech_mask, batch)
+        return next_token + self.alignment_weight * ctc, (loss_sum, num_tokens, ctc)
+
     def loss_and_grads(self, adapter_params, frozen, batch, objective: str = "next_token", masking_rng=None):
-        """(loss, (loss_sum, num_tokens)), adapter gradients. Exposed for tests and tools.
-        With ``masking_rng`` (and ``speech_masking`` set) the encoder output is masked first."""
+        """(loss, (loss_sum, num_tokens[, ctc loss])), adapter gradients. Exposed for tests and
+        tools. With ``masking_rng`` (and ``speech_masking`` set) the encoder output is masked
+        first. Next-token steps of a trainer with ``alignment_weight`` > 0 add the CTC term."""
         speech, speech_mask = self._speech(frozen, batch)
         if masking_rng is not None and self.speech_masking is not None:
             speech = mask_speech(masking_rng, speech, speech_mask, self.speech_masking)
-        loss = self._loss if objective == "next_token" else self._alignment_loss
+        if objective != "next_token":
+            loss = self._alignment_loss
+        else:
+            loss = self._joint_loss if self.alignment_weight else self._loss
         return jax.value_and_grad(loss, has_aux=True)(adapter_params, frozen, speech, speech_mask, batch)
 
     def _train_step_fn(self, state: TrainState, frozen, batch, objective: str):
         with nn.logical_axis_rules(self.rules):
             masking_rng = jax.random.fold_in(jax.random.key(self.masking_seed), state.step)
-            (loss, (_, num_tokens)), grads = self.loss_and_grads(state.adapter_params, frozen, batch, objective,
-                                                                 masking_rng)
+            (loss, aux), grads = self.loss_and_grads(state.adapter_params, frozen, batch, objective, masking_rng)
+        loss_sum, num_tokens = aux[:2]
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        extra = {}
+        if len(aux) > 2:  # joint step: log the next-token loss (comparable with plain steps) and the CTC term
+            loss, extra = loss_sum / jnp.maximum(num_tokens, 1.0), {"alignment_loss": aux[2]}
         updates, new_opt_state = self.optimizer.update(grads, state.opt_state, state.adapter_params)
         new_params = optax.apply_updates(state.adapter_params, updates)
         # Skip the update (keep parameters and optimizer state) when anything is non-finite.
@@ -285,6 +311,7 @@ class Trainer:
             "num_target_tokens": num_tokens,
             "finite": finite,
             "learning_rate": self.schedule(opt_count) if self.schedule is not None else jnp.nan,
+            **extra,
         }
         return new_state, metrics
 

@@ -92,12 +92,13 @@ def test_greedy_decode_merges_repeats_and_drops_blanks():
     assert alignment.greedy_decode(logits, np.ones((1, 8)), vocab) == [[40, 40, 50]]
 
 
-def _trainer(data, llm="llama"):
+def _trainer(data, llm="llama", alignment_weight=0.0):
     spec = model_spec(llm=llm)
     tx, schedule = make_optimizer(learning_rate=1e-2, warmup_steps=1, total_steps=300)
     mesh = partitioning.make_mesh(data=1, devices=jax.devices()[:1])
     vocab = alignment.AlignmentVocabulary(data.alignment_token_ids(), spec.llm.vocab_size)
-    return Trainer(spec.build(), tx, schedule, mesh, alignment_vocabulary=vocab), spec
+    trainer = Trainer(spec.build(), tx, schedule, mesh, alignment_vocabulary=vocab, alignment_weight=alignment_weight)
+    return trainer, spec
 
 
 @pytest.mark.parametrize("llm", ["llama", "t5"])
@@ -135,6 +136,40 @@ def test_next_token_batches_carry_no_transcripts():
     batch = data.batch(data.train_examples[:4])
     assert "transcript_tokens" in batch
     assert not {"transcript_tokens", "transcript_mask"} & set(trainer.place_batch(batch, "next_token"))
+
+
+def test_joint_next_token_step_adds_the_weighted_ctc_loss():
+    """alignment_weight w: a next-token step's loss and gradients are the next-token ones plus w
+    times the alignment step's, on the same batch and parameters."""
+    from slm_jax.experiment import sample_batch
+
+    data = _source()
+    joint, _ = _trainer(data, alignment_weight=0.5)
+    plain, _ = _trainer(data)
+    example = sample_batch(4, data.feature_lengths)
+    frozen = {name: joint.init_frozen_randomly(name, i, example) for i, name in enumerate(("speech_encoder", "llm"))}
+    params = joint.init_state(0, example).adapter_params
+    batch = data.batch(data.train_examples[:4])
+    joint_batch = joint.place_batch(batch, "next_token")
+    assert {"transcript_tokens", "transcript_mask", "target_tokens"} <= set(joint_batch)
+    (loss, aux), grads = joint.loss_and_grads(params, frozen, joint_batch, "next_token")
+    (nt_loss, _), nt_grads = plain.loss_and_grads(params, frozen, plain.place_batch(batch, "next_token"), "next_token")
+    (ctc_loss, _), ctc_grads = plain.loss_and_grads(params, frozen, plain.place_batch(batch, "alignment"), "alignment")
+    assert float(ctc_loss) > 0.1
+    np.testing.assert_allclose(float(loss), float(nt_loss) + 0.5 * float(ctc_loss), rtol=1e-5)
+    np.testing.assert_allclose(float(aux[2]), float(ctc_loss), rtol=1e-5)
+    jax.tree.map(lambda g, a, b: np.testing.assert_allclose(g, a + 0.5 * b, rtol=1e-4, atol=1e-6),
+                 grads, nt_grads, ctc_grads)
+
+
+def test_train_with_alignment_weight_logs_both_losses(tmp_path):
+    result = train(str(tmp_path / "run"), model=model_spec(llm="llama"), data=_source(), steps=3, batch_size=8,
+                   alignment_steps=1, alignment_weight=0.3, eval_every=0, log_every=1, checkpoint_every=0,
+                   learning_rate=1e-3, warmup_steps=1)
+    assert result["step"] == 3 and np.isfinite(result["loss"]) and result["alignment_loss"] > 0
+    with pytest.raises(UserError, match="alignment_weight must be >= 0"):
+        train(str(tmp_path / "bad"), model=model_spec(llm="llama"), data=_source(), steps=2, alignment_weight=-1.0)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_train_runs_the_alignment_steps_first_then_the_next_token_loss(tmp_path, monkeypatch):
