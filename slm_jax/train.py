@@ -328,8 +328,9 @@ def _loop(model_dir, preemption, trainer, checkpointer, frozen, example, metadat
                     last["skipped_updates_total"] = float(state.nonfinite_total)
                     bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['learning_rate']:.2e}")
                     label = "ctc loss" if objective == "alignment" else "loss"
+                    ctc = f"  ctc loss {last['alignment_loss']:.4f}" if "alignment_loss" in last else ""
                     bar.write(
-                        f"step {step:>6d}  {label} {last['loss']:.4f}  lr {last['learning_rate']:.3e}  "
+                        f"step {step:>6d}  {label} {last['loss']:.4f}{ctc}  lr {last['learning_rate']:.3e}  "
                         f"grad_norm {last['grad_norm']:.3f}  {last['examples_per_second']:.1f} examples/s"
                     )
                     writers.scalars("train" if objective == "next_token" else "train_alignment", step, last)
