@@ -67,12 +67,43 @@ def sequence_lengths(tokens: jax.Array, eos_id: int | None) -> jax.Array:
     return jnp.where(jnp.any(is_eos, axis=-1), jnp.argmax(is_eos, axis=-1) + 1, tokens.shape[-1]).astype(jnp.int32)
 
 
+def ban_repeated_ngrams(scores: jax.Array, generated: jax.Array, length: jax.Array, ngram_size: int) -> jax.Array:
+    """Sets to -inf the score of every token that would complete an n-gram already generated.
+
+    scores [N, V]; generated [N, T] the tokens so far in slots [0, length) (later slots ignored).
+    Hugging Face's ``no_repeat_ngram_size`` over the generated tokens (the prompt is embeddings,
+    so it has no tokens to match): a guard against the repetition loops a weakly grounded
+    answer falls into. ``ngram_size`` 0 returns ``scores`` unchanged.
+    """
+    if ngram_size < 1:
+        return scores
+    rows, width = generated.shape
+    if ngram_size == 1:  # every generated token is banned
+        seen = jnp.where(jnp.arange(width)[None, :] < length, generated, scores.shape[-1])
+        return scores.at[jnp.arange(rows)[:, None], seen].set(-jnp.inf, mode="drop")
+    # The last n-1 tokens (slots length-n+1 .. length-1), compared with every earlier window
+    # of n-1 tokens that has a successor inside the generated part.
+    starts = jnp.arange(width)
+    context = length - ngram_size + 1
+    match = starts[None, :] + ngram_size - 1 < length  # [1, T] window start j is complete with its successor
+    match = jnp.broadcast_to(match, (rows, width))
+    for k in range(ngram_size - 1):
+        window = jnp.take(generated, jnp.clip(starts + k, 0, width - 1), axis=1)
+        last = jnp.take_along_axis(generated, jnp.clip(jnp.broadcast_to(context + k, (rows, 1)), 0, width - 1), axis=1)
+        match = match & (window == last)
+    match = match & (context >= 0)  # fewer than n-1 tokens: nothing to compare
+    successor = jnp.take(generated, jnp.clip(starts + ngram_size - 1, 0, width - 1), axis=1)
+    banned = jnp.where(match, successor, scores.shape[-1])  # out of range: dropped
+    return scores.at[jnp.arange(rows)[:, None], banned].set(-jnp.inf, mode="drop")
+
+
 def greedy_search(
     step_fn: StepFn, state: Any, start_tokens: jax.Array, max_new_tokens: int, eos_id: int | None,
-    *, pad_id: int = 0,
+    *, pad_id: int = 0, no_repeat_ngram_size: int = 0,
 ) -> GreedyOutput:
     """Argmax decoding. Rows stop at their eos (later slots hold ``pad_id``); the loop ends when
-    every row has stopped or after ``max_new_tokens`` tokens. ``eos_id=None`` never stops early."""
+    every row has stopped or after ``max_new_tokens`` tokens. ``eos_id=None`` never stops early.
+    ``no_repeat_ngram_size`` n > 0 never repeats an n-gram of the generated tokens."""
     _check_search_args(start_tokens, max_new_tokens)
     batch = start_tokens.shape[0]
 
@@ -83,6 +114,7 @@ def greedy_search(
     def body(carry):
         i, tokens_in, state, out, done, lengths = carry
         logits, state = step_fn(tokens_in, state, i)
+        logits = ban_repeated_ngrams(logits, out, i, no_repeat_ngram_size)
         next_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         next_tokens = jnp.where(done, pad_id, next_tokens)
         out = jax.lax.dynamic_update_slice(out, next_tokens[:, None], (0, i))
@@ -109,7 +141,7 @@ def length_normalize(log_prob: jax.Array, length, length_penalty: float) -> jax.
 
 def beam_search(
     step_fn: StepFn, state: Any, start_tokens: jax.Array, max_new_tokens: int, eos_id: int | None,
-    num_beams: int, length_penalty: float = 1.0, *, pad_id: int = 0,
+    num_beams: int, length_penalty: float = 1.0, *, pad_id: int = 0, no_repeat_ngram_size: int = 0,
 ) -> BeamSearchOutput:
     """Beam search returning the best sequence per batch row by length-normalised score.
 
@@ -152,7 +184,9 @@ def beam_search(
         i, tokens_in, state, alive_seqs, alive_logp, finished_seqs, finished_scores = carry
         logits, state = step_fn(tokens_in, state, i)
         vocab = logits.shape[-1]
-        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1).reshape(batch, beams, vocab)
+        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        log_probs = ban_repeated_ngrams(log_probs, alive_seqs.reshape(batch * beams, steps), i,
+                                        no_repeat_ngram_size).reshape(batch, beams, vocab)
         candidates = (alive_logp[:, :, None] + log_probs).reshape(batch, beams * vocab)
         top_logp, top_index = jax.lax.top_k(candidates, min(2 * beams, beams * vocab))
         source_beam, token = top_index // vocab, (top_index % vocab).astype(jnp.int32)
@@ -295,7 +329,8 @@ def make_step_fn(model: nn.Module, params: Any) -> StepFn:
 
 
 @functools.partial(
-    jax.jit, static_argnames=("model", "max_new_tokens", "eos_id", "num_beams", "length_penalty", "pad_id")
+    jax.jit, static_argnames=("model", "max_new_tokens", "eos_id", "num_beams", "length_penalty", "pad_id",
+                              "no_repeat_ngram_size")
 )
 def generate(
     model: nn.Module,
@@ -308,15 +343,19 @@ def generate(
     num_beams: int = 1,
     length_penalty: float = 1.0,
     pad_id: int = 0,
+    no_repeat_ngram_size: int = 0,
 ) -> GreedyOutput | BeamSearchOutput:
     """Generates from prompt embeddings with a ``Llama`` or ``T5`` (greedy when num_beams == 1).
 
     ``start_tokens`` [B] is the first token fed to the decoder (see the module docstring).
     Returns ``GreedyOutput(tokens, lengths)`` or ``BeamSearchOutput(tokens, scores, lengths)``
-    with tokens [B, max_new_tokens], ``pad_id`` after each row's eos.
+    with tokens [B, max_new_tokens], ``pad_id`` after each row's eos. ``no_repeat_ngram_size`` n > 0
+    bans repeating any n-gram of the generated tokens (``ban_repeated_ngrams``).
     """
     state = prefill(model, params, prompt_embeds, prompt_mask, max_new_tokens)
     step_fn = make_step_fn(model, params)
     if num_beams == 1:
-        return greedy_search(step_fn, state, start_tokens, max_new_tokens, eos_id, pad_id=pad_id)
-    return beam_search(step_fn, state, start_tokens, max_new_tokens, eos_id, num_beams, length_penalty, pad_id=pad_id)
+        return greedy_search(step_fn, state, start_tokens, max_new_tokens, eos_id, pad_id=pad_id,
+                             no_repeat_ngram_size=no_repeat_ngram_size)
+    return beam_search(step_fn, state, start_tokens, max_new_tokens, eos_id, num_beams, length_penalty, pad_id=pad_id,
+                       no_repeat_ngram_size=no_repeat_ngram_size)

@@ -47,8 +47,10 @@ class SpeechLanguageModel:
             alignment.AlignmentVocabulary(alignment_token_ids, registry.llm_vocab_size(model.llm), alignment_centered)
             if alignment_token_ids else None)
 
-    @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("max_new_tokens", "num_beams"))
-    def _generate(self, params, batch, start_tokens, *, max_new_tokens: int, num_beams: int):
+    @functools.partial(jax.jit, static_argnums=(0,),
+                       static_argnames=("max_new_tokens", "num_beams", "no_repeat_ngram_size"))
+    def _generate(self, params, batch, start_tokens, *, max_new_tokens: int, num_beams: int,
+                  no_repeat_ngram_size: int = 0):
         variables = {"params": params}
         if "speech_hidden" in batch:  # encoder outputs computed offline (slm_jax/encoder_cache.py)
             hidden, mask = batch["speech_hidden"], batch["speech_mask"]
@@ -59,7 +61,7 @@ class SpeechLanguageModel:
         prompt, prompt_mask = self.slm.apply(variables, speech, speech_mask, batch, method=SLM.prompt_embeddings)
         return decoding.generate(
             self.llm, params["llm"], prompt, prompt_mask, start_tokens, max_new_tokens,
-            eos_id=int(self.vocabulary.eos_id), num_beams=num_beams,
+            eos_id=int(self.vocabulary.eos_id), num_beams=num_beams, no_repeat_ngram_size=no_repeat_ngram_size,
         )
 
     @functools.partial(jax.jit, static_argnums=(0, 5))
@@ -87,9 +89,11 @@ class SpeechLanguageModel:
 
     def generate(
         self, features: Sequence[np.ndarray], instructions: Sequence[str] | str, max_new_tokens: int = 64,
-        num_beams: int = 1, precomputed_speech: bool = False,
+        num_beams: int = 1, precomputed_speech: bool = False, no_repeat_ngram_size: int = 0,
     ) -> list[str]:
         """Answers for a batch of log-mel feature arrays [frames, mels] and their instructions.
+
+        ``no_repeat_ngram_size`` n > 0: no answer repeats an n-gram of its tokens (0: off).
 
         With ``precomputed_speech=True`` the arrays are the frozen encoder's outputs [frames, D].
         """
@@ -112,7 +116,8 @@ class SpeechLanguageModel:
             "suffix_tokens": suffix, "suffix_mask": suffix_mask,
         }
         start = np.asarray([p.decoder_start for p in prompts], np.int32)
-        out = self._generate(self.params, batch, start, max_new_tokens=max_new_tokens, num_beams=num_beams)
+        out = self._generate(self.params, batch, start, max_new_tokens=max_new_tokens, num_beams=num_beams,
+                             no_repeat_ngram_size=no_repeat_ngram_size)
         tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
         return [self.vocabulary.decode([int(t) for t in row[:n]]).strip() for row, n in zip(tokens, lengths)]
 

@@ -258,3 +258,62 @@ def test_prefill_state_leaves_lead_with_the_batch(tiny_models):
         embeds, mask = _prompt(model, params, seed=1)
         state = jax.jit(lambda: decoding.prefill(model, params, embeds, mask, 5))()
         assert all(leaf.shape[0] == 2 for leaf in jax.tree.leaves(state))
+
+
+# --- the n-gram repetition ban ------------------------------------------------------------------
+
+def _banned_reference(generated, length, n):
+    """Brute force: tokens that would complete an n-gram already in generated[:length]."""
+    seq = list(generated[:length])
+    if n == 1:
+        return set(seq)
+    if length < n - 1:
+        return set()
+    context = seq[length - n + 1:]
+    return {seq[j + n - 1] for j in range(length - n + 1) if seq[j:j + n - 1] == context}
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_ban_repeated_ngrams_matches_brute_force(n):
+    rng = np.random.RandomState(n)
+    vocab, width = 5, 12
+    generated = rng.randint(0, vocab, size=(16, width))
+    for length in range(width + 1):
+        scores = rng.normal(size=(16, vocab)).astype(np.float32)
+        got = np.asarray(decoding.ban_repeated_ngrams(jnp.asarray(scores), jnp.asarray(generated), jnp.asarray(length), n))
+        for row in range(16):
+            banned = _banned_reference(generated[row], length, n)
+            assert {t for t in range(vocab) if np.isneginf(got[row, t])} == banned, (row, length)
+            kept = [t for t in range(vocab) if t not in banned]
+            np.testing.assert_array_equal(got[row, kept], scores[row, kept])
+    unchanged = decoding.ban_repeated_ngrams(jnp.asarray(scores), jnp.asarray(generated), jnp.asarray(5), 0)
+    np.testing.assert_array_equal(np.asarray(unchanged), scores)
+
+
+def _looping_step_fn(vocab=6):
+    """A model stuck in a loop: after token t it prefers t+1 mod 3 (0 1 2 0 1 2 ...); tokens
+    3..5 are always less likely, in that order. Logits depend only on the last token."""
+    table = np.full((vocab, vocab), -5.0, np.float32)
+    for t in range(vocab):
+        table[t, (t + 1) % 3] = 5.0
+        table[t, 3:] = [1.0, 0.5, 0.0]
+
+    def step(tokens, state, step_index):
+        return jnp.asarray(table)[tokens], state
+
+    return step
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_searches_never_repeat_a_banned_ngram(num_beams):
+    step = _looping_step_fn()
+    start = jnp.asarray([0, 1], jnp.int32)
+    search = functools.partial(decoding.greedy_search) if num_beams == 1 else functools.partial(
+        decoding.beam_search, num_beams=num_beams, length_penalty=0.0)
+    free = np.asarray(search(step, (), start, 10, None).tokens)
+    assert free[0].tolist()[:6] == [1, 2, 0, 1, 2, 0]  # without the ban: the loop
+    for n in (2, 3):
+        tokens = np.asarray(search(step, (), start, 10, None, no_repeat_ngram_size=n).tokens)
+        for row in tokens.tolist():
+            grams = [tuple(row[i:i + n]) for i in range(len(row) - n + 1)]
+            assert len(grams) == len(set(grams)), (n, row)

@@ -193,6 +193,29 @@ def test_greedy_generation_matches_hf(pair):
     assert lengths[0] < 12 and got[0, lengths[0] - 1] == eos_id and np.all(got[0, lengths[0]:] == 0)
 
 
+def test_greedy_generation_without_repeated_ngrams_matches_hf(llama_pair):
+    """no_repeat_ngram_size against transformers' logits processor of the same name. HF gets the
+    prompt as inputs_embeds, so (like ours) it bans n-grams of the generated tokens only."""
+    reference, cfg, params = llama_pair
+    rng = np.random.RandomState(5)
+    prompts = [list(rng.randint(1, VOCAB, 7)), list(rng.randint(1, VOCAB, 7))]
+    with torch.no_grad():
+        embeds = reference.model.embed_tokens(torch.tensor(np.asarray(prompts)))
+    for n in (1, 2):
+        with torch.no_grad():
+            want = reference.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+                                      do_sample=False, max_new_tokens=24, min_new_tokens=24, eos_token_id=None,
+                                      pad_token_id=0, no_repeat_ngram_size=n).numpy()
+        model = Llama(cfg)
+        ours = decoding.generate(model, params, jnp.asarray(embeds[:, :-1].numpy()), jnp.ones((2, 6), jnp.int32),
+                                 jnp.asarray([p[-1] for p in prompts]), 24, None, no_repeat_ngram_size=n)
+        np.testing.assert_array_equal(np.asarray(ours.tokens), want[:, -24:])
+    plain = decoding.generate(Llama(cfg), params, jnp.asarray(embeds[:, :-1].numpy()), jnp.ones((2, 6), jnp.int32),
+                              jnp.asarray([p[-1] for p in prompts]), 24, None)
+    repeats = [len(set(zip(r, r[1:]))) < len(r) - 1 for r in np.asarray(plain.tokens).tolist()]
+    assert any(repeats), "the free run repeats no bigram: the test would not test the ban"
+
+
 def test_generation_with_padding_between_blocks_equals_compacted_prompt(llama_pair):
     _, cfg, params = llama_pair
     model = Llama(cfg)

@@ -106,6 +106,9 @@ def main(argv=None) -> int:
                             help="llm: the model's answer (default); ctc: the adapter's CTC transcript, "
                                  "no LLM (adapters trained with alignment steps)")
         parser.add_argument("--max_new_tokens", type=int, default=64)
+        parser.add_argument("--no_repeat_ngram_size", type=int, default=0,
+                            help="n > 0: answers never repeat an n-gram of their tokens (a guard against "
+                                 "repetition loops; 0: off, the default)")
         parser.add_argument("--audio_tsv", default=None,
                             help="score these recordings (lines 'path<TAB>transcript') instead of a corpus split")
         parser.add_argument("--instruction", default="Transcribe the speech.",
@@ -113,6 +116,8 @@ def main(argv=None) -> int:
         args = parser.parse_args(rest)
         if not args.gin_file:
             raise common.UserError("give the --gin_file the model was trained with")
+        if args.no_repeat_ngram_size < 0:
+            raise common.UserError("--no_repeat_ngram_size must be >= 0")
         out_dir = os.path.dirname(os.path.abspath(args.out))
         if not os.path.isdir(out_dir):
             raise common.UserError(f"cannot write {args.out}: directory {out_dir} does not exist")
@@ -140,11 +145,13 @@ def main(argv=None) -> int:
             if args.decoder == "ctc":
                 return slm.transcribe_ctc([e["features"] for e in batch])
             return slm.generate([e["features"] for e in batch], [e["instruction"] for e in batch],
-                                max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
+                                max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+                                no_repeat_ngram_size=args.no_repeat_ngram_size)
 
         report = evaluation.evaluate(examples, answer, batch_size=args.batch_size)
         report.update({"checkpoint": os.path.abspath(args.checkpoint), "step": step, "split": args.split,
-                       **source, "num_beams": args.num_beams, "decoder": args.decoder})
+                       **source, "num_beams": args.num_beams, "decoder": args.decoder,
+                       "no_repeat_ngram_size": args.no_repeat_ngram_size})
         tmp = args.out + ".tmp"
         with open(tmp, "w") as f:
             json.dump(report, f, indent=1, ensure_ascii=False)

@@ -29,6 +29,9 @@ def main(argv=None) -> int:
         parser.add_argument("--instruction", default="Transcribe the speech.", help="the text prompt")
         parser.add_argument("--num_beams", type=int, default=1, help="1 = greedy")
         parser.add_argument("--max_new_tokens", type=int, default=96)
+        parser.add_argument("--no_repeat_ngram_size", type=int, default=0,
+                            help="n > 0: the answer never repeats an n-gram of its tokens (a guard against "
+                                 "repetition loops; 0: off, the default)")
         args = parser.parse_args(rest)
         if not args.gin_file:
             raise common.UserError("give the --gin_file the model was trained with")
@@ -38,6 +41,8 @@ def main(argv=None) -> int:
             raise common.UserError("--instruction is not valid UTF-8 text") from None
         if args.num_beams < 1:
             raise common.UserError("--num_beams must be >= 1")
+        if args.no_repeat_ngram_size < 0:
+            raise common.UserError("--no_repeat_ngram_size must be >= 0")
         common.setup_logging()
         common.parse_gin(args.gin_file, args.gin_bindings + overrides)
         import gin
@@ -50,7 +55,8 @@ def main(argv=None) -> int:
         features = [audio.log_mel_spectrogram(audio.load_audio(p, max_seconds=max_seconds)) for p in args.audio]
         model = gin.query_parameter("train.model").scoped_configurable_fn()
         slm, step = inference.load_trained(args.checkpoint, model, data)
-        answers = slm.generate(features, args.instruction, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
+        answers = slm.generate(features, args.instruction, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+                               no_repeat_ngram_size=args.no_repeat_ngram_size)
         for path, answer in zip(args.audio, answers):
             print(f"{path}\t{answer}" if len(args.audio) > 1 else answer)
         return 0
