@@ -162,11 +162,11 @@ def train(
     _check_settings(steps=steps, batch_size=batch_size, log_every=log_every, eval_every=eval_every,
                     checkpoint_every=checkpoint_every, max_nonfinite_streak=max_nonfinite_streak,
                     max_to_keep=max_to_keep, alignment_steps=alignment_steps)
-    if alignment_steps > steps or not alignment_weight >= 0:
-        from slm_jax.errors import UserError
+    from slm_jax.errors import UserError
 
-        if alignment_steps > steps:
-            raise UserError(f"train.alignment_steps ({alignment_steps}) is more than train.steps ({steps})")
+    if alignment_steps > steps:
+        raise UserError(f"train.alignment_steps ({alignment_steps}) is more than train.steps ({steps})")
+    if not alignment_weight >= 0:  # also refuses NaN
         raise UserError(f"train.alignment_weight must be >= 0, got {alignment_weight!r}")
     with _Preemption() as preemption:
         return _train(model_dir, preemption, model=model, data=data, steps=steps, batch_size=batch_size,

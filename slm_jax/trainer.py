@@ -293,7 +293,8 @@ class Trainer:
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         extra = {}
-        if len(aux) > 2:  # joint step: log the next-token loss (comparable with plain steps) and the CTC term
+        if objective == "next_token" and self.alignment_weight:
+            # A joint step (_joint_loss): log the next-token loss, comparable with plain steps, and the CTC term.
             loss, extra = loss_sum / jnp.maximum(num_tokens, 1.0), {"alignment_loss": aux[2]}
         updates, new_opt_state = self.optimizer.update(grads, state.opt_state, state.adapter_params)
         new_params = optax.apply_updates(state.adapter_params, updates)
