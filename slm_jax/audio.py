@@ -142,6 +142,57 @@ def add_noise(audio: np.ndarray, snr_db: float, kind: str, rng: np.random.Genera
 
 
 # --------------------------------------------------------------------------------------------
+# Speed, room and channel, for the synthetic corpus
+# --------------------------------------------------------------------------------------------
+# Why: a synthesiser's voices are few and clean, so an adapter trained on them learns their sound.
+# These change what a recording changes: the talker's tempo and vocal-tract scale (speed), the
+# room (reverberation) and the microphone/codec (band limit).
+def change_speed(audio: np.ndarray, factor: float) -> np.ndarray:
+    """Plays ``audio`` ``factor`` times faster, tempo and pitch together (tape speed, as in
+    Kaldi's speed perturbation); ``factor`` is rounded to hundredths."""
+    percent = int(round(factor * 100))
+    if percent <= 0:
+        raise ValueError(f"speed factor must be positive, got {factor}")
+    # Read the clip as if it were sampled at ``percent`` and resample it to 100: len * 100 / percent samples.
+    return resample(audio, percent, 100)
+
+
+def room_impulse_response(rt60_s: float, direct_to_reverberant_db: float, rate: int,
+                          rng: np.random.Generator) -> np.ndarray:
+    """A synthetic room: a unit direct path, then 3 ms later a noise tail whose energy falls 60 dB in
+    ``rt60_s`` seconds, scaled so the direct-to-reverberant energy ratio is ``direct_to_reverberant_db``."""
+    if rt60_s <= 0:
+        raise ValueError(f"rt60_s must be positive, got {rt60_s}")
+    length = max(int(min(1.5 * rt60_s, 1.2) * rate), 2)
+    t = np.arange(length) / rate
+    rir = rng.standard_normal(length) * np.exp(-3.0 * math.log(10.0) * t / rt60_s)  # -60 dB energy at rt60
+    rir[: max(1, int(0.003 * rate))] = 0.0
+    rir *= math.sqrt(10 ** (-direct_to_reverberant_db / 10) / max(float(np.sum(rir**2)), 1e-12))
+    rir[0] = 1.0
+    return rir
+
+
+def reverberate(audio: np.ndarray, rir: np.ndarray) -> np.ndarray:
+    """``audio`` played in the room ``rir``: same length and mean power as the dry clip."""
+    from scipy.signal import fftconvolve
+
+    dry = np.asarray(audio, np.float64)
+    wet = fftconvolve(dry, rir)[: dry.size]
+    wet *= math.sqrt(float(np.mean(dry**2)) / max(float(np.mean(wet**2)), 1e-20))
+    return wet.astype(np.float32)
+
+
+def band_limit(audio: np.ndarray, low_hz: float, high_hz: float, rate: int) -> np.ndarray:
+    """A 4th-order Butterworth band-pass from ``low_hz`` to ``high_hz`` (a phone or a cheap microphone)."""
+    from scipy.signal import butter, sosfilt
+
+    if not 0 < low_hz < high_hz < rate / 2:
+        raise ValueError(f"band {low_hz}..{high_hz} Hz must lie inside (0, {rate / 2}) Hz")
+    sos = butter(4, [low_hz, high_hz], btype="bandpass", fs=rate, output="sos")
+    return sosfilt(sos, np.asarray(audio, np.float64)).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
 # Log-mel features
 # --------------------------------------------------------------------------------------------
 def _hz_to_mel_slaney(hz: np.ndarray) -> np.ndarray:

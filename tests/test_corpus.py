@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from corpus_fixture import small_corpus
+from slm_jax import audio as audio_lib
 from slm_jax.cli import make_corpus as make_corpus_cli
 from slm_jax.data import corpus, grammar
 from slm_jax.data.errors import CorruptShardError
@@ -229,3 +230,93 @@ def test_make_corpus_cli_rejects_a_bad_flite_share(tmp_path, capsys):
     assert make_corpus_cli.main([f"--out={tmp_path / 'c'}", "--size=8", "--synthesizer=tones", "--quiet",
                                  "--flite_share=2"]) == 2
     assert "--flite_share must be between 0 and 1" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# Speed, room and channel (--augment_share)
+# --------------------------------------------------------------------------------------------
+def _tone(freq: float, seconds: float = 1.0, rate: int = corpus.SAMPLE_RATE) -> np.ndarray:
+    return (0.5 * np.sin(2 * np.pi * freq * np.arange(int(seconds * rate)) / rate)).astype(np.float32)
+
+
+def _peak_hz(samples: np.ndarray, rate: int = corpus.SAMPLE_RATE) -> float:
+    spectrum = np.abs(np.fft.rfft(samples * np.hanning(samples.size)))
+    return float(np.argmax(spectrum) * rate / samples.size)
+
+
+def test_speed_change_shortens_the_clip_and_raises_its_pitch_by_the_factor():
+    fast = audio_lib.change_speed(_tone(400.0), 1.1)
+    slow = audio_lib.change_speed(_tone(400.0), 0.9)
+    assert abs(fast.size - corpus.SAMPLE_RATE / 1.1) <= 2 and abs(slow.size - corpus.SAMPLE_RATE / 0.9) <= 2
+    assert _peak_hz(fast) == pytest.approx(440.0, abs=2.0)
+    assert _peak_hz(slow) == pytest.approx(360.0, abs=2.0)
+    with pytest.raises(ValueError, match="positive"):
+        audio_lib.change_speed(_tone(400.0), 0.0)
+
+
+def test_room_impulse_response_decays_60_db_in_rt60_and_keeps_the_direct_to_reverberant_ratio():
+    rate = corpus.SAMPLE_RATE
+    rir = audio_lib.room_impulse_response(0.5, 6.0, rate, np.random.default_rng(0))
+    tail = rir[1:]
+    assert 10 * np.log10(1.0 / np.sum(tail**2)) == pytest.approx(6.0, abs=1e-6)
+    # Energy in 50 ms windows at 0.05 s and 0.35 s: 0.3 s is 36 dB of decay at RT60 0.5 s.
+    window = int(0.05 * rate)
+    early, late = (np.sum(rir[int(t * rate): int(t * rate) + window] ** 2) for t in (0.05, 0.35))
+    assert 10 * np.log10(early / late) == pytest.approx(36.0, abs=4.0)
+    wet = audio_lib.reverberate(_tone(300.0), rir)
+    dry = _tone(300.0)
+    assert wet.shape == dry.shape and np.mean(wet**2) == pytest.approx(np.mean(dry**2), rel=1e-4)
+    assert not np.allclose(wet, dry, atol=1e-2)
+
+
+def test_band_limit_passes_the_band_and_cuts_outside_it():
+    rate = corpus.SAMPLE_RATE
+
+    def gain_db(freq):
+        x = _tone(freq)
+        y = audio_lib.band_limit(x, 300.0, 3400.0, rate)[rate // 2:]  # after the filter settles
+        return 10 * np.log10(np.mean(y**2) / np.mean(x[rate // 2:] ** 2))
+
+    assert abs(gain_db(1000.0)) < 0.5
+    assert gain_db(7000.0) < -20 and gain_db(60.0) < -20
+    with pytest.raises(ValueError, match="band"):
+        audio_lib.band_limit(_tone(100.0), 3000.0, 300.0, rate)
+
+
+def test_augment_share_changes_only_the_acoustics_of_about_that_share():
+    plain = corpus.plan_corpus(200, seed=4, open_asr=20, flite_share=0.5)
+    mixed = corpus.plan_corpus(200, seed=4, open_asr=20, flite_share=0.5, augment_share=0.5)
+    changed = [b for a, b in zip(plain, mixed) if a != b]
+    assert all(dataclasses.replace(b, acoustics=None) == a for a, b in zip(plain, mixed))
+    assert all(b.acoustics is not None for b in changed)
+    assert 0.35 * len(plain) < len(changed) < 0.65 * len(plain)
+    for b in changed:
+        a = b.acoustics
+        assert corpus.SPEED_RANGE[0] <= a.speed <= corpus.SPEED_RANGE[1]
+        assert a.rt60_s == 0 or corpus.RT60_RANGE[0] <= a.rt60_s <= corpus.RT60_RANGE[1]
+        assert a.low_hz == 0 or (corpus.LOW_HZ_RANGE[0] <= a.low_hz and a.high_hz <= corpus.HIGH_HZ_RANGE[1])
+    assert any(b.acoustics.rt60_s > 0 for b in changed) and any(b.acoustics.rt60_s == 0 for b in changed)
+    assert corpus.plan_corpus(200, seed=4, open_asr=20, flite_share=0.5, augment_share=0.5) == mixed
+    with pytest.raises(ValueError, match="augment_share"):
+        corpus.plan_corpus(10, augment_share=-0.1)
+
+
+def test_augmented_utterance_is_the_synthesised_one_changed_by_its_acoustics():
+    spec = corpus.plan_corpus(20, seed=2)[0]
+    acoustics = corpus.Acoustics(speed=1.1, rt60_s=0.4, direct_to_reverberant_db=3.0, low_hz=200.0,
+                                 high_hz=3600.0, seed=7)
+    dry = np.frombuffer(corpus.synthesize(corpus._Job(spec, "tones", float("inf")))[1], "<i2") / 32767.0
+    wet = np.frombuffer(corpus.synthesize(corpus._Job(dataclasses.replace(spec, acoustics=acoustics), "tones",
+                                                      float("inf")))[1], "<i2") / 32767.0
+    expected = acoustics.apply(dry.astype(np.float32), corpus.SAMPLE_RATE)
+    assert wet.size == expected.size and abs(wet.size - dry.size / 1.1) <= 2
+    np.testing.assert_allclose(wet, np.clip(expected, -1, 1), atol=2e-4)
+
+
+def test_make_corpus_records_the_augment_share_and_the_cli_refuses_a_bad_one(tmp_path, capsys):
+    manifest = corpus.make_corpus(str(tmp_path / "c"), 12, synthesizer="tones", progress=False, vocab_size=0,
+                                  augment_share=1.0)
+    assert manifest["config"]["augment_share"] == 1.0
+    assert make_corpus_cli.main([f"--out={tmp_path / 'd'}", "--size=8", "--synthesizer=tones", "--quiet",
+                                 "--augment_share=1.5"]) == 2
+    assert "--augment_share must be between 0 and 1" in capsys.readouterr().err

@@ -21,7 +21,9 @@ a large vocabulary) from a seeded walk over a Markov chain of Wikipedia text (th
 essential-generators), so that a model does not learn only the grammar's templates.
 --flite_share=F gives about that share of the English utterances a flite voice (awb, rms, kal16;
 Debian package flite) instead of espeak-ng's: a second synthesiser family, so that a model does
-not learn the sound of one synthesiser only.
+not learn the sound of one synthesiser only. --augment_share=F changes about that share of all
+utterances after synthesis as a recording would: a speed change (0.85-1.15x, tempo and pitch), a
+room (reverberation, RT60 0.2-0.9 s, for 70% of them) and a band-limited channel (for half).
 
 The directory is complete when manifest.json exists (written last, atomically); readers refuse a
 directory without it, so an interrupted run is never read half-done.
@@ -31,6 +33,7 @@ examples:
   slm-make-corpus --out=data/corpus --size=2000 --workers=4 --snr_db=20
   slm-make-corpus --out=data/en_fr --size=500 --languages=en,fr
   slm-make-corpus --out=data/open --size=2000 --open_asr=1000 --flite_share=0.5
+  slm-make-corpus --out=data/robust --size=2000 --open_asr=1000 --flite_share=0.5 --augment_share=0.5
 """
 
 
@@ -89,6 +92,9 @@ def main(argv=None) -> int:
         parser.add_argument("--flite_share", type=float, default=0.0, metavar="F",
                             help="share (0..1) of English utterances spoken by flite voices instead of "
                                  "espeak-ng (needs the flite package) (default 0)")
+        parser.add_argument("--augment_share", type=float, default=0.0, metavar="F",
+                            help="share (0..1) of utterances given a speed change, a room and a band "
+                                 "limit after synthesis (default 0)")
         parser.add_argument("--overwrite", action="store_true", help="replace an existing corpus in --out")
         parser.add_argument("--quiet", action="store_true", help="no progress bar")
         args = parser.parse_args(argv)
@@ -104,6 +110,8 @@ def main(argv=None) -> int:
             raise common.UserError(f"--open_asr makes English speech; add en to --languages={','.join(args.languages)}")
         if not 0.0 <= args.flite_share <= 1.0:
             raise common.UserError(f"--flite_share must be between 0 and 1, got {args.flite_share}")
+        if not 0.0 <= args.augment_share <= 1.0:
+            raise common.UserError(f"--augment_share must be between 0 and 1, got {args.augment_share}")
         unknown = sorted(set(args.languages) - set(grammar.LANGUAGES))
         if unknown:
             raise common.UserError(f"unknown --languages {','.join(unknown)}; the grammar speaks "
@@ -115,7 +123,7 @@ def main(argv=None) -> int:
             args.out, args.size, seed=args.seed, workers=args.workers, snr_db=args.snr_db,
             languages=args.languages, synthesizer=args.synthesizer, examples_per_shard=args.examples_per_shard,
             vocab_size=args.vocab_size, overwrite=args.overwrite, progress=not args.quiet, open_asr=args.open_asr,
-            flite_share=args.flite_share,
+            flite_share=args.flite_share, augment_share=args.augment_share,
         )
         print("\n".join(summary_lines(manifest, args.out)))
         return 0

@@ -138,6 +138,28 @@ BIASING_INSTRUCTION = "Transcribe the speech. Names that may occur: {names}."
 
 
 @dataclasses.dataclass(frozen=True)
+class Acoustics:
+    """How one utterance is changed after synthesis (``augment_share``; slm_jax/audio.py)."""
+
+    speed: float  # played this many times faster (tempo and pitch)
+    rt60_s: float  # room reverberation time; 0: no room
+    direct_to_reverberant_db: float
+    low_hz: float  # band limit; 0: the full band
+    high_hz: float
+    seed: int  # of the room's impulse response
+
+    def apply(self, samples: np.ndarray, rate: int) -> np.ndarray:
+        samples = audio_lib.change_speed(samples, self.speed)
+        if self.rt60_s > 0:
+            rir = audio_lib.room_impulse_response(self.rt60_s, self.direct_to_reverberant_db, rate,
+                                                  np.random.default_rng(self.seed))
+            samples = audio_lib.reverberate(samples, rir)
+        if self.low_hz > 0:
+            samples = audio_lib.band_limit(samples, self.low_hz, self.high_hz, rate)
+        return samples
+
+
+@dataclasses.dataclass(frozen=True)
 class ExampleSpec:
     """Everything about one example except its audio (which ``synthesize`` makes from it)."""
 
@@ -153,6 +175,7 @@ class ExampleSpec:
     pitch: int
     noise: str  # 'white' | 'pink'
     noise_seed: int
+    acoustics: Acoustics | None = None  # speed, room and channel (augment_share); None: as synthesised
 
 
 def _pick(rng: np.random.Generator, options: Sequence):
@@ -245,16 +268,20 @@ def _stream_of(task_name: str) -> int:
 
 
 def plan_corpus(size: int, seed: int = 0, languages: Sequence[str] = grammar.LANGUAGES,
-                open_asr: int = 0, flite_share: float = 0.0) -> list[ExampleSpec]:
+                open_asr: int = 0, flite_share: float = 0.0, augment_share: float = 0.0) -> list[ExampleSpec]:
     """The ``size`` examples of a corpus (no audio yet), a pure function of its arguments.
 
     ``open_asr`` adds that many ``asr_en_open`` examples (free-form English, ``open_text``) after
     them; the other examples are the same with or without them. ``flite_share`` (0..1) gives about
     that share of the English utterances a flite voice instead of espeak-ng's; only the voice
     changes (drawn from a stream of its own), never the text, split or other examples.
+    ``augment_share`` (0..1) gives about that share of all utterances ``Acoustics`` (a speed change,
+    a room, a band limit), likewise from a stream of its own.
     """
     if not 0.0 <= flite_share <= 1.0:
         raise ValueError(f"flite_share must be between 0 and 1, got {flite_share}")
+    if not 0.0 <= augment_share <= 1.0:
+        raise ValueError(f"augment_share must be between 0 and 1, got {augment_share}")
     unknown = sorted(set(languages) - set(grammar.LANGUAGES))
     if unknown:
         raise ValueError(f"unknown languages {unknown}; the grammar speaks {list(grammar.LANGUAGES)}")
@@ -281,6 +308,8 @@ def plan_corpus(size: int, seed: int = 0, languages: Sequence[str] = grammar.LAN
         specs += [_plan_example(OPT_IN_TASKS[name], i, np.random.default_rng([seed, stream, i])) for i in range(count)]
     if flite_share > 0:
         specs = [_with_flite_voice(s, seed, flite_share) for s in specs]
+    if augment_share > 0:
+        specs = [_with_acoustics(s, seed, augment_share) for s in specs]
     return specs
 
 
@@ -291,6 +320,28 @@ def _with_flite_voice(spec: ExampleSpec, seed: int, share: float) -> ExampleSpec
     if rng.random() >= share:
         return spec
     return dataclasses.replace(spec, voice=FLITE_PREFIX + _pick(rng, FLITE_VOICES))
+
+
+# Ranges of ``Acoustics``: Kaldi-style speed perturbation (0.9-1.1x, widened a little), rooms from a
+# dry booth to a reverberant hall (RT60 0.2-0.9 s, direct path 2 dB weaker to 10 dB stronger than
+# the tail), and channels from telephone (300-3400 Hz) to a full-band microphone.
+SPEED_RANGE = (0.85, 1.15)
+ROOM_SHARE, RT60_RANGE, DRR_RANGE_DB = 0.7, (0.2, 0.9), (-2.0, 10.0)
+BAND_SHARE, LOW_HZ_RANGE, HIGH_HZ_RANGE = 0.5, (50.0, 300.0), (3400.0, 7600.0)
+
+
+def _with_acoustics(spec: ExampleSpec, seed: int, share: float) -> ExampleSpec:
+    rng = np.random.default_rng([seed, _stream_of("acoustics"), _stream_of(spec.id)])
+    if rng.random() >= share:
+        return spec
+    speed = round(float(rng.uniform(*SPEED_RANGE)), 2)
+    room = rng.random() < ROOM_SHARE
+    rt60, drr = float(rng.uniform(*RT60_RANGE)), float(rng.uniform(*DRR_RANGE_DB))
+    band = rng.random() < BAND_SHARE
+    low, high = float(rng.uniform(*LOW_HZ_RANGE)), float(rng.uniform(*HIGH_HZ_RANGE))
+    return dataclasses.replace(spec, acoustics=Acoustics(
+        speed=speed, rt60_s=round(rt60, 3) if room else 0.0, direct_to_reverberant_db=round(drr, 1) if room else 0.0,
+        low_hz=round(low) if band else 0.0, high_hz=round(high) if band else 0.0, seed=int(rng.integers(2**31))))
 
 
 # --------------------------------------------------------------------------------------------
@@ -382,6 +433,8 @@ def synthesize(job: _Job) -> tuple[ExampleSpec, bytes]:
         speak = speak_flite
     samples, rate = speak(spec.text, spec.voice, spec.speed, spec.pitch)
     samples = audio_lib.check_audio(samples, rate, SAMPLE_RATE, name=f"example {spec.id} ({spec.text!r})")
+    if spec.acoustics is not None:
+        samples = spec.acoustics.apply(samples, SAMPLE_RATE)
     samples = audio_lib.add_noise(samples, job.snr_db, spec.noise, np.random.default_rng(spec.noise_seed))
     return spec, audio_lib.to_pcm16(samples)
 
@@ -477,11 +530,13 @@ def make_corpus(
     progress: bool = True,
     open_asr: int = 0,
     flite_share: float = 0.0,
+    augment_share: float = 0.0,
 ) -> dict:
     """Generates a corpus into ``out_dir``; returns its manifest (also written as manifest.json).
 
     ``open_asr``: that many free-form English ASR examples (``asr_en_open``) besides the ``size``.
     ``flite_share``: about that share of the English utterances spoken by flite voices.
+    ``augment_share``: about that share of all utterances with a speed change, a room and a band limit.
     """
     if synthesizer not in SYNTHESIZERS:
         raise ValueError(f"unknown synthesizer {synthesizer!r}; expected one of {sorted(SYNTHESIZERS)}")
@@ -496,7 +551,8 @@ def make_corpus(
         if not overwrite:
             raise DataError(f"{out_dir} already holds a corpus ({MANIFEST} exists); pass --overwrite to replace it")
         os.remove(manifest_path)  # first: the directory is not a complete corpus while rewriting
-    specs = plan_corpus(size, seed, languages, open_asr=open_asr, flite_share=flite_share)
+    specs = plan_corpus(size, seed, languages, open_asr=open_asr, flite_share=flite_share,
+                        augment_share=augment_share)
     task_names = sorted({s.task for s in specs})
     os.makedirs(out_dir, exist_ok=True)
     for name in task_names:  # stale shards of an older corpus must not linger next to new ones
@@ -531,7 +587,8 @@ def make_corpus(
         "sample_rate": SAMPLE_RATE,
         "config": {"size": size, "seed": seed, "snr_db": snr_db, "languages": list(languages),
                    "synthesizer": synthesizer, "espeak": espeak_version() if synthesizer == "espeak" else None,
-                   "examples_per_shard": examples_per_shard, "open_asr": open_asr, "flite_share": flite_share},
+                   "examples_per_shard": examples_per_shard, "open_asr": open_asr, "flite_share": flite_share,
+                   "augment_share": augment_share},
         "generation_seconds": round(elapsed, 2),
         "vocab_text": VOCAB_TEXT,
         "spm_model": spm_model,
