@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import numpy as np
@@ -223,6 +223,29 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+class Restored(NamedTuple):
+    state: Any
+    data_position: dict[str, Any]
+    metadata: dict[str, Any]
+    step: int
+    directory: str
+
+
+def restore_checkpoint(checkpoint: str, abstract_state: Any, frozen_sources: Mapping[str, str]) -> Restored:
+    """Restores ``checkpoint`` (a model directory, for its latest step, or one step directory) onto
+    ``abstract_state`` after checking that it was written for these adapter shapes and frozen sources.
+    The checkpoint's optimizer state must have the structure of ``abstract_state``'s (same optimizer)."""
+    directory, step = find_checkpoint_dir(checkpoint)
+    source = Checkpointer(directory, read_only=True)
+    try:  # closed on refusal too: an open Orbax manager's threads fail noisily at exit
+        metadata = source.read_metadata(step)
+        check_compatible(metadata, describe_state(abstract_state.adapter_params, frozen_sources), directory)
+        state, position = source.restore(step, abstract_state)
+    finally:
+        source.close()
+    return Restored(state, position, metadata, step, directory)
 
 
 def find_checkpoint_dir(path: str) -> tuple[str, int]:

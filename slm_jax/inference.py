@@ -134,27 +134,16 @@ def load_trained(checkpoint: str, model: ModelSpec, data: Any) -> tuple[SpeechLa
         if not hasattr(data, attribute):
             raise ValueError(f"the configured data source {type(data).__name__} has no {attribute}; "
                              "inference needs a corpus/task data source (e.g. gin/tiny.gin)")
-    directory, step = checkpointing.find_checkpoint_dir(checkpoint)
-    checkpointer = checkpointing.Checkpointer(directory, read_only=True)
     optimizer, schedule = make_optimizer(name=_optimizer_name())
     mesh = partitioning.make_mesh(data=1, devices=jax.devices()[:1])
     trainer = Trainer(model.build(), optimizer, schedule, mesh)
     example = sample_batch(1, data.feature_lengths)
-    abstract = trainer.abstract_state(example)
-    try:  # closed on refusal too: an open Orbax manager's threads fail noisily at exit
-        metadata = checkpointer.read_metadata(step)
-        checkpointing.check_compatible(
-            metadata,
-            checkpointing.describe_state(abstract.adapter_params, model.frozen_sources),
-            directory,
-        )
-        state, _ = checkpointer.restore(step, abstract)
-    finally:
-        checkpointer.close()
+    restored = checkpointing.restore_checkpoint(checkpoint, trainer.abstract_state(example), model.frozen_sources)
     frozen = load_frozen_params(trainer, model, example)
-    return SpeechLanguageModel(model, frozen, state.adapter_params, data.vocabulary, data.prompt_format,
+    metadata = restored.metadata
+    return SpeechLanguageModel(model, frozen, restored.state.adapter_params, data.vocabulary, data.prompt_format,
                                alignment_token_ids=metadata.get("alignment_token_ids"),
-                               alignment_centered=bool(metadata.get("alignment_centered", False))), step
+                               alignment_centered=bool(metadata.get("alignment_centered", False))), restored.step
 
 
 def _optimizer_name() -> str:

@@ -27,19 +27,10 @@ def _restore_training_state(checkpoint: str, model: Any, data: Any):
     from slm_jax.inference import _optimizer_name
     from slm_jax.trainer import Trainer, make_optimizer
 
-    directory, step = checkpointing.find_checkpoint_dir(checkpoint)
-    source = checkpointing.Checkpointer(directory, read_only=True)
     optimizer, schedule = make_optimizer(name=_optimizer_name())
     trainer = Trainer(model.build(), optimizer, schedule, partitioning.make_mesh(data=1, devices=jax.devices()[:1]))
     abstract = trainer.abstract_state(sample_batch(1, data.feature_lengths))
-    try:  # closed on refusal too: an open Orbax manager's threads fail noisily at exit
-        metadata = source.read_metadata(step)
-        checkpointing.check_compatible(
-            metadata, checkpointing.describe_state(abstract.adapter_params, model.frozen_sources), directory)
-        state, position = source.restore(step, abstract)
-    finally:
-        source.close()
-    return state, position, metadata, step, directory
+    return checkpointing.restore_checkpoint(checkpoint, abstract, model.frozen_sources)
 
 
 def export_release(checkpoint: str, dest: str, model: Any, data: Any, note: str = "") -> str:

@@ -141,6 +141,7 @@ def train(
     alignment_centered: bool = False,
     restart_schedule_after_alignment: bool = False,
     alignment_weight: float = 0.0,
+    init_checkpoint: str | None = None,
 ) -> dict[str, Any]:
     """Trains the adapter for ``steps`` steps; returns the final metrics.
 
@@ -154,6 +155,9 @@ def train(
     ``alignment_weight`` > 0 adds that times the CTC alignment loss to every next-token step, so
     the adapter's outputs stay near the token embeddings the alignment steps put them at (the
     logged ``loss`` stays the next-token loss; ``alignment_loss`` is the CTC term).
+    ``init_checkpoint`` (a model or step directory of a run of the same model and optimizer, or a
+    release) starts a new run from that adapter: step 0, fresh optimizer state and schedule, the
+    data stream from its start. A ``model_dir`` that already holds checkpoints resumes instead.
 
     ``log_every``, ``eval_every`` and ``checkpoint_every`` may be 0 (never; the last step is still
     checkpointed). After ``max_nonfinite_streak`` consecutive steps with a non-finite loss or
@@ -177,13 +181,13 @@ def train(
                       alignment_steps=alignment_steps, speech_masking=speech_masking,
                       alignment_centered=alignment_centered,
                       restart_schedule_after_alignment=restart_schedule_after_alignment,
-                      alignment_weight=alignment_weight)
+                      alignment_weight=alignment_weight, init_checkpoint=init_checkpoint)
 
 
 def _train(model_dir, preemption, *, model, data, steps, batch_size, seed, mesh_shape, learning_rate, warmup_steps,
            weight_decay, clip_norm, optimizer, log_every, eval_every, eval_batches, checkpoint_every, max_to_keep,
            max_nonfinite_streak, alignment_steps, speech_masking, alignment_centered,
-           restart_schedule_after_alignment, alignment_weight) -> dict[str, Any]:
+           restart_schedule_after_alignment, alignment_weight, init_checkpoint) -> dict[str, Any]:
     mesh = partitioning.make_mesh(**partitioning.parse_mesh_spec(mesh_shape))
     restarts = (alignment_steps,) if restart_schedule_after_alignment and 0 < alignment_steps < steps else ()
     tx, schedule = make_optimizer(
@@ -216,6 +220,11 @@ def _train(model_dir, preemption, *, model, data, steps, batch_size, seed, mesh_
             restored = reader.restore(start, abstract_state)  # a damaged checkpoint fails here
         finally:
             reader.close()
+    elif init_checkpoint:
+        warm = checkpointing.restore_checkpoint(init_checkpoint, abstract_state, model.frozen_sources)
+        log.info("new run initialised from the adapter of %s step %d", warm.directory, warm.step)
+        metadata = {**metadata, "initialized_from": {"directory": warm.directory, "step": warm.step}}
+        restored = (trainer.warm_start_state(warm.state.adapter_params, example), {"batches_consumed": 0})
     checkpointing.ensure_writable(
         model_dir, checkpointing.bytes_needed(tree_bytes(abstract_state), max_to_keep, len(existing)))
 
@@ -261,7 +270,8 @@ def _loop(model_dir, preemption, trainer, checkpointer, frozen, example, metadat
     else:
         state, data_position = restored
         batches_consumed = int(data_position["batches_consumed"])
-        log.info("resuming %s from step %d (%d batches consumed)", model_dir, int(state.step), batches_consumed)
+        if int(state.step):  # else a warm start (init_checkpoint), already logged
+            log.info("resuming %s from step %d (%d batches consumed)", model_dir, int(state.step), batches_consumed)
 
     adapter_n = count_params(state.adapter_params)
     frozen_n = count_params(frozen)

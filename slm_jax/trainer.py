@@ -200,6 +200,14 @@ class Trainer:
         init = lambda rng, batch: nn.unbox(self._boxed_state(rng, batch))  # noqa: E731
         return jax.jit(init, out_shardings=shardings)(jax.random.key(seed), _zeros(sample_batch))
 
+    def warm_start_state(self, adapter_params: Any, sample_batch: Batch) -> TrainState:
+        """Step 0 with the given adapter weights and a fresh optimizer state (fine-tuning)."""
+        def init(params):
+            return TrainState(step=jnp.zeros((), jnp.int32), adapter_params=params, opt_state=self.optimizer.init(params),
+                              nonfinite_streak=jnp.zeros((), jnp.int32), nonfinite_total=jnp.zeros((), jnp.int32))
+
+        return jax.jit(init, out_shardings=self.state_shardings(sample_batch))(adapter_params)
+
     # --- data placement --------------------------------------------------------------------
     def place_batch(self, batch: Batch, objective: str | None = None) -> dict[str, jax.Array]:
         """Host numpy batch -> global arrays sharded over the batch mesh axes.

@@ -6,54 +6,13 @@ import numpy as np
 import pytest
 
 from slm_jax import alignment, partitioning
-from slm_jax.data.vocab import load_vocabulary
-from slm_jax.encoder_cache import CachedSpeechData
 from slm_jax.errors import UserError
-from slm_jax.prompting import PromptFormat
 from slm_jax.train import train
 from slm_jax.trainer import Trainer, make_optimizer
 
 from tiny_models import model_spec
+from toy_cached_data import WORDS, toy_source
 
-# Byte tokens: one per character, so each must fit 6 encoder frames -> 1.5 adapter frames.
-WORDS = ["red cup", "blue box", "green hat", "a pen", "the lamp"]
-
-
-class _Cache:
-    """Encoder outputs keyed by id: each word's frames carry a fixed random pattern, so the
-    transcript is recoverable from the 'speech' (a learnable toy alignment problem)."""
-
-    def __init__(self, examples, dim=32, frames_per_char=6, seed=0):
-        rng = np.random.default_rng(seed)
-        patterns = {c: rng.normal(size=dim).astype(np.float32) for c in "abcdefghijklmnopqrstuvwxyz "}
-        self._hidden = {e["id"]: np.repeat(np.stack([patterns[c] for c in e["text"]]), frames_per_char, axis=0)
-                        for e in examples}
-        self.dim = dim
-
-    def frames(self, example_id):
-        return self._hidden[example_id].shape[0]
-
-    def __getitem__(self, example_id):
-        return self._hidden[example_id]
-
-
-def _examples(n=24, with_text=True):
-    out = []
-    for i in range(n):
-        text = WORDS[i % len(WORDS)]
-        example = {"id": f"e{i}", "instruction": "Transcribe.", "target": text}
-        if with_text:
-            example["text"] = text
-        out.append(example)
-    return out
-
-
-def _source(with_text=True):
-    examples = _examples(with_text=with_text)
-    cache = _Cache(_examples())
-    # 'byte' ids of lowercase text stay below the tiny LLM's 128-token vocabulary.
-    return CachedSpeechData(cache, examples, examples[:8], load_vocabulary("byte"), PromptFormat(),
-                            speech_frames=64, prefix=16, suffix=8, targets=32, group_batches=1)
 
 
 def test_vocabulary_maps_ids_to_classes_and_refuses_unknown_tokens():
@@ -105,7 +64,7 @@ def _trainer(data, llm="llama", alignment_weight=0.0):
 def test_alignment_steps_learn_the_transcript_and_leave_frozen_weights_alone(llm):
     from slm_jax.experiment import sample_batch
 
-    data = _source()
+    data = toy_source()
     trainer, spec = _trainer(data, llm)
     example = sample_batch(4, data.feature_lengths)
     frozen = {name: trainer.init_frozen_randomly(name, i, example) for i, name in enumerate(("speech_encoder", "llm"))}
@@ -131,7 +90,7 @@ def test_alignment_steps_learn_the_transcript_and_leave_frozen_weights_alone(llm
 
 
 def test_next_token_batches_carry_no_transcripts():
-    data = _source()
+    data = toy_source()
     trainer, _ = _trainer(data)
     batch = data.batch(data.train_examples[:4])
     assert "transcript_tokens" in batch
@@ -143,7 +102,7 @@ def test_joint_next_token_step_adds_the_weighted_ctc_loss():
     times the alignment step's, on the same batch and parameters."""
     from slm_jax.experiment import sample_batch
 
-    data = _source()
+    data = toy_source()
     joint, _ = _trainer(data, alignment_weight=0.5)
     plain, _ = _trainer(data)
     example = sample_batch(4, data.feature_lengths)
@@ -163,12 +122,12 @@ def test_joint_next_token_step_adds_the_weighted_ctc_loss():
 
 
 def test_train_with_alignment_weight_logs_both_losses(tmp_path):
-    result = train(str(tmp_path / "run"), model=model_spec(llm="llama"), data=_source(), steps=3, batch_size=8,
+    result = train(str(tmp_path / "run"), model=model_spec(llm="llama"), data=toy_source(), steps=3, batch_size=8,
                    alignment_steps=1, alignment_weight=0.3, eval_every=0, log_every=1, checkpoint_every=0,
                    learning_rate=1e-3, warmup_steps=1)
     assert result["step"] == 3 and np.isfinite(result["loss"]) and result["alignment_loss"] > 0
     with pytest.raises(UserError, match="alignment_weight must be >= 0"):
-        train(str(tmp_path / "bad"), model=model_spec(llm="llama"), data=_source(), steps=2, alignment_weight=-1.0)
+        train(str(tmp_path / "bad"), model=model_spec(llm="llama"), data=toy_source(), steps=2, alignment_weight=-1.0)
     assert not (tmp_path / "bad").exists()
 
 
@@ -181,7 +140,7 @@ def test_train_runs_the_alignment_steps_first_then_the_next_token_loss(tmp_path,
         return original(self, state, frozen, batch, objective)
 
     monkeypatch.setattr(Trainer, "train_step", spy)
-    result = train(str(tmp_path / "run"), model=model_spec(llm="llama"), data=_source(), steps=5, batch_size=8,
+    result = train(str(tmp_path / "run"), model=model_spec(llm="llama"), data=toy_source(), steps=5, batch_size=8,
                    alignment_steps=3, eval_every=0, log_every=1, checkpoint_every=0, learning_rate=1e-3,
                    warmup_steps=1)
     assert objectives == ["alignment"] * 3 + ["next_token"] * 2
@@ -196,9 +155,9 @@ def test_train_runs_the_alignment_steps_first_then_the_next_token_loss(tmp_path,
 
 def test_alignment_without_transcripts_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="more than train.steps"):
-        train(str(tmp_path / "a"), model=model_spec(llm="llama"), data=_source(), steps=2, alignment_steps=3)
+        train(str(tmp_path / "a"), model=model_spec(llm="llama"), data=toy_source(), steps=2, alignment_steps=3)
     with pytest.raises(ValueError, match="no transcript"):
-        train(str(tmp_path / "b"), model=model_spec(llm="llama"), data=_source(with_text=False), steps=2,
+        train(str(tmp_path / "b"), model=model_spec(llm="llama"), data=toy_source(with_text=False), steps=2,
               batch_size=8, alignment_steps=1, eval_every=0)
 
 
@@ -247,7 +206,7 @@ def test_train_restarts_the_schedule_after_alignment_when_asked(tmp_path, monkey
 
     monkeypatch.setattr(train_module, "make_optimizer", spy)
     # (without the flag no restart is passed: the other train() tests here run that way)
-    train(str(tmp_path / "run"), model=model_spec(llm="llama"), data=_source(), steps=3, batch_size=8,
+    train(str(tmp_path / "run"), model=model_spec(llm="llama"), data=toy_source(), steps=3, batch_size=8,
           alignment_steps=2, eval_every=0, log_every=0, checkpoint_every=0, warmup_steps=1,
           restart_schedule_after_alignment=True)
     assert restarts == [(2,)]

@@ -37,6 +37,7 @@ def llm_config(kind: str):
 
 
 def model_spec(llm: str = "t5", encoder: str = "whisper", **adapter_overrides) -> ModelSpec:
-    adapter = AdapterConfig(output_dim=0, d_model=32, num_layers=2, num_heads=8, ffn_dim=64, **adapter_overrides)
+    adapter = AdapterConfig(**{**dict(output_dim=0, d_model=32, num_layers=2, num_heads=8, ffn_dim=64),
+                               **adapter_overrides})
     return ModelSpec(speech_encoder=speech_encoder_config(encoder), llm=llm_config(llm), adapter=adapter,
                      speech_encoder_source="random:0", llm_source="random:1")

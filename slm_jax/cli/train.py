@@ -12,11 +12,15 @@ only the adapter gets gradients, optimizer state and checkpoints.
 
 Running the same command again resumes from the latest checkpoint in --model_dir (parameters,
 optimizer state, step and data position). SIGTERM saves a checkpoint and exits.
+To fine-tune instead, start a new --model_dir from another run's adapter (or a release) with
+--gin.train.init_checkpoint="'DIR'": step 0, fresh optimizer state and schedule.
 Progress goes to the console and to TensorBoard event files in MODEL_DIR/train and MODEL_DIR/eval.
 
 examples:
   slm-train --gin_file=gin/tiny.gin --model_dir=runs/tiny --gin.TRAIN_STEPS=50
   slm-train --gin_file=gin/whisper_base_smollm2.gin --model_dir=runs/default
+  slm-train --gin_file=gin/whisper_base_smollm2.gin --model_dir=runs/tuned \
+      --gin.train.init_checkpoint="'release/whisper_base_smollm2'" --gin.CORPUS_DIR="'data/mine'"
 """
 
 

@@ -1,0 +1,77 @@
+"""train.init_checkpoint: a new run that starts from another run's adapter (fine-tuning)."""
+
+import jax
+import numpy as np
+import pytest
+
+from slm_jax import checkpointing
+from slm_jax.train import train
+from slm_jax.trainer import Trainer
+
+from tiny_models import model_spec
+from toy_cached_data import toy_source
+
+SETTINGS = dict(batch_size=8, eval_every=0, log_every=1, learning_rate=1e-3, warmup_steps=1)
+
+
+def _first_states(monkeypatch):
+    """Records the state each train() call's first step starts from."""
+    seen = []
+    original = Trainer.train_step
+
+    def spy(self, state, frozen, batch, objective="next_token"):
+        if not seen or seen[-1] is None:
+            seen[-1:] = [jax.device_get(state)]
+        return original(self, state, frozen, batch, objective)
+
+    monkeypatch.setattr(Trainer, "train_step", spy)
+    return seen
+
+
+def _restored_adapter(model_dir):
+    directory, step = checkpointing.find_checkpoint_dir(model_dir)
+    reader = checkpointing.Checkpointer(directory, read_only=True)
+    try:
+        return jax.device_get(reader._manager.restore(step)["state"]["adapter_params"])
+    finally:
+        reader.close()
+
+
+def test_a_new_run_starts_from_the_given_adapter_with_fresh_optimizer_state(tmp_path, monkeypatch):
+    source = str(tmp_path / "source")
+    train(source, model=model_spec(llm="llama"), data=toy_source(), steps=3, alignment_steps=3,
+          checkpoint_every=3, **SETTINGS)
+    trained = _restored_adapter(source)
+
+    seen = _first_states(monkeypatch)
+    seen.append(None)
+    tuned = str(tmp_path / "tuned")
+    result = train(tuned, model=model_spec(llm="llama"), data=toy_source(), steps=2, alignment_steps=2,
+                   checkpoint_every=2, init_checkpoint=source, **SETTINGS)
+    start = seen[0]
+    assert int(start.step) == 0 and result["step"] == 2
+    jax.tree.map(np.testing.assert_array_equal, start.adapter_params, trained)
+    moments = [np.asarray(x) for x in jax.tree.leaves(start.opt_state) if np.ndim(x) > 0]
+    assert moments and all(not m.any() for m in moments)  # AdamW's mu and nu start at zero again
+    metadata = checkpointing.read_metadata(tuned, 2)
+    assert metadata["initialized_from"] == {"directory": source, "step": 3}
+
+    # A run that already has checkpoints resumes from them; init_checkpoint no longer applies.
+    seen.append(None)
+    train(tuned, model=model_spec(llm="llama"), data=toy_source(), steps=3, alignment_steps=3,
+          checkpoint_every=3, init_checkpoint=source, **SETTINGS)
+    assert int(seen[1].step) == 2
+
+
+def test_a_missing_or_foreign_init_checkpoint_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(checkpointing.CheckpointError, match="no checkpoint at .*nowhere"):
+        train(str(tmp_path / "a"), model=model_spec(llm="llama"), data=toy_source(), steps=1, alignment_steps=1,
+              init_checkpoint=str(tmp_path / "nowhere"), **SETTINGS)
+    assert not (tmp_path / "a").exists()
+    other = str(tmp_path / "one_layer")
+    train(other, model=model_spec(llm="llama", num_layers=1), data=toy_source(), steps=1, alignment_steps=1, checkpoint_every=1,
+          **SETTINGS)
+    with pytest.raises(checkpointing.CheckpointError, match="different configuration"):
+        train(str(tmp_path / "b"), model=model_spec(llm="llama"), data=toy_source(), steps=1, alignment_steps=1,
+              init_checkpoint=other, **SETTINGS)
+    assert not (tmp_path / "b").exists()
