@@ -93,6 +93,26 @@ def gin_macro(name: str, default: Any) -> Any:
         return default
 
 
+def add_decoding_arguments(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    """The LLM decoding options slm-infer and slm-eval share (checked by ``check_decoding_arguments``)."""
+    group = parser.add_argument_group("decoding")
+    group.add_argument("--num_beams", type=int, default=1, help="beam width; 1 = greedy (default)")
+    group.add_argument("--max_new_tokens", type=int, default=max_new_tokens,
+                       help="longest answer in tokens (default %(default)s)")
+    group.add_argument("--no_repeat_ngram_size", type=int, default=0,
+                       help="n > 0: an answer never repeats an n-gram of its tokens (a guard against "
+                            "repetition loops; 0: off, the default)")
+
+
+def check_decoding_arguments(args: argparse.Namespace) -> None:
+    if args.num_beams < 1:
+        raise UserError(f"--num_beams must be >= 1, got {args.num_beams}")
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+    if args.no_repeat_ngram_size < 0:
+        raise UserError(f"--no_repeat_ngram_size must be >= 0, got {args.no_repeat_ngram_size}")
+
+
 def configured_step_shape(batch_size: int | None, audio_frames: int | None, prompt_tokens: int,
                           target_tokens: int | None) -> tuple[Any, int, dict[str, int]]:
     """(model spec, global batch, feature lengths) of the parsed config's train step, with the

@@ -101,14 +101,10 @@ def main(argv=None) -> int:
         parser.add_argument("--tasks", default=None, help="comma-separated task names (default: all)")
         parser.add_argument("--max_examples_per_task", type=int, default=None)
         parser.add_argument("--batch_size", type=int, default=8)
-        parser.add_argument("--num_beams", type=int, default=1)
         parser.add_argument("--decoder", choices=["llm", "ctc"], default="llm",
                             help="llm: the model's answer (default); ctc: the adapter's CTC transcript, "
                                  "no LLM (adapters trained with alignment steps)")
-        parser.add_argument("--max_new_tokens", type=int, default=64)
-        parser.add_argument("--no_repeat_ngram_size", type=int, default=0,
-                            help="n > 0: answers never repeat an n-gram of their tokens (a guard against "
-                                 "repetition loops; 0: off, the default)")
+        common.add_decoding_arguments(parser, max_new_tokens=64)
         parser.add_argument("--audio_tsv", default=None,
                             help="score these recordings (lines 'path<TAB>transcript') instead of a corpus split")
         parser.add_argument("--instruction", default="Transcribe the speech.",
@@ -116,8 +112,7 @@ def main(argv=None) -> int:
         args = parser.parse_args(rest)
         if not args.gin_file:
             raise common.UserError("give the --gin_file the model was trained with")
-        if args.no_repeat_ngram_size < 0:
-            raise common.UserError("--no_repeat_ngram_size must be >= 0")
+        common.check_decoding_arguments(args)
         out_dir = os.path.dirname(os.path.abspath(args.out))
         if not os.path.isdir(out_dir):
             raise common.UserError(f"cannot write {args.out}: directory {out_dir} does not exist")

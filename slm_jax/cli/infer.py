@@ -27,11 +27,7 @@ def main(argv=None) -> int:
         parser.add_argument("--checkpoint", required=True, help="a model directory (latest step) or a step directory")
         parser.add_argument("--audio", action="append", required=True, help="a wav/flac file (repeatable)")
         parser.add_argument("--instruction", default="Transcribe the speech.", help="the text prompt")
-        parser.add_argument("--num_beams", type=int, default=1, help="1 = greedy")
-        parser.add_argument("--max_new_tokens", type=int, default=96)
-        parser.add_argument("--no_repeat_ngram_size", type=int, default=0,
-                            help="n > 0: the answer never repeats an n-gram of its tokens (a guard against "
-                                 "repetition loops; 0: off, the default)")
+        common.add_decoding_arguments(parser, max_new_tokens=96)
         args = parser.parse_args(rest)
         if not args.gin_file:
             raise common.UserError("give the --gin_file the model was trained with")
@@ -39,10 +35,7 @@ def main(argv=None) -> int:
             args.instruction.encode("utf-8")
         except UnicodeEncodeError:  # undecodable argv bytes arrive as lone surrogates
             raise common.UserError("--instruction is not valid UTF-8 text") from None
-        if args.num_beams < 1:
-            raise common.UserError("--num_beams must be >= 1")
-        if args.no_repeat_ngram_size < 0:
-            raise common.UserError("--no_repeat_ngram_size must be >= 0")
+        common.check_decoding_arguments(args)
         common.setup_logging()
         common.parse_gin(args.gin_file, args.gin_bindings + overrides)
         import gin
