@@ -176,10 +176,14 @@ class Trainer:
 
     def _boxed_state(self, rng: jax.Array, sample_batch: Batch) -> TrainState:
         adapter = self.model.init(rng, dict(sample_batch))["params"]["adapter"]  # traced: batch is abstract
+        return self._fresh_state(adapter)
+
+    def _fresh_state(self, adapter_params: Any) -> TrainState:
+        """Step 0 of a run whose adapter starts at ``adapter_params``."""
         return TrainState(
             step=jnp.zeros((), jnp.int32),
-            adapter_params=adapter,
-            opt_state=self.optimizer.init(adapter),
+            adapter_params=adapter_params,
+            opt_state=self.optimizer.init(adapter_params),
             nonfinite_streak=jnp.zeros((), jnp.int32),
             nonfinite_total=jnp.zeros((), jnp.int32),
         )
@@ -202,11 +206,7 @@ class Trainer:
 
     def warm_start_state(self, adapter_params: Any, sample_batch: Batch) -> TrainState:
         """Step 0 with the given adapter weights and a fresh optimizer state (fine-tuning)."""
-        def init(params):
-            return TrainState(step=jnp.zeros((), jnp.int32), adapter_params=params, opt_state=self.optimizer.init(params),
-                              nonfinite_streak=jnp.zeros((), jnp.int32), nonfinite_total=jnp.zeros((), jnp.int32))
-
-        return jax.jit(init, out_shardings=self.state_shardings(sample_batch))(adapter_params)
+        return jax.jit(self._fresh_state, out_shardings=self.state_shardings(sample_batch))(adapter_params)
 
     # --- data placement --------------------------------------------------------------------
     def place_batch(self, batch: Batch, objective: str | None = None) -> dict[str, jax.Array]:
