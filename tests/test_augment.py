@@ -10,8 +10,8 @@ from slm_jax.experiment import sample_batch
 from slm_jax.trainer import Trainer, make_optimizer
 from slm_jax import partitioning
 
-import test_alignment
 from tiny_models import model_spec
+from toy_cached_data import toy_source
 
 
 def _hidden(b=3, t=60, d=32, lengths=(60, 40, 17)):
@@ -65,7 +65,7 @@ def _trainer(data, masking):
 
 
 def test_train_step_masks_from_the_step_number_only():
-    data = test_alignment._source()
+    data = toy_source()
     example = sample_batch(4, data.feature_lengths)
     losses = {}
     for name, masking in (("plain", None), ("masked", SpeechMasking(time_masks=2, max_time_frames=8, feature_masks=2,
