@@ -108,10 +108,9 @@ def main(argv=None) -> int:
             raise common.UserError(f"--open_asr must not be negative, got {args.open_asr}")
         if args.open_asr and "en" not in args.languages:
             raise common.UserError(f"--open_asr makes English speech; add en to --languages={','.join(args.languages)}")
-        if not 0.0 <= args.flite_share <= 1.0:
-            raise common.UserError(f"--flite_share must be between 0 and 1, got {args.flite_share}")
-        if not 0.0 <= args.augment_share <= 1.0:
-            raise common.UserError(f"--augment_share must be between 0 and 1, got {args.augment_share}")
+        for name in ("flite_share", "augment_share"):
+            if not 0.0 <= getattr(args, name) <= 1.0:
+                raise common.UserError(f"--{name} must be between 0 and 1, got {getattr(args, name)}")
         unknown = sorted(set(args.languages) - set(grammar.LANGUAGES))
         if unknown:
             raise common.UserError(f"unknown --languages {','.join(unknown)}; the grammar speaks "

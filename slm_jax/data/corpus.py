@@ -278,10 +278,9 @@ def plan_corpus(size: int, seed: int = 0, languages: Sequence[str] = grammar.LAN
     ``augment_share`` (0..1) gives about that share of all utterances ``Acoustics`` (a speed change,
     a room, a band limit), likewise from a stream of its own.
     """
-    if not 0.0 <= flite_share <= 1.0:
-        raise ValueError(f"flite_share must be between 0 and 1, got {flite_share}")
-    if not 0.0 <= augment_share <= 1.0:
-        raise ValueError(f"augment_share must be between 0 and 1, got {augment_share}")
+    for name, share in (("flite_share", flite_share), ("augment_share", augment_share)):
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"{name} must be between 0 and 1, got {share}")
     unknown = sorted(set(languages) - set(grammar.LANGUAGES))
     if unknown:
         raise ValueError(f"unknown languages {unknown}; the grammar speaks {list(grammar.LANGUAGES)}")
