@@ -193,32 +193,51 @@ def test_snr_controls_the_noise_level():
     assert snr == pytest.approx(10.0, abs=0.5)
 
 
+# Other English voice families: flite (--flite_share) and Piper (--piper_share)
 # --------------------------------------------------------------------------------------------
-# flite voices (--flite_share)
-# --------------------------------------------------------------------------------------------
-def test_flite_share_changes_only_the_voices_of_english_utterances():
+@pytest.mark.parametrize("family", sorted(corpus.VOICE_FAMILIES))
+def test_a_voice_share_changes_only_the_voices_of_english_utterances(family):
+    prefix, voices = corpus.VOICE_FAMILIES[family]
+    share = f"{family}_share"
     plain = corpus.plan_corpus(200, seed=4, open_asr=20)
-    mixed = corpus.plan_corpus(200, seed=4, open_asr=20, flite_share=0.5)
+    mixed = corpus.plan_corpus(200, seed=4, open_asr=20, **{share: 0.5})
     assert len(plain) == len(mixed)
-    flite = 0
+    changed = 0
     for a, b in zip(plain, mixed):
-        if b.voice.startswith(corpus.FLITE_PREFIX):
-            flite += 1
-            assert a.lang == "en" and b.voice[len(corpus.FLITE_PREFIX):] in corpus.FLITE_VOICES
+        if b.voice.startswith(prefix):
+            changed += 1
+            assert a.lang == "en" and b.voice[len(prefix):] in voices
             b = b.__class__(**{**b.__dict__, "voice": a.voice})
         assert a == b  # text, instruction, target, split, speed, noise: unchanged
     english = sum(s.lang == "en" for s in plain)
-    assert 0.35 * english < flite < 0.65 * english
-    assert corpus.plan_corpus(200, seed=4, open_asr=20, flite_share=0.5) == mixed  # deterministic
-    assert all(not s.voice.startswith(corpus.FLITE_PREFIX) for s in corpus.plan_corpus(50, flite_share=0.0))
-    assert "slt" not in corpus.FLITE_VOICES  # a real-speech evaluation speaker (release/real_speech)
-    with pytest.raises(ValueError, match="flite_share"):
-        corpus.plan_corpus(10, flite_share=1.5)
+    assert 0.35 * english < changed < 0.65 * english
+    assert corpus.plan_corpus(200, seed=4, open_asr=20, **{share: 0.5}) == mixed  # deterministic
+    assert all(not s.voice.startswith(prefix) for s in corpus.plan_corpus(50, **{share: 0.0}))
+    with pytest.raises(ValueError, match=share):
+        corpus.plan_corpus(10, **{share: 1.5})
 
 
-@pytest.mark.skipif(not corpus.flite_available(), reason="flite is not installed (apt-get install flite)")
-def test_flite_speaks_at_the_corpus_rate_and_speed_stretches_it():
-    spec = next(s for s in corpus.plan_corpus(40, seed=1, flite_share=1.0) if s.lang == "en")
+def test_piper_is_drawn_after_flite_and_leaves_flites_other_choices():
+    flite = corpus.plan_corpus(200, seed=4, open_asr=20, flite_share=0.5)
+    both = corpus.plan_corpus(200, seed=4, open_asr=20, flite_share=0.5, piper_share=0.3)
+    piper = [b for b in both if b.voice.startswith(corpus.PIPER_PREFIX)]
+    assert piper and any(a.voice.startswith(corpus.FLITE_PREFIX) for a, b in zip(flite, both) if b in piper)
+    assert all(a == b for a, b in zip(flite, both) if not b.voice.startswith(corpus.PIPER_PREFIX))
+
+
+def test_no_extra_voice_is_a_real_speech_evaluation_speaker():
+    assert "slt" not in corpus.FLITE_VOICES  # ARCTIC slt is in release/real_speech
+
+
+def _available(family: str) -> bool:
+    return {"flite": corpus.flite_available, "piper": corpus.piper_available}[family]()
+
+
+@pytest.mark.parametrize("family", sorted(corpus.VOICE_FAMILIES))
+def test_a_voice_family_speaks_at_the_corpus_rate_and_speed_stretches_it(family):
+    if not _available(family):
+        pytest.skip(f"{family} is not installed (make install)")
+    spec = next(s for s in corpus.plan_corpus(40, seed=1, **{f"{family}_share": 1.0}) if s.lang == "en")
     slow = corpus.synthesize(corpus._Job(dataclasses.replace(spec, speed=130), "espeak", float("inf")))[1]
     fast = corpus.synthesize(corpus._Job(dataclasses.replace(spec, speed=190), "espeak", float("inf")))[1]
     samples = np.frombuffer(slow, "<i2")
@@ -226,10 +245,16 @@ def test_flite_speaks_at_the_corpus_rate_and_speed_stretches_it():
     assert len(slow) > 1.2 * len(fast)
 
 
-def test_make_corpus_cli_rejects_a_bad_flite_share(tmp_path, capsys):
+def test_an_unknown_piper_voice_is_refused_by_name():
+    with pytest.raises(corpus.DataError, match="unknown Piper voice 'nobody'"):
+        corpus.speak_piper("Hello.", corpus.PIPER_PREFIX + "nobody", 160, 50)
+
+
+@pytest.mark.parametrize("share", ["flite_share", "piper_share"])
+def test_make_corpus_cli_rejects_a_bad_voice_share(tmp_path, capsys, share):
     assert make_corpus_cli.main([f"--out={tmp_path / 'c'}", "--size=8", "--synthesizer=tones", "--quiet",
-                                 "--flite_share=2"]) == 2
-    assert "--flite_share must be between 0 and 1" in capsys.readouterr().err
+                                 f"--{share}=2"]) == 2
+    assert f"--{share} must be between 0 and 1" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------

