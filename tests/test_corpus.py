@@ -363,3 +363,23 @@ def test_make_corpus_records_the_augment_share_and_the_cli_refuses_a_bad_one(tmp
     assert make_corpus_cli.main([f"--out={tmp_path / 'd'}", "--size=8", "--synthesizer=tones", "--quiet",
                                  "--augment_share=1.5"]) == 2
     assert "--augment_share must be between 0 and 1" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not corpus.espeak_available(), reason="espeak-ng is not installed (make install)")
+def test_speak_sentences_writes_a_tsv_per_voice_that_whisper_reference_wer_reads(tmp_path):
+    import importlib.util
+
+    import soundfile
+
+    spec = importlib.util.spec_from_file_location(
+        "speak_sentences", os.path.join(os.path.dirname(__file__), "..", "scripts", "speak_sentences.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    sentences = tmp_path / "s.txt"
+    sentences.write_text("Good morning.\n\nThe door is open.\n")
+    assert script.main([str(sentences), f"--out={tmp_path / 'v'}", "--voices=en-us+m3,en-gb+f2"]) == 0
+    rows = (tmp_path / "v" / "en-us_m3.tsv").read_text().splitlines()
+    assert [r.split("\t")[1] for r in rows] == ["Good morning.", "The door is open."]
+    samples, rate = soundfile.read(tmp_path / "v" / rows[1].split("\t")[0])
+    assert rate == corpus.SAMPLE_RATE and samples.size > rate // 2
+    assert (tmp_path / "v" / "en-gb_f2.tsv").exists()
