@@ -8,8 +8,8 @@
      (``OPT_IN_TASKS``: ``asr_en_open``, free-form English from ``open_text``) are added only
      when asked for, and leave every other example as it was;
   2. speak: espeak-ng (and, opt-in, flite's voices or the neural voices of Piper and Kokoro for
-     a share of the English utterances: ``flite_share``, ``piper_share``, ``kokoro_share``) in parallel worker processes, resampled to 16 kHz mono, noise added at the
-     requested SNR (``audio.add_noise``), stored as 16-bit PCM;
+     a share of the English utterances: ``flite_share``, ``piper_share``, ``kokoro_share``) in
+     parallel worker processes, resampled to 16 kHz mono, noise added at the requested SNR (``audio.add_noise``), stored as 16-bit PCM;
   3. write: TFRecord shards per task and split, each written under a temporary name and renamed
      when complete, then ``manifest.json`` (written last, also atomically) and the text file from
      which the SentencePiece vocabulary is trained.
@@ -292,10 +292,10 @@ def plan_corpus(size: int, seed: int = 0, languages: Sequence[str] = grammar.LAN
     ``augment_share`` (0..1) gives about that share of all utterances ``Acoustics`` (a speed change,
     a room, a band limit), likewise from a stream of its own.
     """
-    for name, share in (("flite_share", flite_share), ("augment_share", augment_share),
-                        ("piper_share", piper_share), ("kokoro_share", kokoro_share)):
+    voice_shares = {"flite": flite_share, "piper": piper_share, "kokoro": kokoro_share}  # VOICE_FAMILIES' order
+    for name, share in [("augment", augment_share), *voice_shares.items()]:
         if not 0.0 <= share <= 1.0:
-            raise ValueError(f"{name} must be between 0 and 1, got {share}")
+            raise ValueError(f"{name}_share must be between 0 and 1, got {share}")
     unknown = sorted(set(languages) - set(grammar.LANGUAGES))
     if unknown:
         raise ValueError(f"unknown languages {unknown}; the grammar speaks {list(grammar.LANGUAGES)}")
@@ -320,7 +320,7 @@ def plan_corpus(size: int, seed: int = 0, languages: Sequence[str] = grammar.LAN
     for name, count in opt_in.items():
         stream = _stream_of(name)
         specs += [_plan_example(OPT_IN_TASKS[name], i, np.random.default_rng([seed, stream, i])) for i in range(count)]
-    for family, share in (("flite", flite_share), ("piper", piper_share), ("kokoro", kokoro_share)):
+    for family, share in voice_shares.items():
         if share > 0:
             specs = [_with_voice_of(family, s, seed, share) for s in specs]
     if augment_share > 0:
@@ -477,6 +477,9 @@ SYNTHESIZERS: dict[str, Callable[[str, str, int, int], tuple[np.ndarray, int]]] 
 }
 
 
+_SPEAKER_OF_PREFIX = {FLITE_PREFIX: speak_flite, PIPER_PREFIX: speak_piper, KOKORO_PREFIX: speak_kokoro}
+
+
 @dataclasses.dataclass(frozen=True)
 class _Job:
     spec: ExampleSpec
@@ -488,12 +491,9 @@ def synthesize(job: _Job) -> tuple[ExampleSpec, bytes]:
     """Speaks one example: 16 kHz mono 16-bit PCM bytes (runs in a worker process)."""
     spec = job.spec
     speak = SYNTHESIZERS[job.synthesizer]
-    if job.synthesizer == "espeak" and spec.voice.startswith(FLITE_PREFIX):
-        speak = speak_flite
-    elif job.synthesizer == "espeak" and spec.voice.startswith(PIPER_PREFIX):
-        speak = speak_piper
-    elif job.synthesizer == "espeak" and spec.voice.startswith(KOKORO_PREFIX):
-        speak = speak_kokoro
+    if job.synthesizer == "espeak":  # a voice of another family (VOICE_FAMILIES) names its synthesiser
+        prefix = spec.voice.split(":", 1)[0] + ":"
+        speak = _SPEAKER_OF_PREFIX.get(prefix, speak)
     samples, rate = speak(spec.text, spec.voice, spec.speed, spec.pitch)
     samples = audio_lib.check_audio(samples, rate, SAMPLE_RATE, name=f"example {spec.id} ({spec.text!r})")
     if spec.acoustics is not None:
