@@ -33,6 +33,7 @@ class SpeechLanguageModel:
         self, model: ModelSpec, frozen: Mapping[str, Any], adapter_params: Any, vocabulary: Any,
         prompt_format: PromptFormat, audio_bucket_frames: int = 200, token_bucket: int = 8,
         alignment_token_ids: Sequence[int] | None = None, alignment_centered: bool = False,
+        ctc_compression: bool = False,
     ):
         self.spec = model
         self.slm: SLM = model.build()
@@ -46,6 +47,10 @@ class SpeechLanguageModel:
         self.alignment_vocabulary = (
             alignment.AlignmentVocabulary(alignment_token_ids, registry.llm_vocab_size(model.llm), alignment_centered)
             if alignment_token_ids else None)
+        if ctc_compression and self.alignment_vocabulary is None:
+            raise ValueError("ctc_compression needs the alignment vocabulary the adapter was trained with")
+        # The LLM reads the adapter's CTC-compressed outputs, as in training (alignment.ctc_compress).
+        self.ctc_compression = bool(ctc_compression)
 
     @functools.partial(jax.jit, static_argnums=(0,),
                        static_argnames=("max_new_tokens", "num_beams", "no_repeat_ngram_size"))
@@ -57,7 +62,9 @@ class SpeechLanguageModel:
         else:
             hidden, mask = self.slm.apply(variables, batch["audio_features"], batch["audio_mask"],
                                           method=SLM.encode_speech)
-        speech, speech_mask = self.slm.apply(variables, hidden, mask, method=SLM.adapt)
+        compression = ((np.asarray(self.alignment_vocabulary.ids, np.int32), self.alignment_vocabulary.centered)
+                       if self.ctc_compression else ())
+        speech, speech_mask = self.slm.apply(variables, hidden, mask, *compression, method=SLM.adapt)
         prompt, prompt_mask = self.slm.apply(variables, speech, speech_mask, batch, method=SLM.prompt_embeddings)
         return decoding.generate(
             self.llm, params["llm"], prompt, prompt_mask, start_tokens, max_new_tokens,
@@ -143,7 +150,8 @@ def load_trained(checkpoint: str, model: ModelSpec, data: Any) -> tuple[SpeechLa
     metadata = restored.metadata
     return SpeechLanguageModel(model, frozen, restored.state.adapter_params, data.vocabulary, data.prompt_format,
                                alignment_token_ids=metadata.get("alignment_token_ids"),
-                               alignment_centered=bool(metadata.get("alignment_centered", False))), restored.step
+                               alignment_centered=bool(metadata.get("alignment_centered", False)),
+                               ctc_compression=bool(metadata.get("ctc_compression", False))), restored.step
 
 
 def _optimizer_name() -> str:

@@ -142,6 +142,7 @@ def train(
     restart_schedule_after_alignment: bool = False,
     alignment_weight: float = 0.0,
     init_checkpoint: str | None = None,
+    ctc_compression: bool = False,
 ) -> dict[str, Any]:
     """Trains the adapter for ``steps`` steps; returns the final metrics.
 
@@ -158,6 +159,9 @@ def train(
     ``init_checkpoint`` (a model or step directory of a run of the same model and optimizer, or a
     release) starts a new run from that adapter: step 0, fresh optimizer state and schedule, the
     data stream from its start. A ``model_dir`` that already holds checkpoints resumes instead.
+    ``ctc_compression`` feeds the LLM only the frames the adapter's CTC head calls a token, one
+    embedding per token (slm_jax/alignment.py); the checkpoint records it, so that slm-eval and
+    slm-infer read the adapter the same way.
 
     ``log_every``, ``eval_every`` and ``checkpoint_every`` may be 0 (never; the last step is still
     checkpointed). After ``max_nonfinite_streak`` consecutive steps with a non-finite loss or
@@ -181,13 +185,15 @@ def train(
                       alignment_steps=alignment_steps, speech_masking=speech_masking,
                       alignment_centered=alignment_centered,
                       restart_schedule_after_alignment=restart_schedule_after_alignment,
-                      alignment_weight=alignment_weight, init_checkpoint=init_checkpoint)
+                      alignment_weight=alignment_weight, init_checkpoint=init_checkpoint,
+                      ctc_compression=ctc_compression)
 
 
 def _train(model_dir, preemption, *, model, data, steps, batch_size, seed, mesh_shape, learning_rate, warmup_steps,
            weight_decay, clip_norm, optimizer, log_every, eval_every, eval_batches, checkpoint_every, max_to_keep,
            max_nonfinite_streak, alignment_steps, speech_masking, alignment_centered,
-           restart_schedule_after_alignment, alignment_weight, init_checkpoint) -> dict[str, Any]:
+           restart_schedule_after_alignment, alignment_weight, init_checkpoint,
+           ctc_compression) -> dict[str, Any]:
     mesh = partitioning.make_mesh(**partitioning.parse_mesh_spec(mesh_shape))
     restarts = (alignment_steps,) if restart_schedule_after_alignment and 0 < alignment_steps < steps else ()
     tx, schedule = make_optimizer(
@@ -196,7 +202,7 @@ def _train(model_dir, preemption, *, model, data, steps, batch_size, seed, mesh_
     )
     slm = model.build()
     trainer = Trainer(slm, tx, schedule, mesh, speech_masking=speech_masking, masking_seed=seed,
-                      alignment_weight=alignment_weight)
+                      alignment_weight=alignment_weight, ctc_compression=ctc_compression)
     host_batch = batch_size // jax.process_count()
     if host_batch * jax.process_count() != batch_size:
         raise ValueError(f"batch_size {batch_size} is not divisible by {jax.process_count()} processes")
@@ -231,12 +237,13 @@ def _train(model_dir, preemption, *, model, data, steps, batch_size, seed, mesh_
     frozen = load_frozen_params(trainer, model, example)
     if hasattr(data, "attach_model"):  # e.g. CachedCorpusData: runs the frozen encoder once, offline
         data.attach_model(slm, frozen["speech_encoder"], model)
-    if alignment_steps or alignment_weight:
+    if alignment_steps or alignment_weight or ctc_compression:
         trainer.alignment_vocabulary = alignment_vocabulary(data, model, alignment_centered)
         # Kept with each checkpoint: the adapter's CTC head can then be read without the corpus
-        # (slm-eval --decoder=ctc).
+        # (slm-eval --decoder=ctc), and a compressing adapter is read as it was trained.
         metadata = {**metadata, "alignment_token_ids": [int(i) for i in trainer.alignment_vocabulary.ids],
-                    "alignment_centered": trainer.alignment_vocabulary.centered}
+                    "alignment_centered": trainer.alignment_vocabulary.centered,
+                    "ctc_compression": bool(ctc_compression)}
     checkpointer = checkpointing.Checkpointer(model_dir, max_to_keep=max_to_keep)
     try:
         return _loop(model_dir, preemption, trainer, checkpointer, frozen, example, metadata, restored, data=data, steps=steps, batch_size=batch_size, host_batch=host_batch, seed=seed,
@@ -252,9 +259,9 @@ def alignment_vocabulary(data: DataSource, model: ModelSpec, centered: bool = Fa
     if not hasattr(data, "alignment_token_ids"):
         from slm_jax.errors import UserError
 
-        raise UserError(f"train.alignment_steps and train.alignment_weight need transcripts; the data source "
-                        f"{type(data).__name__} has none (use CachedCorpusData, as gin/whisper_base_smollm2.gin "
-                        "does, or alignment_steps=0 and alignment_weight=0)")
+        raise UserError(f"train.alignment_steps, train.alignment_weight and train.ctc_compression need "
+                        f"transcripts; the data source {type(data).__name__} has none (use CachedCorpusData, as "
+                        "gin/whisper_base_smollm2.gin does, or leave all three off)")
     vocabulary = AlignmentVocabulary(data.alignment_token_ids(), registry.llm_vocab_size(model.llm), centered)
     log.info("alignment objective: %d distinct transcript tokens", len(vocabulary))
     return vocabulary

@@ -130,6 +130,7 @@ class Trainer:
         speech_masking: SpeechMasking | None = None,
         masking_seed: int = 0,
         alignment_weight: float = 0.0,
+        ctc_compression: bool = False,
     ):
         if not alignment_weight >= 0:
             raise ValueError(f"alignment_weight must be >= 0, got {alignment_weight}")
@@ -137,6 +138,9 @@ class Trainer:
         self.alignment_vocabulary = alignment_vocabulary
         # > 0: next-token steps also pay this times the CTC alignment loss (see _joint_loss).
         self.alignment_weight = float(alignment_weight)
+        # The LLM reads the adapter's CTC-compressed outputs (alignment.ctc_compress); needs the
+        # alignment vocabulary like the alignment objective does.
+        self.ctc_compression = bool(ctc_compression)
         self.speech_masking = speech_masking
         self.masking_seed = masking_seed
         self.optimizer = optimizer
@@ -256,9 +260,18 @@ class Trainer:
 
     def _loss(self, adapter_params, frozen, speech, speech_mask, batch):
         params = merge_params(adapter_params, {"llm": frozen["llm"]})
-        logits = self.model.apply({"params": params}, speech, speech_mask, batch, method=SLM.logits_from_speech)
+        logits = self.model.apply({"params": params}, speech, speech_mask, batch, *self._compression_args(),
+                                  method=SLM.logits_from_speech)
         loss_sum, num_tokens = masked_cross_entropy(logits, batch["target_tokens"], batch["target_mask"])
         return loss_sum / jnp.maximum(num_tokens, 1.0), (loss_sum, num_tokens)
+
+    def _compression_args(self) -> tuple:
+        """(token ids, centered) for SLM.logits_from_speech when CTC compression is on, else ()."""
+        if not self.ctc_compression:
+            return ()
+        if self.alignment_vocabulary is None:
+            raise ValueError("ctc_compression needs Trainer(alignment_vocabulary=...)")
+        return jnp.asarray(self.alignment_vocabulary.ids), self.alignment_vocabulary.centered
 
     def _alignment_loss(self, adapter_params, frozen, speech, speech_mask, batch):
         params = merge_params(adapter_params, {"llm": frozen["llm"]})

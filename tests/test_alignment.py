@@ -210,3 +210,79 @@ def test_train_restarts_the_schedule_after_alignment_when_asked(tmp_path, monkey
           alignment_steps=2, eval_every=0, log_every=0, checkpoint_every=0, warmup_steps=1,
           restart_schedule_after_alignment=True)
     assert restarts == [(2,)]
+
+
+def test_ctc_compress_keeps_one_mean_embedding_per_run_of_a_token():
+    # Best classes per frame: blank, a, a, blank, a, b, b, c (padding: never kept, though not blank).
+    best = np.array([[0, 1, 1, 0, 1, 2, 2, 3]])
+    logits = jnp.asarray(np.eye(4)[best] * 5.0)
+    embeds = jnp.arange(8, dtype=jnp.float32)[None, :, None] * jnp.ones((1, 1, 2))
+    mask = jnp.asarray([[1, 1, 1, 1, 1, 1, 1, 0]])
+    compressed, out_mask = alignment.ctc_compress(embeds, mask, logits)
+    np.testing.assert_array_equal(np.asarray(out_mask), [[1, 1, 1, 0, 0, 0, 0, 0]])
+    # Runs: a (frames 1-2), a again after a blank (frame 4), b (frames 5-6).
+    np.testing.assert_allclose(np.asarray(compressed[0, :3, 0]), [1.5, 4.0, 5.5])
+    np.testing.assert_array_equal(np.asarray(compressed[0, 3:]), 0.0)
+    # Gradients reach exactly the kept frames, each in proportion to its share of its run.
+    grad = jax.grad(lambda e: jnp.sum(alignment.ctc_compress(e, mask, logits)[0][..., 0]))(embeds)
+    np.testing.assert_allclose(np.asarray(grad[0, :, 0]), [0, 0.5, 0.5, 0, 1, 0.5, 0.5, 0])
+
+
+def test_compressed_prompt_is_the_llm_reading_only_the_kept_runs():
+    """With ctc_compression the next-token logits are those of a prompt whose speech block holds
+    only the CTC runs (the padding after them is invisible to the LLM)."""
+    from slm_jax.experiment import sample_batch
+    from slm_jax.models.slm import SLM
+
+    data = toy_source()
+    trainer, _ = _trainer(data)
+    trainer.ctc_compression = True
+    example = sample_batch(4, data.feature_lengths)
+    frozen = {name: trainer.init_frozen_randomly(name, i, example) for i, name in enumerate(("speech_encoder", "llm"))}
+    params = {"adapter": trainer.init_state(0, example).adapter_params, "llm": frozen["llm"]}
+    batch = trainer.place_batch(data.batch(data.train_examples[:1]), "next_token")
+    ids = jnp.asarray(trainer.alignment_vocabulary.ids)
+    hidden, mask = batch["speech_hidden"], batch["speech_mask"]
+    compressed = trainer.model.apply({"params": params}, hidden, mask, batch, ids, method=SLM.logits_from_speech)
+    plain = trainer.model.apply({"params": params}, hidden, mask, batch, method=SLM.logits_from_speech)
+
+    def only_the_runs(m):
+        speech, speech_mask = m.adapt(hidden, mask, ids)
+        runs = int(np.sum(np.asarray(speech_mask)))
+        return runs, m.adapt(hidden, mask, ids)
+
+    runs, (speech, speech_mask) = trainer.model.apply({"params": params}, method=only_the_runs)
+    assert 0 < runs < int(np.sum(np.asarray(mask)))  # a random adapter still calls some frames blank
+
+    def reference(m):
+        embeds, prompt_mask = m.prompt_embeddings(speech[:, :runs], speech_mask[:, :runs], batch)
+        decoder = m.llm.embed(batch["decoder_input_tokens"])
+        full = jnp.concatenate([embeds, decoder], axis=1)
+        full_mask = jnp.concatenate([prompt_mask, batch["target_mask"].astype(prompt_mask.dtype)], axis=1)
+        from slm_jax.layers.embeddings import positions_from_mask
+
+        out, _ = m.llm(full, full_mask, positions_from_mask(full_mask))
+        return m.llm.logits(out[:, -decoder.shape[1]:])
+
+    expected = trainer.model.apply({"params": params}, method=reference)
+    np.testing.assert_allclose(np.asarray(compressed), np.asarray(expected), rtol=1e-4, atol=1e-5)
+    assert not np.allclose(np.asarray(compressed), np.asarray(plain), atol=1e-3)
+    # The trainer's next-token loss is the compressed one.
+    (loss, _), _ = trainer.loss_and_grads(params["adapter"], frozen, batch, "next_token")
+    from slm_jax.models.slm import masked_cross_entropy
+
+    loss_sum, tokens = masked_cross_entropy(compressed, batch["target_tokens"], batch["target_mask"])
+    np.testing.assert_allclose(float(loss), float(loss_sum / tokens), rtol=1e-5)
+
+
+def test_train_with_ctc_compression_records_it_in_the_checkpoint(tmp_path):
+    from slm_jax import checkpointing
+
+    result = train(str(tmp_path / "run"), model=model_spec(llm="llama"), data=toy_source(), steps=3, batch_size=8,
+                   alignment_steps=1, ctc_compression=True, eval_every=0, log_every=1, checkpoint_every=0,
+                   learning_rate=1e-3, warmup_steps=1)
+    assert result["step"] == 3 and np.isfinite(result["loss"])
+    assert checkpointing.read_metadata(str(tmp_path / "run"), 3)["ctc_compression"] is True
+    with pytest.raises(ValueError, match="no transcript"):
+        train(str(tmp_path / "b"), model=model_spec(llm="llama"), data=toy_source(with_text=False), steps=2,
+              batch_size=8, ctc_compression=True, eval_every=0)

@@ -43,8 +43,19 @@ class SLM(nn.Module):
         """Frozen encoder: log-mel [B, T, 80] -> hidden [B, T', D]. Run outside the gradient."""
         return self.speech_encoder(features, mask)
 
-    def adapt(self, speech_hidden: jax.Array, speech_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-        return self.adapter(speech_hidden, speech_mask)
+    def adapt(
+        self, speech_hidden: jax.Array, speech_mask: jax.Array, ctc_token_ids: jax.Array | None = None,
+        centered: bool = False,
+    ) -> tuple[jax.Array, jax.Array]:
+        """Adapter outputs in the LLM's embedding space. With ``ctc_token_ids`` (the alignment
+        sub-vocabulary [V]) they are CTC-compressed: one embedding per token of the adapter's
+        own CTC best path (alignment.ctc_compress)."""
+        speech_embeds, speech_mask = self.adapter(speech_hidden, speech_mask)
+        if ctc_token_ids is None:
+            return speech_embeds, speech_mask
+        table = self.llm.embed(ctc_token_ids[None, :])[0]
+        logits = alignment.alignment_logits(speech_embeds, table, centered)
+        return alignment.ctc_compress(speech_embeds, speech_mask, logits)
 
     def prompt_embeddings(
         self, speech_embeds: jax.Array, speech_mask: jax.Array, batch: Mapping[str, jax.Array]
@@ -60,10 +71,12 @@ class SLM(nn.Module):
 
     # --- training forward pass ---------------------------------------------------------
     def logits_from_speech(
-        self, speech_hidden: jax.Array, speech_mask: jax.Array, batch: Mapping[str, jax.Array]
+        self, speech_hidden: jax.Array, speech_mask: jax.Array, batch: Mapping[str, jax.Array],
+        ctc_token_ids: jax.Array | None = None, centered: bool = False,
     ) -> jax.Array:
-        """Teacher-forced logits over the target block [B, Lt, V], from encoder outputs."""
-        speech_embeds, speech_mask = self.adapt(speech_hidden, speech_mask)
+        """Teacher-forced logits over the target block [B, Lt, V], from encoder outputs
+        (``ctc_token_ids``, ``centered``: CTC compression, see ``adapt``)."""
+        speech_embeds, speech_mask = self.adapt(speech_hidden, speech_mask, ctc_token_ids, centered)
         embeds, mask = self.prompt_embeddings(speech_embeds, speech_mask, batch)
         decoder_input, target_mask = batch["decoder_input_tokens"], batch["target_mask"]
         if is_encoder_decoder(self.llm):
