@@ -33,7 +33,7 @@ class SpeechLanguageModel:
         self, model: ModelSpec, frozen: Mapping[str, Any], adapter_params: Any, vocabulary: Any,
         prompt_format: PromptFormat, audio_bucket_frames: int = 200, token_bucket: int = 8,
         alignment_token_ids: Sequence[int] | None = None, alignment_centered: bool = False,
-        ctc_compression: bool = False,
+        ctc_compression: str = "",
     ):
         self.spec = model
         self.slm: SLM = model.build()
@@ -49,8 +49,8 @@ class SpeechLanguageModel:
             if alignment_token_ids else None)
         if ctc_compression and self.alignment_vocabulary is None:
             raise ValueError("ctc_compression needs the alignment vocabulary the adapter was trained with")
-        # The LLM reads the adapter's CTC-compressed outputs, as in training (alignment.ctc_compress).
-        self.ctc_compression = bool(ctc_compression)
+        # '' or the mode of CTC compression the adapter was trained with (alignment.ctc_compress).
+        self.ctc_compression = ctc_compression
 
     @functools.partial(jax.jit, static_argnums=(0,),
                        static_argnames=("max_new_tokens", "num_beams", "no_repeat_ngram_size"))
@@ -62,8 +62,8 @@ class SpeechLanguageModel:
         else:
             hidden, mask = self.slm.apply(variables, batch["audio_features"], batch["audio_mask"],
                                           method=SLM.encode_speech)
-        compression = ((np.asarray(self.alignment_vocabulary.ids, np.int32), self.alignment_vocabulary.centered)
-                       if self.ctc_compression else ())
+        compression = ((np.asarray(self.alignment_vocabulary.ids, np.int32), self.alignment_vocabulary.centered,
+                        self.ctc_compression) if self.ctc_compression else ())
         speech, speech_mask = self.slm.apply(variables, hidden, mask, *compression, method=SLM.adapt)
         prompt, prompt_mask = self.slm.apply(variables, speech, speech_mask, batch, method=SLM.prompt_embeddings)
         return decoding.generate(
@@ -151,7 +151,13 @@ def load_trained(checkpoint: str, model: ModelSpec, data: Any) -> tuple[SpeechLa
     return SpeechLanguageModel(model, frozen, restored.state.adapter_params, data.vocabulary, data.prompt_format,
                                alignment_token_ids=metadata.get("alignment_token_ids"),
                                alignment_centered=bool(metadata.get("alignment_centered", False)),
-                               ctc_compression=bool(metadata.get("ctc_compression", False))), restored.step
+                               ctc_compression=_compression_mode(metadata)), restored.step
+
+
+def _compression_mode(metadata: Mapping[str, Any]) -> str:
+    """The checkpoint's CTC compression mode; '' when it has none."""
+    mode = metadata.get("ctc_compression") or ""
+    return "outputs" if mode is True else mode  # True: written before the modes, 'outputs' then
 
 
 def _optimizer_name() -> str:

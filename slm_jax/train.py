@@ -142,7 +142,7 @@ def train(
     restart_schedule_after_alignment: bool = False,
     alignment_weight: float = 0.0,
     init_checkpoint: str | None = None,
-    ctc_compression: bool = False,
+    ctc_compression: str = "",
 ) -> dict[str, Any]:
     """Trains the adapter for ``steps`` steps; returns the final metrics.
 
@@ -159,9 +159,9 @@ def train(
     ``init_checkpoint`` (a model or step directory of a run of the same model and optimizer, or a
     release) starts a new run from that adapter: step 0, fresh optimizer state and schedule, the
     data stream from its start. A ``model_dir`` that already holds checkpoints resumes instead.
-    ``ctc_compression`` feeds the LLM only the frames the adapter's CTC head calls a token, one
-    embedding per token (slm_jax/alignment.py); the checkpoint records it, so that slm-eval and
-    slm-infer read the adapter the same way.
+    ``ctc_compression`` ('outputs' or 'tokens'; '' off) feeds the LLM only the frames the adapter's
+    CTC head calls a token, one embedding per token (slm_jax/alignment.py); the checkpoint records
+    it, so that slm-eval and slm-infer read the adapter the same way.
 
     ``log_every``, ``eval_every`` and ``checkpoint_every`` may be 0 (never; the last step is still
     checkpointed). After ``max_nonfinite_streak`` consecutive steps with a non-finite loss or
@@ -176,6 +176,11 @@ def train(
         raise UserError(f"train.alignment_steps ({alignment_steps}) is more than train.steps ({steps})")
     if not alignment_weight >= 0:  # also refuses NaN
         raise UserError(f"train.alignment_weight must be >= 0, got {alignment_weight!r}")
+    from slm_jax.alignment import COMPRESSION_MODES
+
+    if ctc_compression and ctc_compression not in COMPRESSION_MODES:
+        raise UserError(f"train.ctc_compression must be '' (off) or one of {COMPRESSION_MODES}, "
+                        f"got {ctc_compression!r}")
     with _Preemption() as preemption:
         return _train(model_dir, preemption, model=model, data=data, steps=steps, batch_size=batch_size,
                       seed=seed, mesh_shape=mesh_shape, learning_rate=learning_rate, warmup_steps=warmup_steps,
@@ -243,7 +248,7 @@ def _train(model_dir, preemption, *, model, data, steps, batch_size, seed, mesh_
         # (slm-eval --decoder=ctc), and a compressing adapter is read as it was trained.
         metadata = {**metadata, "alignment_token_ids": [int(i) for i in trainer.alignment_vocabulary.ids],
                     "alignment_centered": trainer.alignment_vocabulary.centered,
-                    "ctc_compression": bool(ctc_compression)}
+                    "ctc_compression": ctc_compression}
     checkpointer = checkpointing.Checkpointer(model_dir, max_to_keep=max_to_keep)
     try:
         return _loop(model_dir, preemption, trainer, checkpointer, frozen, example, metadata, restored, data=data, steps=steps, batch_size=batch_size, host_batch=host_batch, seed=seed,

@@ -30,7 +30,7 @@ import optax
 from jax.sharding import Mesh
 
 from slm_jax import partitioning
-from slm_jax.alignment import AlignmentVocabulary, ctc_alignment_loss
+from slm_jax.alignment import COMPRESSION_MODES, AlignmentVocabulary, ctc_alignment_loss
 from slm_jax.augment import SpeechMasking, mask_speech
 from slm_jax.models.slm import SLM, masked_cross_entropy, merge_params
 
@@ -130,7 +130,7 @@ class Trainer:
         speech_masking: SpeechMasking | None = None,
         masking_seed: int = 0,
         alignment_weight: float = 0.0,
-        ctc_compression: bool = False,
+        ctc_compression: str = "",
     ):
         if not alignment_weight >= 0:
             raise ValueError(f"alignment_weight must be >= 0, got {alignment_weight}")
@@ -138,9 +138,11 @@ class Trainer:
         self.alignment_vocabulary = alignment_vocabulary
         # > 0: next-token steps also pay this times the CTC alignment loss (see _joint_loss).
         self.alignment_weight = float(alignment_weight)
-        # The LLM reads the adapter's CTC-compressed outputs (alignment.ctc_compress); needs the
-        # alignment vocabulary like the alignment objective does.
-        self.ctc_compression = bool(ctc_compression)
+        # '' (off) or a mode of alignment.COMPRESSION_MODES: the LLM reads the adapter's
+        # CTC-compressed outputs; needs the alignment vocabulary like the alignment objective does.
+        if ctc_compression and ctc_compression not in COMPRESSION_MODES:
+            raise ValueError(f"ctc_compression must be '' or one of {COMPRESSION_MODES}, got {ctc_compression!r}")
+        self.ctc_compression = ctc_compression
         self.speech_masking = speech_masking
         self.masking_seed = masking_seed
         self.optimizer = optimizer
@@ -266,12 +268,12 @@ class Trainer:
         return loss_sum / jnp.maximum(num_tokens, 1.0), (loss_sum, num_tokens)
 
     def _compression_args(self) -> tuple:
-        """(token ids, centered) for SLM.logits_from_speech when CTC compression is on, else ()."""
+        """(token ids, centered, mode) for SLM.logits_from_speech when CTC compression is on, else ()."""
         if not self.ctc_compression:
             return ()
         if self.alignment_vocabulary is None:
             raise ValueError("ctc_compression needs Trainer(alignment_vocabulary=...)")
-        return jnp.asarray(self.alignment_vocabulary.ids), self.alignment_vocabulary.centered
+        return jnp.asarray(self.alignment_vocabulary.ids), self.alignment_vocabulary.centered, self.ctc_compression
 
     def _alignment_loss(self, adapter_params, frozen, speech, speech_mask, batch):
         params = merge_params(adapter_params, {"llm": frozen["llm"]})

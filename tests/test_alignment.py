@@ -228,7 +228,15 @@ def test_ctc_compress_keeps_one_mean_embedding_per_run_of_a_token():
     np.testing.assert_allclose(np.asarray(grad[0, :, 0]), [0, 0.5, 0.5, 0, 1, 0.5, 0.5, 0])
 
 
-def test_compressed_prompt_is_the_llm_reading_only_the_kept_runs():
+def test_expected_token_embeddings_mix_the_tokens_by_their_posterior_without_the_blank():
+    table = jnp.asarray([[1.0, 0.0], [0.0, 2.0]])
+    logits = jnp.log(jnp.asarray([[[0.5, 0.25, 0.25], [0.2, 0.2, 0.6]]]))  # blank, token 0, token 1
+    mixed = alignment.expected_token_embeddings(logits, table)
+    np.testing.assert_allclose(np.asarray(mixed), [[[0.5, 1.0], [0.25, 1.5]]], rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["outputs", "tokens"])
+def test_compressed_prompt_is_the_llm_reading_only_the_kept_runs(mode):
     """With ctc_compression the next-token logits are those of a prompt whose speech block holds
     only the CTC runs (the padding after them is invisible to the LLM)."""
     from slm_jax.experiment import sample_batch
@@ -236,23 +244,23 @@ def test_compressed_prompt_is_the_llm_reading_only_the_kept_runs():
 
     data = toy_source()
     trainer, _ = _trainer(data)
-    trainer.ctc_compression = True
+    trainer.ctc_compression = mode
     example = sample_batch(4, data.feature_lengths)
     frozen = {name: trainer.init_frozen_randomly(name, i, example) for i, name in enumerate(("speech_encoder", "llm"))}
     params = {"adapter": trainer.init_state(0, example).adapter_params, "llm": frozen["llm"]}
     batch = trainer.place_batch(data.batch(data.train_examples[:1]), "next_token")
     ids = jnp.asarray(trainer.alignment_vocabulary.ids)
     hidden, mask = batch["speech_hidden"], batch["speech_mask"]
-    compressed = trainer.model.apply({"params": params}, hidden, mask, batch, ids, method=SLM.logits_from_speech)
+    compressed = trainer.model.apply({"params": params}, hidden, mask, batch, ids, False, mode,
+                                     method=SLM.logits_from_speech)
     plain = trainer.model.apply({"params": params}, hidden, mask, batch, method=SLM.logits_from_speech)
 
-    def only_the_runs(m):
-        speech, speech_mask = m.adapt(hidden, mask, ids)
-        runs = int(np.sum(np.asarray(speech_mask)))
-        return runs, m.adapt(hidden, mask, ids)
-
-    runs, (speech, speech_mask) = trainer.model.apply({"params": params}, method=only_the_runs)
+    speech, speech_mask = trainer.model.apply({"params": params}, hidden, mask, ids, False, mode, method=SLM.adapt)
+    runs = int(np.sum(np.asarray(speech_mask)))
     assert 0 < runs < int(np.sum(np.asarray(mask)))  # a random adapter still calls some frames blank
+    if mode == "tokens":  # each run is a convex mixture of the sub-vocabulary's embeddings
+        table = trainer.model.apply({"params": params}, ids[None], method=lambda m, x: m.llm.embed(x))[0]
+        assert np.linalg.norm(np.asarray(speech[0, :runs]), axis=-1).max() <= np.linalg.norm(table, axis=-1).max()
 
     def reference(m):
         embeds, prompt_mask = m.prompt_embeddings(speech[:, :runs], speech_mask[:, :runs], batch)
@@ -279,10 +287,13 @@ def test_train_with_ctc_compression_records_it_in_the_checkpoint(tmp_path):
     from slm_jax import checkpointing
 
     result = train(str(tmp_path / "run"), model=model_spec(llm="llama"), data=toy_source(), steps=3, batch_size=8,
-                   alignment_steps=1, ctc_compression=True, eval_every=0, log_every=1, checkpoint_every=0,
+                   alignment_steps=1, ctc_compression="tokens", eval_every=0, log_every=1, checkpoint_every=0,
                    learning_rate=1e-3, warmup_steps=1)
     assert result["step"] == 3 and np.isfinite(result["loss"])
-    assert checkpointing.read_metadata(str(tmp_path / "run"), 3)["ctc_compression"] is True
+    assert checkpointing.read_metadata(str(tmp_path / "run"), 3)["ctc_compression"] == "tokens"
+    with pytest.raises(UserError, match="ctc_compression must be"):
+        train(str(tmp_path / "c"), model=model_spec(llm="llama"), data=toy_source(), steps=2, ctc_compression="all")
+    assert not (tmp_path / "c").exists()
     with pytest.raises(ValueError, match="no transcript"):
         train(str(tmp_path / "b"), model=model_spec(llm="llama"), data=toy_source(with_text=False), steps=2,
-              batch_size=8, ctc_compression=True, eval_every=0)
+              batch_size=8, ctc_compression="outputs", eval_every=0)

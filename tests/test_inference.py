@@ -90,10 +90,10 @@ def test_ctc_compressed_generation_is_batch_independent_and_needs_the_vocabulary
     plain = _model("llama")
     frozen = {k: v for k, v in plain.params.items() if k != "adapter"}
     with pytest.raises(ValueError, match="ctc_compression needs the alignment vocabulary"):
-        SpeechLanguageModel(plain.spec, frozen, plain.params["adapter"], VOCAB, CHATML_PROMPT, ctc_compression=True)
+        SpeechLanguageModel(plain.spec, frozen, plain.params["adapter"], VOCAB, CHATML_PROMPT, ctc_compression="tokens")
     ids = [ord(c) + 3 for c in "abcdefghij "]
     slm = SpeechLanguageModel(plain.spec, frozen, plain.params["adapter"], VOCAB, CHATML_PROMPT,
-                              audio_bucket_frames=16, alignment_token_ids=ids, ctc_compression=True)
+                              audio_bucket_frames=16, alignment_token_ids=ids, ctc_compression="tokens")
     rng = np.random.default_rng(2)
     short, long = rng.normal(size=(20, 80)).astype(np.float32), rng.normal(size=(44, 80)).astype(np.float32)
     together = slm.generate([short, long], "Transcribe the speech.", max_new_tokens=6)

@@ -45,16 +45,21 @@ class SLM(nn.Module):
 
     def adapt(
         self, speech_hidden: jax.Array, speech_mask: jax.Array, ctc_token_ids: jax.Array | None = None,
-        centered: bool = False,
+        centered: bool = False, compression: str = "outputs",
     ) -> tuple[jax.Array, jax.Array]:
         """Adapter outputs in the LLM's embedding space. With ``ctc_token_ids`` (the alignment
         sub-vocabulary [V]) they are CTC-compressed: one embedding per token of the adapter's
-        own CTC best path (alignment.ctc_compress)."""
+        own CTC best path, its outputs' mean or its expected token embedding by ``compression``
+        (slm_jax/alignment.py)."""
         speech_embeds, speech_mask = self.adapter(speech_hidden, speech_mask)
         if ctc_token_ids is None:
             return speech_embeds, speech_mask
+        if compression not in alignment.COMPRESSION_MODES:
+            raise ValueError(f"compression must be one of {alignment.COMPRESSION_MODES}, got {compression!r}")
         table = self.llm.embed(ctc_token_ids[None, :])[0]
         logits = alignment.alignment_logits(speech_embeds, table, centered)
+        if compression == "tokens":
+            speech_embeds = alignment.expected_token_embeddings(logits, table).astype(speech_embeds.dtype)
         return alignment.ctc_compress(speech_embeds, speech_mask, logits)
 
     def prompt_embeddings(
@@ -72,11 +77,11 @@ class SLM(nn.Module):
     # --- training forward pass ---------------------------------------------------------
     def logits_from_speech(
         self, speech_hidden: jax.Array, speech_mask: jax.Array, batch: Mapping[str, jax.Array],
-        ctc_token_ids: jax.Array | None = None, centered: bool = False,
+        ctc_token_ids: jax.Array | None = None, centered: bool = False, compression: str = "outputs",
     ) -> jax.Array:
         """Teacher-forced logits over the target block [B, Lt, V], from encoder outputs
-        (``ctc_token_ids``, ``centered``: CTC compression, see ``adapt``)."""
-        speech_embeds, speech_mask = self.adapt(speech_hidden, speech_mask, ctc_token_ids, centered)
+        (``ctc_token_ids``, ``centered``, ``compression``: CTC compression, see ``adapt``)."""
+        speech_embeds, speech_mask = self.adapt(speech_hidden, speech_mask, ctc_token_ids, centered, compression)
         embeds, mask = self.prompt_embeddings(speech_embeds, speech_mask, batch)
         decoder_input, target_mask = batch["decoder_input_tokens"], batch["target_mask"]
         if is_encoder_decoder(self.llm):
