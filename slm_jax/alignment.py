@@ -31,9 +31,9 @@ real recordings stayed at WER 79% while the same adapter's own CTC transcript re
   'tokens'   the mean over the run of the expected token embedding under the CTC posterior
              (blank left out): a mixture of the LLM's own embeddings, so the LLM reads vectors of
              the kind text gives it. Why: the dot-product score is met by outputs far from any
-             token embedding; measured on one adapter (runs/kk, 4,000 alignment steps) its kept
-             outputs had 15-20x the norm of SmolLM2's embeddings and cosine 0-0.2 with the best
-             token's.
+             token embedding; measured on one adapter (4,000 alignment + 200 next-token steps,
+             release/README.md) its kept outputs had 14-20x the norm of SmolLM2's embeddings and
+             cosine 0-0.22 with the best token's.
 """
 
 from __future__ import annotations
