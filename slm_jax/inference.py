@@ -151,13 +151,7 @@ def load_trained(checkpoint: str, model: ModelSpec, data: Any) -> tuple[SpeechLa
     return SpeechLanguageModel(model, frozen, restored.state.adapter_params, data.vocabulary, data.prompt_format,
                                alignment_token_ids=metadata.get("alignment_token_ids"),
                                alignment_centered=bool(metadata.get("alignment_centered", False)),
-                               ctc_compression=_compression_mode(metadata)), restored.step
-
-
-def _compression_mode(metadata: Mapping[str, Any]) -> str:
-    """The checkpoint's CTC compression mode; '' when it has none."""
-    mode = metadata.get("ctc_compression") or ""
-    return "outputs" if mode is True else mode  # True: written before the modes, 'outputs' then
+                               ctc_compression=metadata.get("ctc_compression") or ""), restored.step
 
 
 def _optimizer_name() -> str:

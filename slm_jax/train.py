@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from slm_jax import checkpointing, partitioning
-from slm_jax.alignment import AlignmentVocabulary
+from slm_jax.alignment import COMPRESSION_MODES, AlignmentVocabulary
 from slm_jax.augment import SpeechMasking
 from slm_jax.experiment import ModelSpec, sample_batch
 from slm_jax.frozen import load_frozen_params
@@ -176,8 +176,6 @@ def train(
         raise UserError(f"train.alignment_steps ({alignment_steps}) is more than train.steps ({steps})")
     if not alignment_weight >= 0:  # also refuses NaN
         raise UserError(f"train.alignment_weight must be >= 0, got {alignment_weight!r}")
-    from slm_jax.alignment import COMPRESSION_MODES
-
     if ctc_compression and ctc_compression not in COMPRESSION_MODES:
         raise UserError(f"train.ctc_compression must be '' (off) or one of {COMPRESSION_MODES}, "
                         f"got {ctc_compression!r}")
