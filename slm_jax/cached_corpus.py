@@ -85,7 +85,9 @@ class CachedCorpusData:
         self.corpus_dir = corpus_dir
         self.vocabulary_spec = vocabulary
         self.prompt_format = prompt_format
-        self.cache_dir = cache_dir or os.path.join(corpus_dir, "encoder_cache")
+        # None: corpus_dir/encoder_cache/<encoder fingerprint>, so two front ends (the encoder alone,
+        # the whole Whisper transcriber) keep their own caches of one corpus.
+        self.cache_dir = cache_dir
         self.tasks = tasks
         self.max_audio_seconds = max_audio_seconds
         self.eval_split = eval_split
@@ -121,10 +123,11 @@ class CachedCorpusData:
         evaluation = read_corpus(self.corpus_dir, [self.eval_split], self.tasks)
         for ex in train + evaluation:
             audio_lib.check_audio(ex["audio"], audio_lib.SAMPLE_RATE, name=ex["id"], max_seconds=self.max_audio_seconds)
-        cache = reusable_cache(self.cache_dir, fingerprint, [ex["id"] for ex in train + evaluation])
+        cache_dir = self.cache_dir or os.path.join(self.corpus_dir, "encoder_cache", fingerprint)
+        cache = reusable_cache(cache_dir, fingerprint, [ex["id"] for ex in train + evaluation])
         if cache is None:  # log-mel features only when the encoder has to run
             features = ((ex["id"], audio_lib.log_mel_spectrogram(ex["audio"])) for ex in train + evaluation)
-            cache = build_cache(self.cache_dir, slm, encoder_params, features, fingerprint)
+            cache = build_cache(cache_dir, slm, encoder_params, features, fingerprint)
         self._data = self._make(cache, train, evaluation)
 
     def _make(self, cache: EncoderCache, train: list[dict], evaluation: list[dict]) -> CachedSpeechData:

@@ -51,7 +51,11 @@ def _from_package(config: Any, name: str, place: Place) -> Any:
     if name == "whisper-base":
         from slm_jax.convert import ctranslate2
 
-        state_dict = ctranslate2.whisper_encoder_state_dict(assets.whisper_base_files()["model.bin"])
+        model_bin = assets.whisper_base_files()["model.bin"]
+        if type(config).__name__ == "WhisperTranscriberConfig":  # the decoder too
+            state_dict = ctranslate2.load_whisper_hf(model_bin)[0]
+        else:
+            state_dict = ctranslate2.whisper_encoder_state_dict(model_bin)
         return _converter(config).params_from_state_dict(state_dict, config, place=place)
     if name == "smollm2-135m-instruct":
         return _from_gguf(config, str(assets.smollm2_gguf_path()), place)

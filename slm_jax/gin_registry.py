@@ -34,6 +34,8 @@ def register_all() -> None:
     # Model configs: gin files spell out every dimension (configs as data, T5X style).
     for module_name, names in {
         "slm_jax.models.whisper_encoder": ["WhisperEncoderConfig"],
+        "slm_jax.models.whisper_decoder": ["WhisperDecoderConfig"],
+        "slm_jax.models.whisper_transcriber": ["WhisperTranscriberConfig"],
         "slm_jax.models.conformer": ["ConformerConfig"],
         "slm_jax.models.t5": ["T5Config"],
         "slm_jax.models.llama": ["LlamaConfig"],

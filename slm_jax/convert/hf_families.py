@@ -16,6 +16,9 @@ from slm_jax.convert.errors import ConversionError
 # Family name -> (converter module, our config class name, HF model_types).
 FAMILIES = {
     "whisper": ("slm_jax.convert.hf_whisper", "WhisperEncoderConfig", ("whisper",)),
+    # Whisper's encoder and decoder together (no model_type of its own: a whole Whisper checkpoint
+    # loads as this only when the config asks for a WhisperTranscriberConfig).
+    "whisper_transcriber": ("slm_jax.convert.hf_whisper_transcriber", "WhisperTranscriberConfig", ()),
     "t5": ("slm_jax.convert.hf_t5", "T5Config", ("t5", "mt5")),
     "llama": ("slm_jax.convert.hf_llama", "LlamaConfig", ("llama", "qwen2", "mistral", "gemma")),
 }

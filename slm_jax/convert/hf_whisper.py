@@ -91,7 +91,7 @@ def _conv(w: np.ndarray) -> np.ndarray:
     return np.transpose(w, (2, 1, 0))  # [out, in, k] -> [k, in, out]
 
 
-def _rules(cfg: WhisperEncoderConfig, prefix: str) -> list[TensorRule]:
+def encoder_rules(cfg: WhisperEncoderConfig, prefix: str) -> list[TensorRule]:
     d, f, h, dh = cfg.d_model, cfg.ffn_dim, cfg.num_heads, cfg.head_dim
     rules = [
         TensorRule(prefix + "conv1.weight", (d, cfg.num_mel_bins, 3), ("conv1", "kernel"), _conv),
@@ -141,7 +141,7 @@ def convert_tensors(names, get_tensor: GetTensor, cfg: WhisperEncoderConfig, dty
     def ignore(name: str) -> bool:  # anything outside the encoder (decoder, proj_out, ...)
         return not (name.startswith(prefix) and _ENCODER_TENSOR.match(name[len(prefix):]))
 
-    return apply_rules(_rules(cfg, prefix), names, get_tensor, ignore=ignore, dtype=dtype,
+    return apply_rules(encoder_rules(cfg, prefix), names, get_tensor, ignore=ignore, dtype=dtype,
                        model_name="Whisper encoder", place=place)
 
 

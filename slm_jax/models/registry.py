@@ -11,6 +11,7 @@ import flax.linen as nn
 # config class name -> (module path, module class name)
 _MODULES = {
     "WhisperEncoderConfig": ("slm_jax.models.whisper_encoder", "WhisperEncoder"),
+    "WhisperTranscriberConfig": ("slm_jax.models.whisper_transcriber", "WhisperTranscriber"),
     "ConformerConfig": ("slm_jax.models.conformer", "Conformer"),
     "T5Config": ("slm_jax.models.t5", "T5"),
     "LlamaConfig": ("slm_jax.models.llama", "Llama"),

@@ -1,0 +1,187 @@
+"""A frozen speech front end that reads the speech with all of Whisper: encoder *and* decoder.
+
+log-mel -> Whisper encoder -> Whisper decoder, greedy, from
+``<|startoftranscript|> <|lang|> <|transcribe|> <|notimestamps|>`` -> one hidden state per
+token it writes -> [B, N, d_model] (the adapter's input), mask [B, N].
+
+Why: the paper's front end is the encoder alone, and an adapter trained on a few hours of
+synthetic speech learns to read only the words and voices it saw (release/README.md measures
+that gap on real recordings). Whisper's decoder already reads the encoder's output for any
+voice and any word. Its final hidden states are what its output layer turns into tokens, so
+they say which word comes while still being continuous vectors the adapter can reshape
+for the LLM. The adapter, the LLM and the training are unchanged; only the speech slot is
+shorter (a few vectors per word rather than 12.5 frames a second), so the adapter
+runs without subsampling (``AdapterConfig.subsample_rate = 1``).
+
+State k is the decoder's output at the step that chose token k, so the kept states are
+those that chose the transcript's tokens and the one that chose end-of-text (never empty).
+The language token is Whisper's own choice among ``language_ids`` (one id = forced).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from slm_jax.models.whisper_decoder import WhisperDecoder, WhisperDecoderConfig
+from slm_jax.models.whisper_encoder import WhisperEncoder, WhisperEncoderConfig, check_speech_inputs
+
+# Multilingual Whisper's special tokens (tokenizer.json of every multilingual checkpoint).
+END_OF_TEXT = 50257
+START_OF_TRANSCRIPT = 50258
+ENGLISH, FRENCH = 50259, 50265
+TRANSCRIBE, NO_TIMESTAMPS = 50359, 50363
+
+
+@dataclasses.dataclass(frozen=True)
+class WhisperTranscriberConfig:
+    encoder: WhisperEncoderConfig = WhisperEncoderConfig()
+    decoder: WhisperDecoderConfig = WhisperDecoderConfig()
+    language_ids: tuple[int, ...] = (ENGLISH, FRENCH)  # Whisper picks one; a single id forces it
+    task_ids: tuple[int, ...] = (TRANSCRIBE, NO_TIMESTAMPS)
+    start_of_transcript: int = START_OF_TRANSCRIPT
+    end_of_text: int = END_OF_TEXT  # ids above it are special tokens, never written
+    max_new_tokens: int = 128
+    # Whisper learned on 30 s windows where speech is followed by silence; cut right after the
+    # last word it does not see the end coming and repeats the sentence until max_new_tokens.
+    # One second of silence (appended as Whisper's own padding value) is enough to stop it.
+    trailing_silence_frames: int = 100
+
+    def __post_init__(self):
+        object.__setattr__(self, "language_ids", tuple(int(i) for i in self.language_ids))
+        object.__setattr__(self, "task_ids", tuple(int(i) for i in self.task_ids))
+        if not self.language_ids:
+            raise ValueError("language_ids must name at least one language token")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.encoder.d_model != self.decoder.d_model:
+            raise ValueError(f"encoder d_model {self.encoder.d_model} != decoder d_model {self.decoder.d_model}")
+        if self.prompt_length + self.max_new_tokens > self.decoder.max_target_positions:
+            raise ValueError(f"prompt ({self.prompt_length}) + max_new_tokens ({self.max_new_tokens}) exceeds the "
+                             f"decoder's {self.decoder.max_target_positions} positions")
+
+    @property
+    def prompt_length(self) -> int:
+        return 2 + len(self.task_ids)
+
+    @property
+    def output_dim(self) -> int:
+        return self.decoder.d_model
+
+    @property
+    def num_mel_bins(self) -> int:
+        return self.encoder.num_mel_bins
+
+
+def append_silence(features: jax.Array, mask: jax.Array, frames: int, max_frames: int) -> tuple[jax.Array, jax.Array]:
+    """Appends ``frames`` frames of silence after each row's real frames (fewer where the row would
+    pass ``max_frames``). Silence is Whisper's padding value: log-mel features are clamped at
+    8 log10 units below their maximum and scaled by 1/4, so zeros in the audio come out at the
+    row's maximum minus 2."""
+    if frames <= 0:
+        return features, mask
+    total = min(features.shape[1] + frames, max(max_frames, features.shape[1]))
+    features = jnp.pad(features, ((0, 0), (0, total - features.shape[1]), (0, 0)))
+    mask = jnp.pad(mask, ((0, 0), (0, total - mask.shape[1])))
+    real = mask.astype(bool)
+    lengths = real.sum(axis=1, keepdims=True)
+    floor = jnp.max(jnp.where(real[..., None], features, -jnp.inf), axis=(1, 2)) - 2.0  # [B]
+    floor = jnp.where(jnp.isfinite(floor), floor, 0.0)  # a row with no real frame
+    time = jnp.arange(total)[None, :]
+    silence = jnp.logical_and(time >= lengths, time < lengths + frames)
+    features = jnp.where(silence[..., None], floor[:, None, None].astype(features.dtype), features)
+    return features, jnp.logical_or(real, silence).astype(mask.dtype)
+
+
+class Transcript(NamedTuple):
+    states: jax.Array  # [B, N, D] decoder states, N = max_new_tokens
+    mask: jax.Array  # [B, N] 1 for kept states
+    tokens: jax.Array  # [B, N] the token each state chose (end_of_text where it stopped)
+    language: jax.Array  # [B] the language token
+
+
+class _Loop(NamedTuple):
+    step: jax.Array
+    last_token: jax.Array  # [B]
+    caches: object
+    done: jax.Array  # [B] end-of-text already chosen
+    states: jax.Array
+    mask: jax.Array
+    tokens: jax.Array
+
+
+class WhisperTranscriber(nn.Module):
+    config: WhisperTranscriberConfig
+
+    def setup(self):
+        self.encoder = WhisperEncoder(self.config.encoder, name="encoder")
+        self.decoder = WhisperDecoder(self.config.decoder, name="decoder")
+
+    def __call__(self, features: jax.Array, mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        transcript = self.transcribe(features, mask)
+        return transcript.states, transcript.mask
+
+    def _choose(self, hidden: jax.Array) -> jax.Array:
+        logits = self.decoder.logits(hidden).astype(jnp.float32)
+        special = jnp.arange(logits.shape[-1]) > self.config.end_of_text
+        return jnp.argmax(jnp.where(special, -jnp.inf, logits), axis=-1).astype(jnp.int32)
+
+    def transcribe(self, features: jax.Array, mask: jax.Array | None = None) -> Transcript:
+        c = self.config
+        features, mask = check_speech_inputs(features, mask, c.encoder.num_mel_bins, "WhisperTranscriber")
+        features, mask = append_silence(features, mask, c.trailing_silence_frames, c.encoder.max_frames)
+        memory, memory_mask = self.encoder(features, mask)
+        batch = memory.shape[0]
+        caches = self.decoder.init_caches(memory, memory_mask, c.prompt_length + c.max_new_tokens)
+
+        # Step 0: <|startoftranscript|> -> the language, among the allowed ones.
+        start = jnp.full((batch, 1), c.start_of_transcript, jnp.int32)
+        hidden, caches = self.decoder(start, memory, memory_mask, caches, 0)
+        languages = jnp.asarray(c.language_ids, jnp.int32)
+        language_logits = self.decoder.logits(hidden[:, 0]).astype(jnp.float32)[:, languages]
+        language = languages[jnp.argmax(language_logits, axis=-1)]
+        # The rest of the prompt in one cached call; its last state chooses the first token.
+        rest = jnp.concatenate([language[:, None], jnp.broadcast_to(jnp.asarray(c.task_ids, jnp.int32),
+                                                                       (batch, len(c.task_ids)))], axis=1)
+        hidden, caches = self.decoder(rest, memory, memory_mask, caches, 1)
+        first = self._choose(hidden[:, -1])
+
+        n = c.max_new_tokens
+        loop = _Loop(
+            step=jnp.asarray(1, jnp.int32),
+            last_token=first,
+            caches=caches,
+            done=first == c.end_of_text,
+            states=jnp.zeros((batch, n, c.decoder.d_model), hidden.dtype).at[:, 0].set(hidden[:, -1]),
+            mask=jnp.zeros((batch, n), jnp.int32).at[:, 0].set(1),
+            tokens=jnp.full((batch, n), c.end_of_text, jnp.int32).at[:, 0].set(first),
+        )
+
+        def more(module, s: _Loop):
+            return jnp.logical_and(s.step < n, jnp.logical_not(jnp.all(s.done)))
+
+        def body(module, s: _Loop):
+            h, new_caches = module.decoder(s.last_token[:, None], None, memory_mask, s.caches,
+                                           c.prompt_length - 1 + s.step)
+            chosen = jnp.where(s.done, c.end_of_text, module._choose(h[:, 0]))
+            live = jnp.logical_not(s.done)
+            return _Loop(
+                step=s.step + 1,
+                last_token=chosen,
+                caches=new_caches,
+                done=jnp.logical_or(s.done, chosen == c.end_of_text),
+                states=jax.lax.dynamic_update_slice_in_dim(s.states, h.astype(s.states.dtype), s.step, axis=1),
+                mask=jax.lax.dynamic_update_slice_in_dim(s.mask, live.astype(jnp.int32)[:, None], s.step, axis=1),
+                tokens=jax.lax.dynamic_update_slice_in_dim(s.tokens, chosen[:, None], s.step, axis=1),
+            )
+
+        if self.is_initializing():  # every parameter exists already; no need to trace the loop
+            final = loop
+        else:
+            final = nn.while_loop(more, body, self, loop)
+        states = final.states * final.mask[..., None].astype(final.states.dtype)
+        return Transcript(states, final.mask, final.tokens, language)

@@ -1,0 +1,193 @@
+"""WhisperDecoder / WhisperTranscriber (the front end that runs all of Whisper) vs Hugging Face's
+PyTorch Whisper with the same weights, the converter, and the trailing silence."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from slm_jax.convert import hf_whisper_transcriber
+from slm_jax.convert.errors import ConversionError
+from slm_jax.models.whisper_transcriber import WhisperTranscriber, append_silence
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 64
+# Special tokens at the top of the tiny vocabulary, in Whisper's order (end-of-text first).
+EOT, SOT, LANGUAGES, TASK = VOCAB - 6, VOCAB - 5, (VOCAB - 4, VOCAB - 3), (VOCAB - 2, VOCAB - 1)
+TINY_HF = dict(
+    vocab_size=VOCAB, num_mel_bins=80, d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128,
+    decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=128, max_source_positions=64,
+    max_target_positions=32, pad_token_id=EOT, bos_token_id=EOT, eos_token_id=EOT, decoder_start_token_id=SOT,
+)
+
+
+def relative_error(ours, ref) -> float:
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    torch.manual_seed(0)
+    model = transformers.WhisperForConditionalGeneration(transformers.WhisperConfig(**TINY_HF)).eval()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # HF starts LayerNorms at 1/0 and biases at 0: perturb every tensor
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=generator))
+    return model
+
+
+def tiny_config(hf_model, **overrides):
+    cfg = hf_whisper_transcriber.config_from_hf(hf_model.config.to_dict())
+    fields = dict(language_ids=LANGUAGES, task_ids=TASK, start_of_transcript=SOT, end_of_text=EOT,
+                  max_new_tokens=10, trailing_silence_frames=0)
+    return dataclasses.replace(cfg, **{**fields, **overrides})
+
+
+def state_dict(hf_model):
+    return {k: v.numpy() for k, v in hf_model.state_dict().items()}
+
+
+def hf_greedy(hf_model, features: np.ndarray, cfg) -> tuple[list[int], np.ndarray]:
+    """The same rule as ours, written on transformers: language among cfg.language_ids, then
+    argmax over non-special tokens until end-of-text; returns (tokens, the states that chose them)."""
+    with torch.no_grad():
+        memory = hf_model.model.encoder(torch.from_numpy(features).transpose(1, 2)).last_hidden_state
+
+        def run(ids):
+            out = hf_model(encoder_outputs=(memory,), decoder_input_ids=torch.tensor([ids]),
+                           output_hidden_states=True)
+            return out.logits[0, -1].numpy(), out.decoder_hidden_states[-1][0, -1].numpy()
+
+        logits, _ = run([SOT])
+        ids = [SOT, cfg.language_ids[int(np.argmax(logits[list(cfg.language_ids)]))], *cfg.task_ids]
+        tokens, states = [], []
+        for _ in range(cfg.max_new_tokens):
+            logits, state = run(ids + tokens)
+            logits[cfg.end_of_text + 1:] = -np.inf
+            tokens.append(int(np.argmax(logits)))
+            states.append(state)
+            if tokens[-1] == cfg.end_of_text:
+                break
+    return tokens, np.stack(states)
+
+
+def test_decoder_matches_hugging_face_teacher_forced(hf_model):
+    cfg = tiny_config(hf_model, encoder=dataclasses.replace(tiny_config(hf_model).encoder, mask_padding=False))
+    params = hf_whisper_transcriber.params_from_state_dict(state_dict(hf_model), cfg)
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(2, 128, 80)).astype(np.float32)
+    tokens = rng.integers(0, VOCAB, size=(2, 12)).astype(np.int32)
+    model = WhisperTranscriber(cfg)
+
+    def forward(module, x, t):
+        memory, memory_mask = module.encoder(x)
+        hidden, _ = module.decoder(t, memory, memory_mask)
+        return hidden, module.decoder.logits(hidden)
+
+    hidden, logits = model.apply({"params": params}, features, tokens, method=forward)
+    with torch.no_grad():
+        ref = hf_model(input_features=torch.from_numpy(features).transpose(1, 2),
+                       decoder_input_ids=torch.from_numpy(tokens).long(), output_hidden_states=True)
+    assert relative_error(hidden, ref.decoder_hidden_states[-1].numpy()) < 1e-5
+    assert relative_error(logits, ref.logits.numpy()) < 1e-5
+
+
+def test_greedy_transcript_and_states_match_hugging_face(hf_model):
+    lengths = []
+    # Pulling the end-of-text embedding towards the final LayerNorm's bias (a part of every
+    # state) makes random weights stop sooner; the scales give both endings: a transcript that
+    # chose end-of-text and one cut at max_new_tokens.
+    for scale in (0.0, 2.0, 8.0):
+        model = copy.deepcopy(hf_model)
+        with torch.no_grad():
+            model.model.decoder.embed_tokens.weight[EOT] += scale * model.model.decoder.layer_norm.bias
+        cfg = tiny_config(model, encoder=dataclasses.replace(tiny_config(model).encoder, mask_padding=False))
+        params = hf_whisper_transcriber.params_from_state_dict(state_dict(model), cfg)
+        for seed in range(1):
+            features = np.random.default_rng(seed).normal(size=(1, 128, 80)).astype(np.float32)
+            ours = WhisperTranscriber(cfg).apply({"params": params}, features, method=WhisperTranscriber.transcribe)
+            ref_tokens, ref_states = hf_greedy(model, features, cfg)
+            n = int(ours.mask[0].sum())
+            assert n == len(ref_tokens)
+            assert np.asarray(ours.tokens[0, :n]).tolist() == ref_tokens
+            assert relative_error(ours.states[0, :n], ref_states) < 1e-5
+            assert not np.any(np.asarray(ours.states[0, n:]))  # dropped states are zeros
+            lengths.append(n)
+    assert min(lengths) < cfg.max_new_tokens and max(lengths) == cfg.max_new_tokens, lengths
+
+
+def test_batch_rows_transcribe_as_they_do_alone(hf_model):
+    cfg = tiny_config(hf_model, trailing_silence_frames=20)
+    params = hf_whisper_transcriber.params_from_state_dict(state_dict(hf_model), cfg)
+    rng = np.random.default_rng(3)
+    lengths = [100, 61]
+    features = np.zeros((2, 110, 80), np.float32)
+    mask = np.zeros((2, 110), np.int32)
+    for row, n in enumerate(lengths):
+        features[row, :n] = rng.normal(size=(n, 80))
+        mask[row, :n] = 1
+    run = jax.jit(lambda x, m: WhisperTranscriber(cfg).apply({"params": params}, x, m,
+                                                             method=WhisperTranscriber.transcribe))
+    together = run(features, mask)
+    for row, n in enumerate(lengths):
+        alone = run(features[row:row + 1, :n], mask[row:row + 1, :n])
+        k = int(alone.mask[0].sum())
+        assert int(together.mask[row].sum()) == k
+        np.testing.assert_array_equal(together.tokens[row, :k], alone.tokens[0, :k])
+        np.testing.assert_allclose(together.states[row, :k], alone.states[0, :k], atol=2e-5)
+
+
+def test_append_silence_writes_whispers_padding_value():
+    features = jnp.asarray(np.arange(2 * 6 * 2, dtype=np.float32).reshape(2, 6, 2))
+    mask = jnp.asarray([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]])
+    out, out_mask = append_silence(features, mask, frames=2, max_frames=7)
+    assert out.shape == (2, 7, 2)
+    np.testing.assert_array_equal(out_mask, [[1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1]])
+    np.testing.assert_array_equal(out[0, :3], features[0, :3])
+    np.testing.assert_array_equal(out[0, 3:5], np.full((2, 2), 5.0 - 2.0))  # max of row 0's real frames - 2
+    np.testing.assert_array_equal(out[1, 5:7], np.full((2, 2), 21.0 - 2.0))  # capped at max_frames
+
+
+def test_converter_names_a_missing_decoder_tensor(hf_model):
+    cfg = tiny_config(hf_model)
+    broken = state_dict(hf_model)
+    del broken["model.decoder.layers.1.encoder_attn.k_proj.weight"]
+    with pytest.raises(ConversionError, match="layers.1.encoder_attn.k_proj.weight"):
+        hf_whisper_transcriber.params_from_state_dict(broken, cfg)
+
+
+def test_converter_refuses_a_decoder_shape_the_config_does_not_have(hf_model):
+    cfg = tiny_config(hf_model)
+    cfg = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, ffn_dim=96))
+    with pytest.raises(ConversionError, match=r"fc1.weight.*\(128, 64\).*\(96, 64\)"):
+        hf_whisper_transcriber.params_from_state_dict(state_dict(hf_model), cfg)
+
+
+def test_packaged_whisper_base_transcribes_a_real_recording():
+    """Smoke test on the real weights: a CMU Arctic recording of a real speaker."""
+    from slm_jax import assets, audio, metrics
+
+    if not assets.whisper_base_available():
+        pytest.skip("the Whisper-base weight packages are not installed")
+    from slm_jax.convert import ctranslate2
+
+    state, config = ctranslate2.load_whisper_hf(assets.whisper_base_files()["model.bin"])
+    cfg = hf_whisper_transcriber.config_from_hf(config)
+    params = hf_whisper_transcriber.params_from_state_dict(state, cfg)
+    root = os.path.join(os.path.dirname(__file__), "..", "release", "real_speech")
+    features = audio.log_mel_spectrogram(audio.load_audio(os.path.join(root, "arctic_a0009.wav")))
+    out = WhisperTranscriber(cfg).apply({"params": params}, features[None], method=WhisperTranscriber.transcribe)
+    tokenizer = transformers.WhisperTokenizerFast(tokenizer_file=str(assets.whisper_base_files()["tokenizer.json"]))
+    n = int(out.mask[0].sum())
+    text = tokenizer.decode(np.asarray(out.tokens[0, :n]), skip_special_tokens=True)
+    assert int(out.language[0]) == cfg.language_ids[0]  # English
+    assert metrics.word_error_rate(["He turned sharply and faced Gregson across the table."], [text]) < 0.3, text
