@@ -35,13 +35,19 @@ def _shape_table(tree: Any) -> dict[str, list[int]]:
     return {jax.tree_util.keystr(path): list(np.shape(leaf)) for path, leaf in flat}
 
 
-def describe_state(adapter_params: Any, frozen_sources: Mapping[str, str]) -> dict[str, Any]:
-    """What a checkpoint must agree with to be resumed: adapter shapes and frozen sources."""
-    return {"adapter_shapes": _shape_table(adapter_params), "frozen_sources": dict(frozen_sources)}
+def describe_state(adapter_params: Any, frozen_sources: Mapping[str, str], front_end: str = "encoder") -> dict[str, Any]:
+    """What a checkpoint must agree with to be resumed: adapter shapes, frozen sources and what the
+    adapter reads (``ModelSpec.speech_front_end``)."""
+    return {"adapter_shapes": _shape_table(adapter_params), "frozen_sources": dict(frozen_sources),
+            "speech_front_end": front_end}
 
 
 def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], where: str) -> None:
     problems = []
+    # Checkpoints from before the field existed were all written by encoder-only front ends.
+    old_front, new_front = saved.get("speech_front_end", "encoder"), current.get("speech_front_end", "encoder")
+    if old_front != new_front:
+        problems.append(f"the adapter read {old_front!r} outputs, this configuration gives it {new_front!r}")
     for name, source in current["frozen_sources"].items():
         old = saved.get("frozen_sources", {}).get(name)
         if old != source:
@@ -233,7 +239,8 @@ class Restored(NamedTuple):
     directory: str
 
 
-def restore_checkpoint(checkpoint: str, abstract_state: Any, frozen_sources: Mapping[str, str]) -> Restored:
+def restore_checkpoint(checkpoint: str, abstract_state: Any, frozen_sources: Mapping[str, str],
+                       front_end: str = "encoder") -> Restored:
     """Restores ``checkpoint`` (a model directory, for its latest step, or one step directory) onto
     ``abstract_state`` after checking that it was written for these adapter shapes and frozen sources.
     The checkpoint's optimizer state must have the structure of ``abstract_state``'s (same optimizer)."""
@@ -241,7 +248,7 @@ def restore_checkpoint(checkpoint: str, abstract_state: Any, frozen_sources: Map
     source = Checkpointer(directory, read_only=True)
     try:  # closed on refusal too: an open Orbax manager's threads fail noisily at exit
         metadata = source.read_metadata(step)
-        check_compatible(metadata, describe_state(abstract_state.adapter_params, frozen_sources), directory)
+        check_compatible(metadata, describe_state(abstract_state.adapter_params, frozen_sources, front_end), directory)
         state, position = source.restore(step, abstract_state)
     finally:
         source.close()

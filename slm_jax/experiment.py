@@ -35,6 +35,12 @@ class ModelSpec:
         return build_slm(registry.module_for(self.speech_encoder), registry.module_for(self.llm), adapter)
 
     @property
+    def speech_front_end(self) -> str:
+        """What the adapter reads, recorded in checkpoints: 'encoder' (encoder frames, the paper's
+        design) or 'whisper_transcriber' (Whisper's decoder states; same shapes, other meaning)."""
+        return "whisper_transcriber" if type(self.speech_encoder).__name__ == "WhisperTranscriberConfig" else "encoder"
+
+    @property
     def frozen_sources(self) -> Mapping[str, str]:
         return {"speech_encoder": self.speech_encoder_source, "llm": self.llm_source}
 

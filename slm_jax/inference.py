@@ -145,7 +145,8 @@ def load_trained(checkpoint: str, model: ModelSpec, data: Any) -> tuple[SpeechLa
     mesh = partitioning.make_mesh(data=1, devices=jax.devices()[:1])
     trainer = Trainer(model.build(), optimizer, schedule, mesh)
     example = sample_batch(1, data.feature_lengths)
-    restored = checkpointing.restore_checkpoint(checkpoint, trainer.abstract_state(example), model.frozen_sources)
+    restored = checkpointing.restore_checkpoint(checkpoint, trainer.abstract_state(example), model.frozen_sources,
+                                               model.speech_front_end)
     frozen = load_frozen_params(trainer, model, example)
     metadata = restored.metadata
     return SpeechLanguageModel(model, frozen, restored.state.adapter_params, data.vocabulary, data.prompt_format,

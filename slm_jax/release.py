@@ -30,7 +30,7 @@ def _restore_training_state(checkpoint: str, model: Any, data: Any):
     optimizer, schedule = make_optimizer(name=_optimizer_name())
     trainer = Trainer(model.build(), optimizer, schedule, partitioning.make_mesh(data=1, devices=jax.devices()[:1]))
     abstract = trainer.abstract_state(sample_batch(1, data.feature_lengths))
-    return checkpointing.restore_checkpoint(checkpoint, abstract, model.frozen_sources)
+    return checkpointing.restore_checkpoint(checkpoint, abstract, model.frozen_sources, model.speech_front_end)
 
 
 def export_release(checkpoint: str, dest: str, model: Any, data: Any, note: str = "") -> str:

@@ -211,7 +211,7 @@ def _train(model_dir, preemption, *, model, data, steps, batch_size, seed, mesh_
         raise ValueError(f"batch_size {batch_size} is not divisible by {jax.process_count()} processes")
     example = sample_batch(batch_size, data.feature_lengths)
     abstract_state = trainer.abstract_state(example)
-    metadata = checkpointing.describe_state(abstract_state.adapter_params, model.frozen_sources)
+    metadata = checkpointing.describe_state(abstract_state.adapter_params, model.frozen_sources, model.speech_front_end)
 
     # Everything that can refuse the run happens before anything is written to model_dir (an
     # existing run stays byte for byte as it was) and before the slow parts (frozen weights,
@@ -230,7 +230,8 @@ def _train(model_dir, preemption, *, model, data, steps, batch_size, seed, mesh_
         finally:
             reader.close()
     elif init_checkpoint:
-        warm = checkpointing.restore_checkpoint(init_checkpoint, abstract_state, model.frozen_sources)
+        warm = checkpointing.restore_checkpoint(init_checkpoint, abstract_state, model.frozen_sources,
+                                                   model.speech_front_end)
         log.info("new run initialised from the adapter of %s step %d", warm.directory, warm.step)
         metadata = {**metadata, "initialized_from": {"directory": warm.directory, "step": warm.step}}
         restored = (trainer.warm_start_state(warm.state.adapter_params, example), {"batches_consumed": 0})

@@ -89,3 +89,20 @@ def test_unreadable_manifest_is_damage(tmp_path):
         f.write("{not json")
     with pytest.raises(checkpointing.CheckpointError, match="integrity.json is unreadable"):
         _restore(tmp_path)
+
+
+def test_an_adapter_is_refused_for_a_front_end_it_did_not_read():
+    """The encoder-only and the Whisper-transcriber front ends give the adapter inputs of the same
+    shape but another meaning: shapes alone would let one's adapter load into the other."""
+    adapter = {"input_projection": {"kernel": np.zeros((512, 8))}}
+    sources = {"speech_encoder": "package:whisper-base", "llm": "package:smollm2-135m-instruct"}
+    encoder_only = checkpointing.describe_state(adapter, sources)
+    transcriber = checkpointing.describe_state(adapter, sources, "whisper_transcriber")
+    checkpointing.check_compatible(transcriber, transcriber, "run")
+    with pytest.raises(checkpointing.CheckpointError, match="'encoder' outputs.*'whisper_transcriber'"):
+        checkpointing.check_compatible(encoder_only, transcriber, "run")
+    # A checkpoint written before the field existed counts as encoder-only.
+    legacy = {k: v for k, v in encoder_only.items() if k != "speech_front_end"}
+    checkpointing.check_compatible(legacy, encoder_only, "run")
+    with pytest.raises(checkpointing.CheckpointError, match="whisper_transcriber"):
+        checkpointing.check_compatible(legacy, transcriber, "run")

@@ -35,7 +35,7 @@ def test_release_fits_the_default_config():
     trainer = Trainer(model.build(), optimizer, schedule, partitioning.make_mesh(data=1, devices=jax.devices()[:1]))
     abstract = trainer.abstract_state(sample_batch(1, data.feature_lengths))
     checkpointing.check_compatible(
-        metadata, checkpointing.describe_state(abstract.adapter_params, model.frozen_sources), directory)
+        metadata, checkpointing.describe_state(abstract.adapter_params, model.frozen_sources, model.speech_front_end), directory)
     assert metadata["release"]["adapter_dtype"] == "float16"
     assert metadata["release"]["optimizer_state"] == "zeros"
     gin.clear_config()
