@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +15,13 @@ import pytest
 
 from slm_jax.convert import hf_whisper_transcriber
 from slm_jax.convert.errors import ConversionError
-from slm_jax.models.whisper_transcriber import WhisperTranscriber, append_silence
+from slm_jax.models.whisper_decoder import WhisperDecoderConfig
+from slm_jax.models.whisper_transcriber import (
+    WhisperTranscriber,
+    WhisperTranscriberConfig,
+    append_silence,
+    repeats_an_earlier_ngram,
+)
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -48,7 +55,7 @@ def hf_model():
 def tiny_config(hf_model, **overrides):
     cfg = hf_whisper_transcriber.config_from_hf(hf_model.config.to_dict())
     fields = dict(language_ids=LANGUAGES, task_ids=TASK, start_of_transcript=SOT, end_of_text=EOT,
-                  max_new_tokens=10, trailing_silence_frames=0)
+                  max_new_tokens=10, trailing_silence_frames=0, stop_on_repeated_ngram=0)
     return dataclasses.replace(cfg, **{**fields, **overrides})
 
 
@@ -191,3 +198,81 @@ def test_packaged_whisper_base_transcribes_a_real_recording():
     text = tokenizer.decode(np.asarray(out.tokens[0, :n]), skip_special_tokens=True)
     assert int(out.language[0]) == cfg.language_ids[0]  # English
     assert metrics.word_error_rate(["He turned sharply and faced Gregson across the table."], [text]) < 0.3, text
+
+
+def cut_at_repeated_ngram(tokens: list[int], n: int) -> list[int]:
+    """The stop rule written plainly: the transcript ends before the first n-gram that repeats."""
+    for k in range(n, len(tokens)):
+        if tokens[k] != EOT and any(tokens[j: j + n] == tokens[k - n + 1: k + 1] for j in range(k - n + 1)):
+            return tokens[: k - n + 1]
+    return tokens
+
+
+def test_repeated_ngram_detection():
+    tokens = jnp.asarray([[1, 2, 3, 1, 2, 3, 1, 9, 9, 9], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]])
+    found = [repeats_an_earlier_ngram(tokens, jnp.asarray(k), 3).tolist() for k in range(10)]
+    assert [f[0] for f in found] == [False] * 5 + [True, True] + [False] * 3
+    assert not any(f[1] for f in found)
+    assert [repeats_an_earlier_ngram(tokens, jnp.asarray(k), 4).tolist()[0] for k in range(10)].index(True) == 6
+
+
+def test_a_looping_transcript_stops_at_its_first_repeat(hf_model):
+    """Random weights loop readily; with n=2 the transcript must equal the reference's greedy
+    tokens cut before the first repeated bigram, with the repeated copy's states dropped."""
+    cut = 0
+    for seed in range(3):
+        features = np.random.default_rng(seed).normal(size=(1, 128, 80)).astype(np.float32)
+        plain = tiny_config(hf_model, encoder=dataclasses.replace(tiny_config(hf_model).encoder, mask_padding=False))
+        ref_tokens, ref_states = hf_greedy(hf_model, features, plain)
+        cfg = dataclasses.replace(plain, stop_on_repeated_ngram=2)
+        params = hf_whisper_transcriber.params_from_state_dict(state_dict(hf_model), cfg)
+        ours = WhisperTranscriber(cfg).apply({"params": params}, features, method=WhisperTranscriber.transcribe)
+        expected = cut_at_repeated_ngram(ref_tokens, 2)
+        n = int(ours.mask[0].sum())
+        assert np.asarray(ours.tokens[0, :n]).tolist() == expected
+        assert relative_error(ours.states[0, :n], ref_states[:n]) < 1e-5
+        cut += len(expected) < len(ref_tokens)
+    assert cut >= 1  # the rule was exercised
+
+
+def test_llm_token_channels_become_the_llms_own_embeddings():
+    import tiny_models
+
+    from slm_jax.models.slm import SLM
+
+    spec = tiny_models.model_spec(llm="llama")
+    transcriber = WhisperTranscriberConfig(
+        encoder=dataclasses.replace(spec.speech_encoder, d_model=32),
+        decoder=dataclasses.replace(WhisperDecoderConfig(), vocab_size=VOCAB, d_model=32,
+                                    num_layers=1, num_heads=8, ffn_dim=64, max_target_positions=32),
+        max_new_tokens=8, llm_vocabulary="unused-here", llm_tokens_per_token=3)
+    slm = dataclasses.replace(spec, speech_encoder=transcriber).build()
+    states = np.random.default_rng(0).normal(size=(2, 5, 32)).astype(np.float32)
+    ids = np.array([[[4, 0, 0], [7, 9, 0], [0, 0, 0], [1, 2, 3], [5, 0, 0]]] * 2, np.float32)  # 1 + LLM id
+    hidden = jnp.asarray(np.concatenate([states, ids], -1))
+    variables = nn.unbox(slm.init(jax.random.PRNGKey(0), hidden, jnp.ones((2, 5), jnp.int32), method=SLM.adapt))
+    out = slm.apply(variables, hidden, 3, method=SLM.embed_llm_token_channels)
+    table = np.asarray(variables["params"]["llm"]["embed_tokens"]["embedding"])
+    np.testing.assert_allclose(out[..., :32], states)
+    np.testing.assert_allclose(out[0, 1, 32:], (table[6] + table[8]) / 2, rtol=1e-6)
+    np.testing.assert_allclose(out[0, 3, 32:], (table[0] + table[1] + table[2]) / 3, rtol=1e-6)
+    np.testing.assert_array_equal(out[0, 2, 32:], 0)  # no LLM token (end-of-text, padding)
+
+
+def test_llm_token_table_spells_whisper_tokens_in_smollm2_tokens():
+    from slm_jax import assets
+    from slm_jax.models.whisper_transcriber import llm_token_table, whisper_token_texts
+    from slm_jax.tokenizers import GgufBpeVocabulary
+
+    if not (assets.whisper_base_available() and assets.smollm2_available()):
+        pytest.skip("the Whisper-base and SmolLM2 weight packages are not installed")
+    cfg = WhisperTranscriberConfig()
+    table = llm_token_table(cfg.whisper_tokenizer, "package:smollm2-135m-instruct", 4, cfg.decoder.vocab_size,
+                            cfg.end_of_text)
+    texts = whisper_token_texts(cfg.whisper_tokenizer, cfg.end_of_text)
+    smollm2 = GgufBpeVocabulary.from_smollm2()
+    for whisper_id in (634, 3574, 42893):  # " He", " turned", " sharply"
+        expected = list(smollm2.encode(texts[whisper_id]))[:4]
+        assert table[whisper_id, :len(expected)].tolist() == [i + 1 for i in expected]
+        assert smollm2.decode(expected) == texts[whisper_id]
+    assert not table[cfg.end_of_text:].any()  # special tokens spell nothing

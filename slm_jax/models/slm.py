@@ -51,6 +51,9 @@ class SLM(nn.Module):
         sub-vocabulary [V]) they are CTC-compressed: one embedding per token of the adapter's
         own CTC best path, its outputs' mean or its expected token embedding by ``compression``
         (slm_jax/alignment.py)."""
+        channels = getattr(self.speech_encoder.config, "llm_token_channels", 0)
+        if channels:
+            speech_hidden = self.embed_llm_token_channels(speech_hidden, channels)
         speech_embeds, speech_mask = self.adapter(speech_hidden, speech_mask)
         if ctc_token_ids is None:
             return speech_embeds, speech_mask
@@ -61,6 +64,17 @@ class SLM(nn.Module):
         if compression == "tokens":
             speech_embeds = alignment.expected_token_embeddings(logits, table).astype(speech_embeds.dtype)
         return alignment.ctc_compress(speech_embeds, speech_mask, logits)
+
+    def embed_llm_token_channels(self, speech_hidden: jax.Array, channels: int) -> jax.Array:
+        """A front end's last ``channels`` channels hold 1 + LLM token ids (0 = none; see
+        whisper_transcriber.py): they become the mean of the LLM's own embeddings of those tokens,
+        next to the remaining channels. [B, N, D + channels] -> [B, N, D + D_llm]."""
+        states = speech_hidden[..., :-channels]
+        ids = jnp.round(speech_hidden[..., -channels:]).astype(jnp.int32)
+        present = (ids > 0)[..., None]
+        embeds = self.llm.embed(jnp.maximum(ids - 1, 0)).astype(states.dtype) * present
+        mean = embeds.sum(-2) / jnp.maximum(present.sum(-2), 1).astype(states.dtype)
+        return jnp.concatenate([states, mean], axis=-1)
 
     def prompt_embeddings(
         self, speech_embeds: jax.Array, speech_mask: jax.Array, batch: Mapping[str, jax.Array]

@@ -21,11 +21,13 @@ The language token is Whisper's own choice among ``language_ids`` (one id = forc
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from slm_jax.models.whisper_decoder import WhisperDecoder, WhisperDecoderConfig
 from slm_jax.models.whisper_encoder import WhisperEncoder, WhisperEncoderConfig, check_speech_inputs
@@ -50,6 +52,21 @@ class WhisperTranscriberConfig:
     # last word it does not see the end coming and repeats the sentence until max_new_tokens.
     # One second of silence (appended as Whisper's own padding value) is enough to stop it.
     trailing_silence_frames: int = 100
+    # The LLM's tokens for each token Whisper writes (a vocabulary spec, e.g.
+    # 'package:smollm2-135m-instruct'; '' = off). When set, the output carries, after the states,
+    # ``llm_tokens_per_token`` channels holding 1 + the LLM token ids of that token's text (0 = none),
+    # and the SLM adds the LLM's own embeddings of them to the adapter's input
+    # (slm_jax/models/slm.py). The adapter then never has to learn the two vocabularies' mapping
+    # word by word from the training transcripts: words it never saw arrive spelled in the LLM's
+    # tokens.
+    # Whisper's greedy decoding can fall into a loop ("Good morning. Good morning. ..."; 14% of
+    # one synthetic corpus). n > 0: the transcript stops where its last n tokens repeat an earlier
+    # n-gram, and that second copy is dropped. 4 keeps "ask not what your country can do for you,
+    # ask what you can do for your country" whole (3 would cut it at the second "can do for").
+    stop_on_repeated_ngram: int = 4
+    llm_vocabulary: str = ""
+    llm_tokens_per_token: int = 4
+    whisper_tokenizer: str = "package:whisper-base"  # tokenizer.json of Whisper's vocabulary
 
     def __post_init__(self):
         object.__setattr__(self, "language_ids", tuple(int(i) for i in self.language_ids))
@@ -69,8 +86,12 @@ class WhisperTranscriberConfig:
         return 2 + len(self.task_ids)
 
     @property
+    def llm_token_channels(self) -> int:
+        return self.llm_tokens_per_token if self.llm_vocabulary else 0
+
+    @property
     def output_dim(self) -> int:
-        return self.decoder.d_model
+        return self.decoder.d_model + self.llm_token_channels
 
     @property
     def num_mel_bins(self) -> int:
@@ -95,6 +116,48 @@ def append_silence(features: jax.Array, mask: jax.Array, frames: int, max_frames
     silence = jnp.logical_and(time >= lengths, time < lengths + frames)
     features = jnp.where(silence[..., None], floor[:, None, None].astype(features.dtype), features)
     return features, jnp.logical_or(real, silence).astype(mask.dtype)
+
+
+def repeats_an_earlier_ngram(tokens: jax.Array, last: jax.Array, n: int) -> jax.Array:
+    """[B] whether tokens[:, last-n+1 : last+1] also occurs earlier (starting before last-n+1)."""
+    width = tokens.shape[1]
+    recent = jax.lax.dynamic_slice_in_dim(jnp.pad(tokens, ((0, 0), (n, 0))), last + 1, n, axis=1)  # [B, n]
+    padded = jnp.pad(tokens, ((0, 0), (0, n)), constant_values=-1)
+    same = jnp.ones(tokens.shape, bool)
+    for i in range(n):  # same[:, j]: the n-gram starting at j equals the recent one
+        same = jnp.logical_and(same, padded[:, i: i + width] == recent[:, i: i + 1])
+    earlier = jnp.arange(width)[None] < last - n + 1
+    return jnp.logical_and(last >= n, jnp.any(jnp.logical_and(same, earlier), axis=1))
+
+
+@functools.lru_cache(maxsize=4)
+def llm_token_table(whisper_tokenizer: str, llm_vocabulary: str, width: int, vocab_size: int,
+                    end_of_text: int) -> np.ndarray:
+    """[vocab_size, width] int32: 1 + the LLM token ids of each Whisper token's text, 0-padded
+    (cut to ``width`` tokens; special tokens and end-of-text map to nothing)."""
+    from slm_jax.cached_corpus import load_vocabulary
+
+    texts = whisper_token_texts(whisper_tokenizer, end_of_text)
+    llm = load_vocabulary(llm_vocabulary)
+    table = np.zeros((vocab_size, width), np.int32)
+    for i, ids in enumerate(llm.encode_batch(texts) if hasattr(llm, "encode_batch") else map(llm.encode, texts)):
+        ids = list(ids)[:width]
+        table[i, :len(ids)] = np.asarray(ids, np.int32) + 1
+    return table
+
+
+def whisper_token_texts(whisper_tokenizer: str, end_of_text: int) -> list[str]:
+    """The text of every ordinary Whisper token (ids below ``end_of_text``), in id order."""
+    import tokenizers
+
+    if whisper_tokenizer != "package:whisper-base":
+        path = whisper_tokenizer
+    else:
+        from slm_jax import assets
+
+        path = str(assets.whisper_base_files()["tokenizer.json"])
+    tokenizer = tokenizers.Tokenizer.from_file(path)
+    return [tokenizer.decode([i]) for i in range(end_of_text)]
 
 
 class Transcript(NamedTuple):
@@ -122,8 +185,15 @@ class WhisperTranscriber(nn.Module):
         self.decoder = WhisperDecoder(self.config.decoder, name="decoder")
 
     def __call__(self, features: jax.Array, mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """[B, N, d_model (+ llm_token_channels)] and the mask [B, N]."""
         transcript = self.transcribe(features, mask)
-        return transcript.states, transcript.mask
+        c = self.config
+        if not c.llm_token_channels:
+            return transcript.states, transcript.mask
+        table = jnp.asarray(llm_token_table(c.whisper_tokenizer, c.llm_vocabulary, c.llm_tokens_per_token,
+                                            c.decoder.vocab_size, c.end_of_text))
+        ids = table[transcript.tokens] * transcript.mask[..., None]  # shifted by one: 0 = none
+        return jnp.concatenate([transcript.states, ids.astype(transcript.states.dtype)], axis=-1), transcript.mask
 
     def _choose(self, hidden: jax.Array) -> jax.Array:
         logits = self.decoder.logits(hidden).astype(jnp.float32)
@@ -169,14 +239,22 @@ class WhisperTranscriber(nn.Module):
                                            c.prompt_length - 1 + s.step)
             chosen = jnp.where(s.done, c.end_of_text, module._choose(h[:, 0]))
             live = jnp.logical_not(s.done)
+            tokens = jax.lax.dynamic_update_slice_in_dim(s.tokens, chosen[:, None], s.step, axis=1)
+            mask = jax.lax.dynamic_update_slice_in_dim(s.mask, live.astype(jnp.int32)[:, None], s.step, axis=1)
+            done = jnp.logical_or(s.done, chosen == c.end_of_text)
+            if c.stop_on_repeated_ngram:
+                looped = jnp.logical_and(live, repeats_an_earlier_ngram(tokens, s.step, c.stop_on_repeated_ngram))
+                copy = jnp.logical_and(jnp.arange(n)[None] > s.step - c.stop_on_repeated_ngram, looped[:, None])
+                mask = jnp.where(copy, 0, mask)
+                done = jnp.logical_or(done, looped)
             return _Loop(
                 step=s.step + 1,
                 last_token=chosen,
                 caches=new_caches,
-                done=jnp.logical_or(s.done, chosen == c.end_of_text),
+                done=done,
                 states=jax.lax.dynamic_update_slice_in_dim(s.states, h.astype(s.states.dtype), s.step, axis=1),
-                mask=jax.lax.dynamic_update_slice_in_dim(s.mask, live.astype(jnp.int32)[:, None], s.step, axis=1),
-                tokens=jax.lax.dynamic_update_slice_in_dim(s.tokens, chosen[:, None], s.step, axis=1),
+                mask=mask,
+                tokens=tokens,
             )
 
         if self.is_initializing():  # every parameter exists already; no need to trace the loop
