@@ -258,6 +258,18 @@ def test_llm_token_channels_become_the_llms_own_embeddings():
     np.testing.assert_allclose(out[0, 3, 32:], (table[0] + table[1] + table[2]) / 3, rtol=1e-6)
     np.testing.assert_array_equal(out[0, 2, 32:], 0)  # no LLM token (end-of-text, padding)
 
+    # The adapter's output is added to those embeddings: zero-initialised, it adds nothing, so an
+    # untrained adapter hands the LLM the transcript's own token embeddings.
+    spec = dataclasses.replace(spec, speech_encoder=transcriber,
+                               adapter=dataclasses.replace(spec.adapter, zero_init_output=True, subsample_rate=1))
+    slm = spec.build()
+    mask = jnp.asarray([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    variables = nn.unbox(slm.init(jax.random.PRNGKey(1), hidden, mask, method=SLM.adapt))
+    speech, speech_mask = slm.apply(variables, hidden, mask, method=SLM.adapt)
+    text = slm.apply(variables, hidden, 3, method=SLM.embed_llm_token_channels)[..., 32:]
+    np.testing.assert_allclose(speech, text * np.asarray(mask)[..., None], rtol=1e-6)
+    np.testing.assert_array_equal(speech_mask, mask)
+
 
 def test_llm_token_table_spells_whisper_tokens_in_smollm2_tokens():
     from slm_jax import assets

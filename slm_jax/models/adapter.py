@@ -37,6 +37,9 @@ class AdapterConfig:
     # 'stack': concatenate r neighbouring frames; 'average': mean over r frames.
     subsample_mode: str = "pick"
     rope_theta: float | None = 10000.0
+    # Zeros for the output projection: the adapter starts as "add nothing" (used where its output
+    # is added to something meaningful, see SLM.adapt).
+    zero_init_output: bool = False
     activation: str = "gelu"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -108,8 +111,9 @@ class Adapter(nn.Module):
         for i in range(c.num_layers):
             x = AdapterLayer(c, name=f"layer_{i}")(x, attn_mask, positions)
         x = LayerNorm(dtype=c.dtype, param_dtype=c.param_dtype, name="output_norm")(x)
+        init = {"kernel_init": nn.initializers.zeros} if c.zero_init_output else {}
         x = DenseGeneral(c.output_dim, ("mlp", "embed"), use_bias=True, dtype=c.dtype,
-                         param_dtype=c.param_dtype, name="output_projection")(x)
+                         param_dtype=c.param_dtype, name="output_projection", **init)(x)
         # Padded frames become exact zeros: they are masked downstream, and zeros keep the
         # LLM input independent of whatever the padding computed.
         return x * mask[..., None].astype(x.dtype), mask

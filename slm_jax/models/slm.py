@@ -55,6 +55,13 @@ class SLM(nn.Module):
         if channels:
             speech_hidden = self.embed_llm_token_channels(speech_hidden, channels)
         speech_embeds, speech_mask = self.adapter(speech_hidden, speech_mask)
+        if channels:
+            # The adapter's output is a correction to the LLM's embeddings of the spoken tokens: with
+            # its output layer zero-initialised (AdapterConfig.zero_init_output) training starts
+            # from the LLM reading Whisper's transcript as text, and learns what text lacks (the
+            # answer's format, what the words sounded like).
+            text = speech_hidden[..., -self.adapter.config.output_dim:]
+            speech_embeds = speech_embeds + text[:, :: self.adapter.config.subsample_rate] * speech_mask[..., None]
         if ctc_token_ids is None:
             return speech_embeds, speech_mask
         if compression not in alignment.COMPRESSION_MODES:
