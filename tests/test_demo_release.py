@@ -56,13 +56,28 @@ def _release_models_available() -> bool:
     return assets.whisper_base_available() and assets.smollm2_available() and corpus.espeak_available()
 
 
+def transcribe_with_release(gin_file: str, release: pathlib.Path, features, max_new_tokens: int) -> list[str]:
+    """What `slm-infer --gin_file=GIN --checkpoint=RELEASE --instruction="Transcribe the speech."` answers."""
+    import gin
+
+    from slm_jax import inference
+    from slm_jax.cli import common
+
+    gin.clear_config()
+    common.parse_gin([gin_file], [])
+    try:
+        model = gin.query_parameter("train.model").scoped_configurable_fn()
+        data = gin.query_parameter("train.data").scoped_configurable_fn()
+        slm, _ = inference.load_trained(str(release), model, data)
+        return slm.generate(features, "Transcribe the speech.", max_new_tokens=max_new_tokens)
+    finally:
+        gin.clear_config()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not _release_models_available(), reason="needs Whisper-base, SmolLM2 and espeak-ng")
 def test_release_adapter_transcribes_held_out_synthetic_english():
-    import gin
-
-    from slm_jax import audio, inference, metrics
-    from slm_jax.cli import common
+    from slm_jax import audio, metrics
     from slm_jax.data import corpus
 
     specs = [s for s in corpus.plan_corpus(1500, seed=0, languages=("en", "fr"))
@@ -71,13 +86,7 @@ def test_release_adapter_transcribes_held_out_synthetic_english():
     for spec in specs:
         _, pcm = corpus.synthesize(corpus._Job(spec, "espeak", 25.0))
         features.append(audio.log_mel_spectrogram(audio.from_pcm16(pcm)))
-    gin.clear_config()
-    common.parse_gin(["whisper_base_smollm2.gin"], [])
-    model = gin.query_parameter("train.model").scoped_configurable_fn()
-    data = gin.query_parameter("train.data").scoped_configurable_fn()
-    slm, _ = inference.load_trained(str(RELEASE), model, data)
-    hypotheses = slm.generate(features, "Transcribe the speech.", max_new_tokens=32)
-    gin.clear_config()
+    hypotheses = transcribe_with_release("whisper_base_smollm2.gin", RELEASE, features, max_new_tokens=32)
     wer = metrics.word_error_rate([s.text for s in specs], hypotheses)
     assert wer < HELD_OUT_WER_BOUND, list(zip([s.text for s in specs], hypotheses))
 
@@ -94,21 +103,13 @@ REAL_SPEECH_WER_BOUND = 0.30  # measured 16.2% when released (release/README.md)
 @pytest.mark.skipif(not TRANSCRIBER_RELEASE.is_dir(), reason="no transcriber release in this checkout")
 @pytest.mark.skipif(not _release_models_available(), reason="needs Whisper-base, SmolLM2 and espeak-ng")
 def test_transcriber_release_transcribes_real_speech():
-    import gin
-
-    from slm_jax import audio, inference, metrics
-    from slm_jax.cli import common
+    from slm_jax import audio, metrics
 
     rows = [line.rstrip("\n").split("\t", 1) for line in (REAL_SPEECH / "transcripts.tsv").read_text().splitlines()
             if line.strip() and not line.startswith("#")]
     features = [audio.log_mel_spectrogram(audio.load_audio(str(REAL_SPEECH / path))) for path, _ in rows]
-    gin.clear_config()
-    common.parse_gin(["whisper_base_transcriber_smollm2.gin"], [])
-    model = gin.query_parameter("train.model").scoped_configurable_fn()
-    data = gin.query_parameter("train.data").scoped_configurable_fn()
-    slm, _ = inference.load_trained(str(TRANSCRIBER_RELEASE), model, data)
-    hypotheses = slm.generate(features, "Transcribe the speech.", max_new_tokens=48)
-    gin.clear_config()
+    hypotheses = transcribe_with_release("whisper_base_transcriber_smollm2.gin", TRANSCRIBER_RELEASE, features,
+                                         max_new_tokens=48)
     references = [reference for _, reference in rows]
     wer = metrics.word_error_rate(references, hypotheses)
     assert wer < REAL_SPEECH_WER_BOUND, list(zip(references, hypotheses))

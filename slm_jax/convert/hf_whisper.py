@@ -91,6 +91,20 @@ def _conv(w: np.ndarray) -> np.ndarray:
     return np.transpose(w, (2, 1, 0))  # [out, in, k] -> [k, in, out]
 
 
+def attention_rules(hf: str, path: tuple[str, ...], d: int, h: int, dh: int) -> list[TensorRule]:
+    """One Whisper attention block (``hf``.{q,k,v,out}_proj) -> our ``Attention`` at ``path``.
+    Whisper's key projection has no bias."""
+    rules = []
+    for proj, name, bias in (("q_proj", "query", True), ("k_proj", "key", False), ("v_proj", "value", True)):
+        rules.append(TensorRule(f"{hf}.{proj}.weight", (d, d), (*path, name, "kernel"), linear_to_kernel((d,), (h, dh))))
+        if bias:
+            rules.append(TensorRule(f"{hf}.{proj}.bias", (d,), (*path, name, "bias"), reshape_to((h, dh))))
+    return rules + [
+        TensorRule(f"{hf}.out_proj.weight", (d, d), (*path, "out", "kernel"), linear_to_kernel((h, dh), (d,))),
+        TensorRule(f"{hf}.out_proj.bias", (d,), (*path, "out", "bias")),
+    ]
+
+
 def encoder_rules(cfg: WhisperEncoderConfig, prefix: str) -> list[TensorRule]:
     d, f, h, dh = cfg.d_model, cfg.ffn_dim, cfg.num_heads, cfg.head_dim
     rules = [
@@ -103,16 +117,9 @@ def encoder_rules(cfg: WhisperEncoderConfig, prefix: str) -> list[TensorRule]:
         TensorRule(prefix + "layer_norm.bias", (d,), ("layer_norm", "bias")),
     ]
     for i in range(cfg.num_layers):
-        hf, attn = f"{prefix}layers.{i}.", (f"layers_{i}", "self_attn")
-        # Whisper's key projection has no bias.
-        for proj, name, bias in (("q_proj", "query", True), ("k_proj", "key", False), ("v_proj", "value", True)):
-            rules.append(TensorRule(f"{hf}self_attn.{proj}.weight", (d, d), (*attn, name, "kernel"),
-                                    linear_to_kernel((d,), (h, dh))))
-            if bias:
-                rules.append(TensorRule(f"{hf}self_attn.{proj}.bias", (d,), (*attn, name, "bias"), reshape_to((h, dh))))
+        hf = f"{prefix}layers.{i}."
+        rules += attention_rules(f"{hf}self_attn", (f"layers_{i}", "self_attn"), d, h, dh)
         rules += [
-            TensorRule(f"{hf}self_attn.out_proj.weight", (d, d), (*attn, "out", "kernel"), linear_to_kernel((h, dh), (d,))),
-            TensorRule(f"{hf}self_attn.out_proj.bias", (d,), (*attn, "out", "bias")),
             TensorRule(f"{hf}fc1.weight", (f, d), (f"layers_{i}", "mlp", "wi", "kernel"), linear_to_kernel((d,), (f,))),
             TensorRule(f"{hf}fc1.bias", (f,), (f"layers_{i}", "mlp", "wi", "bias")),
             TensorRule(f"{hf}fc2.weight", (d, f), (f"layers_{i}", "mlp", "wo", "kernel"), linear_to_kernel((f,), (d,))),

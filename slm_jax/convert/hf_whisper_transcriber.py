@@ -26,7 +26,6 @@ from slm_jax.convert.hf_checkpoint import (
     apply_rules,
     common_prefix,
     linear_to_kernel,
-    reshape_to,
 )
 from slm_jax.models.whisper_decoder import WhisperDecoderConfig
 from slm_jax.models.whisper_transcriber import WhisperTranscriberConfig
@@ -57,17 +56,6 @@ def config_from_hf(config_json: Mapping[str, Any], **overrides) -> WhisperTransc
     return WhisperTranscriberConfig(**fields)
 
 
-def _attention_rules(hf: str, path: tuple[str, ...], d: int, h: int, dh: int) -> list[TensorRule]:
-    rules = []
-    for proj, name, bias in (("q_proj", "query", True), ("k_proj", "key", False), ("v_proj", "value", True)):
-        rules.append(TensorRule(f"{hf}.{proj}.weight", (d, d), (*path, name, "kernel"), linear_to_kernel((d,), (h, dh))))
-        if bias:
-            rules.append(TensorRule(f"{hf}.{proj}.bias", (d,), (*path, name, "bias"), reshape_to((h, dh))))
-    rules += [TensorRule(f"{hf}.out_proj.weight", (d, d), (*path, "out", "kernel"), linear_to_kernel((h, dh), (d,))),
-              TensorRule(f"{hf}.out_proj.bias", (d,), (*path, "out", "bias"))]
-    return rules
-
-
 def decoder_rules(cfg: WhisperDecoderConfig, prefix: str, root: tuple[str, ...] = ()) -> list[TensorRule]:
     d, f, h, dh = cfg.d_model, cfg.ffn_dim, cfg.num_heads, cfg.head_dim
     rules = [
@@ -78,8 +66,8 @@ def decoder_rules(cfg: WhisperDecoderConfig, prefix: str, root: tuple[str, ...] 
     ]
     for i in range(cfg.num_layers):
         hf, layer = f"{prefix}layers.{i}", (*root, f"layers_{i}")
-        rules += _attention_rules(f"{hf}.self_attn", (*layer, "self_attn"), d, h, dh)
-        rules += _attention_rules(f"{hf}.encoder_attn", (*layer, "encoder_attn"), d, h, dh)
+        rules += hf_whisper.attention_rules(f"{hf}.self_attn", (*layer, "self_attn"), d, h, dh)
+        rules += hf_whisper.attention_rules(f"{hf}.encoder_attn", (*layer, "encoder_attn"), d, h, dh)
         rules += [
             TensorRule(f"{hf}.fc1.weight", (f, d), (*layer, "mlp", "wi", "kernel"), linear_to_kernel((d,), (f,))),
             TensorRule(f"{hf}.fc1.bias", (f,), (*layer, "mlp", "wi", "bias")),
