@@ -2,9 +2,22 @@
 
 import os
 
+import pytest
+
 # Must happen before jax is imported anywhere: gives the sharding tests 8 CPU devices.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def _no_gin_bindings_from_other_tests():
+    """``train()`` and the data sources are gin-configurable: bindings that an in-process CLI test
+    left behind (e.g. a paper-scale mesh) must not reach the next test on the same worker."""
+    import gin
+
+    gin.clear_config()
+    yield
+    gin.clear_config()
