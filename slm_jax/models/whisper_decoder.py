@@ -6,7 +6,7 @@ embedding. Used by ``whisper_transcriber`` (the frozen decoder that reads its ow
 the SLM never trains it.
 
 One call serves both uses: a whole teacher-forced sequence (``caches=None``), or one
-KV-cached decoding step (``caches`` from ``init_caches`` + ``cross_caches``, ``cache_index``).
+KV-cached decoding step (``caches`` from ``init_caches``, ``cache_index``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from slm_jax.layers.attention import Attention, KVCache, causal_mask, combine_masks
+from slm_jax.layers.attention import Attention, KVCache, causal_mask
 from slm_jax.layers.embeddings import Embed
 from slm_jax.layers.mlp import MLP, get_activation
 from slm_jax.layers.normalization import LayerNorm
@@ -107,10 +107,9 @@ class WhisperDecoder(nn.Module):
         self.layer_norm = LayerNorm(epsilon=c.layer_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype,
                                     name="layer_norm")
 
-    def init_caches(self, memory: jax.Array, memory_mask: jax.Array, max_length: int) -> DecoderCaches:
+    def init_caches(self, memory: jax.Array, max_length: int) -> DecoderCaches:
         """Empty self-attention caches of ``max_length`` slots and the cross-attention keys/values
         of ``memory`` [B, T, D] (computed once per utterance, not once per token)."""
-        del memory_mask  # applied per step; kept in the signature so callers pass what a step needs
         c = self.config
         empty = KVCache.zeros(memory.shape[0], max_length, c.num_heads, c.head_dim, c.dtype)
         return DecoderCaches(
@@ -140,7 +139,7 @@ class WhisperDecoder(nn.Module):
             slots = jnp.arange(caches.self_attention[0].k.shape[1])
             self_mask = causal_mask(positions[None], slots[None])
             table = jax.lax.dynamic_slice_in_dim(self.embed_positions, cache_index, length)
-        cross_mask = combine_masks(memory_mask[:, None, None, :].astype(bool))
+        cross_mask = memory_mask[:, None, None, :].astype(bool)  # keys only: [B, 1, 1, T]
         x = self.embed_tokens(tokens) + jnp.asarray(table, c.dtype)[None]
         new_self = []
         for i, layer in enumerate(self.layers):

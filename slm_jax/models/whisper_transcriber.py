@@ -206,7 +206,7 @@ class WhisperTranscriber(nn.Module):
         features, mask = append_silence(features, mask, c.trailing_silence_frames, c.encoder.max_frames)
         memory, memory_mask = self.encoder(features, mask)
         batch = memory.shape[0]
-        caches = self.decoder.init_caches(memory, memory_mask, c.prompt_length + c.max_new_tokens)
+        caches = self.decoder.init_caches(memory, c.prompt_length + c.max_new_tokens)
 
         # Step 0: <|startoftranscript|> -> the language, among the allowed ones.
         start = jnp.full((batch, 1), c.start_of_transcript, jnp.int32)
