@@ -288,3 +288,15 @@ def test_llm_token_table_spells_whisper_tokens_in_smollm2_tokens():
         assert table[whisper_id, :len(expected)].tolist() == [i + 1 for i in expected]
         assert smollm2.decode(expected) == texts[whisper_id]
     assert not table[cfg.end_of_text:].any()  # special tokens spell nothing
+
+
+def test_load_params_compares_the_architecture_not_the_run_time_choices(hf_model, tmp_path):
+    hf_model.save_pretrained(tmp_path)
+    cfg = tiny_config(hf_model, llm_vocabulary="package:smollm2-135m-instruct", trailing_silence_frames=50,
+                      encoder=dataclasses.replace(tiny_config(hf_model).encoder, mask_padding=False,
+                                                  dtype="bfloat16"))
+    params = hf_whisper_transcriber.load_params(str(tmp_path), cfg)
+    assert set(params) == {"encoder", "decoder"}
+    wrong = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, layer_norm_eps=1e-6))
+    with pytest.raises(ConversionError, match=r"decoder\.layer_norm_eps=1e-05 but the configured model has 1e-06"):
+        hf_whisper_transcriber.load_params(str(tmp_path), wrong)

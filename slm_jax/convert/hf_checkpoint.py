@@ -183,6 +183,16 @@ def check_config_matches(expected: Any, from_checkpoint: Any, skip: Iterable[str
         if field.name in skip:
             continue
         want, got = getattr(expected, field.name), getattr(from_checkpoint, field.name)
+        if dataclasses.is_dataclass(want) and dataclasses.is_dataclass(got):
+            # A nested config (e.g. a transcriber's encoder): its own run-time fields are
+            # skipped as 'name.field', and a difference is named by that path.
+            inner = [s[len(field.name) + 1:] for s in skip if s.startswith(field.name + ".")]
+            try:
+                check_config_matches(want, got, inner, source)
+            except ConversionError as e:
+                raise ConversionError(str(e).replace(f"{source}: config.json gives ",
+                                                     f"{source}: config.json gives {field.name}.", 1)) from None
+            continue
         if want != got:
             raise ConversionError(
                 f"{source}: config.json gives {field.name}={got!r} but the configured model has {want!r}"

@@ -31,7 +31,13 @@ from slm_jax.models.whisper_decoder import WhisperDecoderConfig
 from slm_jax.models.whisper_transcriber import WhisperTranscriberConfig
 
 DECODER_PREFIXES = ("decoder.", "model.decoder.")
-RUNTIME_FIELDS = ("encoder", "decoder", "language_ids", "task_ids", "max_new_tokens")
+# Run-time choices of the front end, not the checkpoint's architecture (the encoder's and
+# decoder's own architecture fields are compared; see hf_checkpoint.check_config_matches).
+RUNTIME_FIELDS = (
+    "language_ids", "task_ids", "max_new_tokens", "trailing_silence_frames", "stop_on_repeated_ngram",
+    "llm_vocabulary", "llm_tokens_per_token", "whisper_tokenizer",
+    *(f"encoder.{name}" for name in hf_whisper.RUNTIME_FIELDS), "decoder.dtype", "decoder.param_dtype",
+)
 
 
 def config_from_hf(config_json: Mapping[str, Any], **overrides) -> WhisperTranscriberConfig:
@@ -48,7 +54,12 @@ def config_from_hf(config_json: Mapping[str, Any], **overrides) -> WhisperTransc
         )
     except KeyError as e:
         raise ConversionError(f"Whisper config.json lacks the decoder field {e.args[0]!r}") from None
-    fields = {"encoder": encoder, "decoder": decoder, **overrides}
+    fields = {"encoder": encoder, "decoder": decoder}
+    # The special tokens config.json names (a converted CTranslate2 config may not name them).
+    for ours, theirs in (("start_of_transcript", "decoder_start_token_id"), ("end_of_text", "eos_token_id")):
+        if config_json.get(theirs) is not None:
+            fields[ours] = int(config_json[theirs])
+    fields.update(overrides)
     # The default transcript length, cut to what the decoder's position table holds.
     default = WhisperTranscriberConfig.__dataclass_fields__["max_new_tokens"].default
     room = decoder.max_target_positions - 2 - len(fields.get("task_ids", WhisperTranscriberConfig.task_ids))
