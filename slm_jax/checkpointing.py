@@ -240,14 +240,18 @@ class Restored(NamedTuple):
 
 
 def restore_checkpoint(checkpoint: str, abstract_state: Any, frozen_sources: Mapping[str, str],
-                       front_end: str = "encoder") -> Restored:
+                       front_end: str | None = "encoder") -> Restored:
     """Restores ``checkpoint`` (a model directory, for its latest step, or one step directory) onto
-    ``abstract_state`` after checking that it was written for these adapter shapes and frozen sources.
-    The checkpoint's optimizer state must have the structure of ``abstract_state``'s (same optimizer)."""
+    ``abstract_state`` after checking that it was written for these adapter shapes and frozen sources
+    and for the ``front_end`` the adapter reads (None: any, for an adapter that only initialises a
+    new run). The checkpoint's optimizer state must have the structure of ``abstract_state``'s (same
+    optimizer)."""
     directory, step = find_checkpoint_dir(checkpoint)
     source = Checkpointer(directory, read_only=True)
     try:  # closed on refusal too: an open Orbax manager's threads fail noisily at exit
         metadata = source.read_metadata(step)
+        if front_end is None:
+            front_end = metadata.get("speech_front_end", "encoder")
         check_compatible(metadata, describe_state(abstract_state.adapter_params, frozen_sources, front_end), directory)
         state, position = source.restore(step, abstract_state)
     finally:

@@ -37,8 +37,9 @@ class ModelSpec:
     @property
     def speech_front_end(self) -> str:
         """What the adapter reads, recorded in checkpoints: 'encoder' (encoder frames, the paper's
-        design) or 'whisper_transcriber' (Whisper's decoder states; same shapes, other meaning)."""
-        return "whisper_transcriber" if type(self.speech_encoder).__name__ == "WhisperTranscriberConfig" else "encoder"
+        design) or a front end's own name (``front_end`` of its config, e.g. Whisper's decoder
+        states: same shapes, other meaning)."""
+        return getattr(self.speech_encoder, "front_end", "encoder")
 
     @property
     def frozen_sources(self) -> Mapping[str, str]:

@@ -52,7 +52,7 @@ def _from_package(config: Any, name: str, place: Place) -> Any:
         from slm_jax.convert import ctranslate2
 
         model_bin = assets.whisper_base_files()["model.bin"]
-        if type(config).__name__ == "WhisperTranscriberConfig":  # the decoder too
+        if hasattr(config, "decoder"):  # a front end that runs Whisper's decoder too
             state_dict = ctranslate2.load_whisper_hf(model_bin)[0]
         else:
             state_dict = ctranslate2.whisper_encoder_state_dict(model_bin)

@@ -230,9 +230,14 @@ def _train(model_dir, preemption, *, model, data, steps, batch_size, seed, mesh_
         finally:
             reader.close()
     elif init_checkpoint:
-        warm = checkpointing.restore_checkpoint(init_checkpoint, abstract_state, model.frozen_sources,
-                                                   model.speech_front_end)
+        # Any adapter of the same shapes may initialise a run, also one that read another front end
+        # (e.g. another LLM-token layout of the same Whisper decoder): the run then learns this one.
+        warm = checkpointing.restore_checkpoint(init_checkpoint, abstract_state, model.frozen_sources, None)
         log.info("new run initialised from the adapter of %s step %d", warm.directory, warm.step)
+        warm_front_end = warm.metadata.get("speech_front_end", "encoder")
+        if warm_front_end != model.speech_front_end:
+            log.warning("the initial adapter read %r outputs; this run trains it on %r outputs",
+                        warm_front_end, model.speech_front_end)
         metadata = {**metadata, "initialized_from": {"directory": warm.directory, "step": warm.step}}
         restored = (trainer.warm_start_state(warm.state.adapter_params, example), {"batches_consumed": 0})
     checkpointing.ensure_writable(

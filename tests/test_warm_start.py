@@ -75,3 +75,23 @@ def test_a_missing_or_foreign_init_checkpoint_is_refused_before_anything_is_writ
         train(str(tmp_path / "b"), model=model_spec(llm="llama"), data=toy_source(), steps=1, alignment_steps=1,
               init_checkpoint=other, **SETTINGS)
     assert not (tmp_path / "b").exists()
+
+
+def test_an_adapter_of_another_front_end_may_initialise_a_run_but_not_resume_one(tmp_path, monkeypatch, caplog):
+    """A warm start is only an initialisation: an adapter that read another front end's outputs
+    (e.g. Whisper's LLM tokens laid out per Whisper token) may start a run on this one, with a
+    warning; resuming it as if nothing changed is refused."""
+    from slm_jax.experiment import ModelSpec
+
+    source = str(tmp_path / "source")
+    train(source, model=model_spec(llm="llama"), data=toy_source(), steps=1, alignment_steps=1, checkpoint_every=1,
+          **SETTINGS)
+    monkeypatch.setattr(ModelSpec, "speech_front_end", property(lambda self: "another_front_end"))
+    tuned = str(tmp_path / "tuned")
+    with caplog.at_level("WARNING"):
+        train(tuned, model=model_spec(llm="llama"), data=toy_source(), steps=1, alignment_steps=1,
+              checkpoint_every=1, init_checkpoint=source, **SETTINGS)
+    assert "read 'encoder' outputs; this run trains it on 'another_front_end'" in caplog.text
+    assert checkpointing.read_metadata(tuned, 1)["speech_front_end"] == "another_front_end"
+    with pytest.raises(checkpointing.CheckpointError, match="'encoder' outputs.*'another_front_end'"):
+        train(source, model=model_spec(llm="llama"), data=toy_source(), steps=2, alignment_steps=2, **SETTINGS)

@@ -199,6 +199,17 @@ def test_packaged_whisper_base_transcribes_a_real_recording():
     assert int(out.language[0]) == cfg.language_ids[0]  # English
     assert metrics.word_error_rate(["He turned sharply and faced Gregson across the table."], [text]) < 0.3, text
 
+    # One row per SmolLM2 token: the id channel spells exactly the text Whisper wrote.
+    if assets.smollm2_available():
+        from slm_jax.tokenizers import GgufBpeVocabulary
+
+        rows_cfg = dataclasses.replace(cfg, llm_vocabulary="package:smollm2-135m-instruct", llm_token_rows=48)
+        rows, rows_mask = WhisperTranscriber(rows_cfg).apply({"params": params}, features[None])
+        kept = np.asarray(rows[0, : int(rows_mask[0].sum()), -1]).astype(int)
+        np.testing.assert_array_equal(np.asarray(rows[0, 0, :-1]), np.asarray(out.states[0, 0]))
+        assert GgufBpeVocabulary.from_smollm2().decode([i - 1 for i in kept if i > 0]) == tokenizer.decode(
+            np.asarray(out.tokens[0, :n]), skip_special_tokens=True)
+
 
 def cut_at_repeated_ngram(tokens: list[int], n: int) -> list[int]:
     """The stop rule written plainly: the transcript ends before the first n-gram that repeats."""
@@ -269,6 +280,35 @@ def test_llm_token_channels_become_the_llms_own_embeddings():
     text = slm.apply(variables, hidden, 3, method=SLM.embed_llm_token_channels)[..., 32:]
     np.testing.assert_allclose(speech, text * np.asarray(mask)[..., None], rtol=1e-6)
     np.testing.assert_array_equal(speech_mask, mask)
+
+
+def test_spelled_out_rows_hold_each_llm_token_once_in_transcript_order():
+    from slm_jax.models.whisper_transcriber import spell_out_rows
+
+    rng = np.random.default_rng(3)
+    states = rng.normal(size=(2, 5, 6)).astype(np.float32)
+    # 1 + LLM ids per Whisper token; the third token spells nothing (end-of-text).
+    ids = np.array([[[4, 0, 0], [7, 9, 2], [0, 0, 0], [1, 2, 3], [5, 0, 0]],
+                    [[8, 0, 0], [3, 3, 0], [0, 0, 0], [6, 0, 0], [6, 0, 0]]], np.int32)
+    mask = np.array([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]], np.int32)  # row 2 was cut after 3 tokens
+
+    for rows in (12, 5):  # room for all, and fewer rows than the transcript spells
+        out, out_mask = map(np.asarray, spell_out_rows(jnp.asarray(states), jnp.asarray(mask), jnp.asarray(ids), rows))
+        assert out.shape == (2, rows, 7) and out_mask.shape == (2, rows)
+        for b in range(2):
+            expected = [(k, i) for k in range(5) if mask[b, k]
+                        for i in ([j for j in ids[b, k] if j] or [0])][:rows]  # (Whisper token, 1 + id)
+            n = int(out_mask[b].sum())
+            assert out_mask[b, :n].all() and not out_mask[b, n:].any()  # kept rows first
+            assert n == len(expected)
+            assert out[b, :n, -1].tolist() == [i for _, i in expected]
+            np.testing.assert_array_equal(out[b, :n, :-1], states[b, [k for k, _ in expected]])
+            assert not out[b, n:].any()
+
+    # Rows of the same width but another layout: checkpoints must tell the two apart.
+    per_token = WhisperTranscriberConfig(llm_vocabulary="any")
+    assert dataclasses.replace(per_token, llm_token_rows=8).front_end != per_token.front_end
+    assert dataclasses.replace(per_token, llm_token_rows=8).llm_token_channels == 1
 
 
 def test_llm_token_table_spells_whisper_tokens_in_smollm2_tokens():

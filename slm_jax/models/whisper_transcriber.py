@@ -66,6 +66,12 @@ class WhisperTranscriberConfig:
     stop_on_repeated_ngram: int = 4
     llm_vocabulary: str = ""
     llm_tokens_per_token: int = 4
+    # How the LLM's tokens are laid out. 0: one row per Whisper token, whose LLM tokens the SLM
+    # averages; the order inside a token is lost (Whisper writes "9434" as " 9" "434", and the
+    # mean of 4, 3, 4 cannot say "four three four"). n > 0: one row per LLM token, at most n rows,
+    # each holding the state of the Whisper token it spells and a single id channel; the LLM
+    # then reads Whisper's transcript exactly as its own text (spell_out_rows).
+    llm_token_rows: int = 0
     whisper_tokenizer: str = "package:whisper-base"  # tokenizer.json of Whisper's vocabulary
 
     def __post_init__(self):
@@ -77,6 +83,8 @@ class WhisperTranscriberConfig:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.encoder.d_model != self.decoder.d_model:
             raise ValueError(f"encoder d_model {self.encoder.d_model} != decoder d_model {self.decoder.d_model}")
+        if self.llm_token_rows < 0:
+            raise ValueError(f"llm_token_rows must be >= 0, got {self.llm_token_rows}")
         if self.prompt_length + self.max_new_tokens > self.decoder.max_target_positions:
             raise ValueError(f"prompt ({self.prompt_length}) + max_new_tokens ({self.max_new_tokens}) exceeds the "
                              f"decoder's {self.decoder.max_target_positions} positions")
@@ -86,8 +94,17 @@ class WhisperTranscriberConfig:
         return 2 + len(self.task_ids)
 
     @property
+    def front_end(self) -> str:
+        """The name checkpoints record for what the adapter read (ModelSpec.speech_front_end): the
+        two LLM-token layouts give rows of the same width but another meaning."""
+        return "whisper_transcriber_llm_token_rows" if self.llm_vocabulary and self.llm_token_rows \
+            else "whisper_transcriber"
+
+    @property
     def llm_token_channels(self) -> int:
-        return self.llm_tokens_per_token if self.llm_vocabulary else 0
+        if not self.llm_vocabulary:
+            return 0
+        return 1 if self.llm_token_rows else self.llm_tokens_per_token
 
     @property
     def output_dim(self) -> int:
@@ -160,6 +177,28 @@ def whisper_token_texts(whisper_tokenizer: str, end_of_text: int) -> list[str]:
     return [tokenizer.decode([i]) for i in range(end_of_text)]
 
 
+def spell_out_rows(states: jax.Array, mask: jax.Array, ids: jax.Array, rows: int) -> tuple[jax.Array, jax.Array]:
+    """One row per LLM token: states [B, N, D], mask [B, N] and ``ids`` [B, N, W] (1 + LLM id,
+    0 = none) -> [B, rows, D + 1] rows (the state of the Whisper token, then its LLM id) and their
+    mask, kept rows first in transcript order. A kept Whisper token with no LLM token (end-of-text)
+    keeps one row with id 0, so a transcript's rows are never empty; rows past ``rows`` are cut."""
+    batch, n, width = ids.shape
+    spelled = ids > 0
+    first_slot = jnp.arange(width)[None, None, :] == 0
+    keep = jnp.logical_or(spelled, jnp.logical_and(first_slot, ~jnp.any(spelled, axis=-1, keepdims=True)))
+    keep = jnp.logical_and(keep, mask[..., None] > 0).reshape(batch, n * width)
+    if n * width < rows:
+        keep = jnp.pad(keep, ((0, 0), (0, rows - n * width)))
+    order = jnp.argsort(jnp.logical_not(keep), axis=1, stable=True)[:, :rows]  # kept first, in order
+    flat_ids = jnp.pad(ids.reshape(batch, n * width), ((0, 0), (0, keep.shape[1] - n * width)))
+    flat_states = jnp.pad(jnp.repeat(states, width, axis=1), ((0, 0), (0, keep.shape[1] - n * width), (0, 0)))
+    out_mask = jnp.take_along_axis(keep, order, axis=1)
+    out_ids = jnp.take_along_axis(flat_ids, order, axis=1) * out_mask
+    out_states = jnp.take_along_axis(flat_states, order[..., None], axis=1) * out_mask[..., None].astype(states.dtype)
+    rows_out = jnp.concatenate([out_states, out_ids[..., None].astype(states.dtype)], axis=-1)
+    return rows_out, out_mask.astype(mask.dtype)
+
+
 class Transcript(NamedTuple):
     states: jax.Array  # [B, N, D] decoder states, N = max_new_tokens
     mask: jax.Array  # [B, N] 1 for kept states
@@ -192,7 +231,10 @@ class WhisperTranscriber(nn.Module):
             return transcript.states, transcript.mask
         table = jnp.asarray(llm_token_table(c.whisper_tokenizer, c.llm_vocabulary, c.llm_tokens_per_token,
                                             c.decoder.vocab_size, c.end_of_text))
-        ids = table[transcript.tokens] * transcript.mask[..., None]  # shifted by one: 0 = none
+        ids = table[transcript.tokens]  # shifted by one: 0 = none
+        if c.llm_token_rows:
+            return spell_out_rows(transcript.states, transcript.mask, ids, c.llm_token_rows)
+        ids = ids * transcript.mask[..., None]
         return jnp.concatenate([transcript.states, ids.astype(transcript.states.dtype)], axis=-1), transcript.mask
 
     def _choose(self, hidden: jax.Array) -> jax.Array:
