@@ -49,6 +49,14 @@ BLANK = 0
 COMPRESSION_MODES = ("outputs", "tokens")
 
 
+def compression_problem(mode: str, setting: str, off_allowed: bool = True) -> str | None:
+    """Why ``mode`` is not a CTC compression mode ('' = off where ``off_allowed``), or None."""
+    if (off_allowed and mode == "") or mode in COMPRESSION_MODES:
+        return None
+    off = "'' (off) or " if off_allowed else ""
+    return f"{setting} must be {off}one of {COMPRESSION_MODES}, got {mode!r}"
+
+
 class AlignmentVocabulary:
     """The token ids the alignment scores against, and the map from LLM ids to CTC classes.
 

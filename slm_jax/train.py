@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from slm_jax import checkpointing, partitioning
-from slm_jax.alignment import COMPRESSION_MODES, AlignmentVocabulary
+from slm_jax.alignment import AlignmentVocabulary, compression_problem
 from slm_jax.augment import SpeechMasking
 from slm_jax.experiment import ModelSpec, sample_batch
 from slm_jax.frozen import load_frozen_params
@@ -176,9 +176,9 @@ def train(
         raise UserError(f"train.alignment_steps ({alignment_steps}) is more than train.steps ({steps})")
     if not alignment_weight >= 0:  # also refuses NaN
         raise UserError(f"train.alignment_weight must be >= 0, got {alignment_weight!r}")
-    if ctc_compression and ctc_compression not in COMPRESSION_MODES:
-        raise UserError(f"train.ctc_compression must be '' (off) or one of {COMPRESSION_MODES}, "
-                        f"got {ctc_compression!r}")
+    problem = compression_problem(ctc_compression, "train.ctc_compression")
+    if problem:
+        raise UserError(problem)
     with _Preemption() as preemption:
         return _train(model_dir, preemption, model=model, data=data, steps=steps, batch_size=batch_size,
                       seed=seed, mesh_shape=mesh_shape, learning_rate=learning_rate, warmup_steps=warmup_steps,

@@ -30,7 +30,7 @@ import optax
 from jax.sharding import Mesh
 
 from slm_jax import partitioning
-from slm_jax.alignment import COMPRESSION_MODES, AlignmentVocabulary, ctc_alignment_loss
+from slm_jax.alignment import AlignmentVocabulary, compression_problem, ctc_alignment_loss
 from slm_jax.augment import SpeechMasking, mask_speech
 from slm_jax.models.slm import SLM, masked_cross_entropy, merge_params
 
@@ -140,8 +140,9 @@ class Trainer:
         self.alignment_weight = float(alignment_weight)
         # '' (off) or a mode of alignment.COMPRESSION_MODES: the LLM reads the adapter's
         # CTC-compressed outputs; needs the alignment vocabulary like the alignment objective does.
-        if ctc_compression and ctc_compression not in COMPRESSION_MODES:
-            raise ValueError(f"ctc_compression must be '' or one of {COMPRESSION_MODES}, got {ctc_compression!r}")
+        problem = compression_problem(ctc_compression, "ctc_compression")
+        if problem:
+            raise ValueError(problem)
         self.ctc_compression = ctc_compression
         self.speech_masking = speech_masking
         self.masking_seed = masking_seed

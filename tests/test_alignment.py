@@ -297,3 +297,14 @@ def test_train_with_ctc_compression_records_it_in_the_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="no transcript"):
         train(str(tmp_path / "b"), model=model_spec(llm="llama"), data=toy_source(with_text=False), steps=2,
               batch_size=8, ctc_compression="outputs", eval_every=0)
+
+
+def test_one_rule_names_a_bad_compression_mode():
+    from slm_jax.alignment import compression_problem
+
+    assert compression_problem("", "train.ctc_compression") is None
+    assert compression_problem("tokens", "compression", off_allowed=False) is None
+    assert compression_problem("all", "train.ctc_compression") == (
+        "train.ctc_compression must be '' (off) or one of ('outputs', 'tokens'), got 'all'")
+    assert compression_problem("", "compression", off_allowed=False) == (
+        "compression must be one of ('outputs', 'tokens'), got ''")

@@ -64,8 +64,9 @@ class SLM(nn.Module):
             speech_embeds = speech_embeds + text[:, :: self.adapter.config.subsample_rate] * speech_mask[..., None]
         if ctc_token_ids is None:
             return speech_embeds, speech_mask
-        if compression not in alignment.COMPRESSION_MODES:
-            raise ValueError(f"compression must be one of {alignment.COMPRESSION_MODES}, got {compression!r}")
+        problem = alignment.compression_problem(compression, "compression", off_allowed=False)
+        if problem:
+            raise ValueError(problem)
         table = self.llm.embed(ctc_token_ids[None, :])[0]
         logits = alignment.alignment_logits(speech_embeds, table, centered)
         if compression == "tokens":
