@@ -17,7 +17,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from slm_jax import audio as audio_lib
-from slm_jax.encoder_cache import CachedSpeechData, EncoderCache, build_cache, encoder_fingerprint, reusable_cache
+from slm_jax.encoder_cache import (CachedSpeechData, EncoderCache, adopt_cache, build_cache, encoder_fingerprint,
+                                   reusable_cache)
 from slm_jax.prompting import PromptFormat
 
 log = logging.getLogger(__name__)
@@ -123,8 +124,13 @@ class CachedCorpusData:
         evaluation = read_corpus(self.corpus_dir, [self.eval_split], self.tasks)
         for ex in train + evaluation:
             audio_lib.check_audio(ex["audio"], audio_lib.SAMPLE_RATE, name=ex["id"], max_seconds=self.max_audio_seconds)
+        ids = [ex["id"] for ex in train + evaluation]
         cache_dir = self.cache_dir or os.path.join(self.corpus_dir, "encoder_cache", fingerprint)
-        cache = reusable_cache(cache_dir, fingerprint, [ex["id"] for ex in train + evaluation])
+        cache = reusable_cache(cache_dir, fingerprint, ids)
+        if cache is None and not self.cache_dir:  # where versions before per-fingerprint caches kept it
+            cache = adopt_cache(os.path.join(self.corpus_dir, "encoder_cache"), cache_dir, fingerprint, ids)
+            if cache is not None:
+                log.info("moved this encoder's cache into %s", cache_dir)
         if cache is None:  # log-mel features only when the encoder has to run
             features = ((ex["id"], audio_lib.log_mel_spectrogram(ex["audio"])) for ex in train + evaluation)
             cache = build_cache(cache_dir, slm, encoder_params, features, fingerprint)

@@ -71,6 +71,22 @@ def reusable_cache(directory: str, fingerprint: str, ids: Iterable[str]) -> Enco
     return cache if cache.fingerprint == fingerprint and all(i in cache for i in ids) else None
 
 
+def adopt_cache(old_directory: str, directory: str, fingerprint: str, ids: Iterable[str]) -> EncoderCache | None:
+    """Moves a reusable cache (this fingerprint, every id) from ``old_directory`` into ``directory``,
+    or returns None. Caches used to live in the corpus's ``encoder_cache/`` itself; now each front
+    end has its own ``encoder_cache/<fingerprint>``, and a corpus cached by an older version moves
+    there instead of being encoded again. The index moves last: an interrupted move leaves a
+    directory without an index (rebuilt if used) and the old one without its shards."""
+    if reusable_cache(old_directory, fingerprint, ids) is None:
+        return None
+    with open(os.path.join(old_directory, INDEX)) as f:
+        shards = json.load(f)["shards"]
+    os.makedirs(directory, exist_ok=True)
+    for name in shards + [INDEX]:
+        os.replace(os.path.join(old_directory, name), os.path.join(directory, name))
+    return EncoderCache(directory)
+
+
 def build_cache(
     directory: str, slm: SLM, encoder_params: Any, examples: Iterable[tuple[str, np.ndarray]], fingerprint: str,
     batch_size: int = 8, frame_bucket: int = 100, shard_rows: int = 200_000, progress: bool = True,
