@@ -82,8 +82,15 @@ class CachedCorpusData:
         eval_split: str = "validation",
         max_prompt_tokens: int = 64,
         max_target_tokens: int = 64,
+        task_repeats: Mapping[str, int] | None = None,
     ):
         self.corpus_dir = corpus_dir
+        # The paper mixes tasks in proportion to their size; {'asr_en': 3} lists that task's training
+        # examples three times, tripling its share (a mixing rate for a task too small to be heard).
+        self.task_repeats = dict(task_repeats or {})
+        for task, times in self.task_repeats.items():
+            if not isinstance(times, int) or times < 1:
+                raise ValueError(f"task_repeats[{task!r}] must be a whole number >= 1, got {times!r}")
         self.vocabulary_spec = vocabulary
         self.prompt_format = prompt_format
         # None: corpus_dir/encoder_cache/<encoder fingerprint>, so two front ends (the encoder alone,
@@ -134,7 +141,15 @@ class CachedCorpusData:
         if cache is None:  # log-mel features only when the encoder has to run
             features = ((ex["id"], audio_lib.log_mel_spectrogram(ex["audio"])) for ex in train + evaluation)
             cache = build_cache(cache_dir, slm, encoder_params, features, fingerprint)
-        self._data = self._make(cache, train, evaluation)
+        self._data = self._make(cache, self._repeated(train), evaluation)
+
+    def _repeated(self, train: list[dict]) -> list[dict]:
+        present = {ex["task"] for ex in train}
+        unknown = sorted(set(self.task_repeats) - present)
+        if unknown:
+            raise ValueError(f"task_repeats names tasks with no training examples in {self.corpus_dir}: {unknown}; "
+                             f"its training tasks are {sorted(present)}")
+        return [ex for ex in train for _ in range(self.task_repeats.get(ex["task"], 1))]
 
     def _make(self, cache: EncoderCache, train: list[dict], evaluation: list[dict]) -> CachedSpeechData:
         everything = train + evaluation
