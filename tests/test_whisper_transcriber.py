@@ -307,7 +307,9 @@ def test_spelled_out_rows_hold_each_llm_token_once_in_transcript_order():
 
     # Rows of the same width but another layout: checkpoints must tell the two apart.
     per_token = WhisperTranscriberConfig(llm_vocabulary="any")
-    assert dataclasses.replace(per_token, llm_token_rows=8).front_end != per_token.front_end
+    names = {per_token.front_end, dataclasses.replace(per_token, llm_token_rows=8).front_end,
+             dataclasses.replace(per_token, decoder_states=False).front_end}
+    assert len(names) == 3
     assert dataclasses.replace(per_token, llm_token_rows=8).llm_token_channels == 1
 
 

@@ -72,6 +72,10 @@ class WhisperTranscriberConfig:
     # each holding the state of the Whisper token it spells and a single id channel; the LLM
     # then reads Whisper's transcript exactly as its own text (spell_out_rows).
     llm_token_rows: int = 0
+    # False: the decoder states are zeroed and the adapter reads only the LLM's tokens of Whisper's
+    # transcript (an ablation: what the states add, and what they cost on voices unlike the
+    # training corpus's).
+    decoder_states: bool = True
     whisper_tokenizer: str = "package:whisper-base"  # tokenizer.json of Whisper's vocabulary
 
     def __post_init__(self):
@@ -96,9 +100,11 @@ class WhisperTranscriberConfig:
     @property
     def front_end(self) -> str:
         """The name checkpoints record for what the adapter read (ModelSpec.speech_front_end): the
-        two LLM-token layouts give rows of the same width but another meaning."""
-        return "whisper_transcriber_llm_token_rows" if self.llm_vocabulary and self.llm_token_rows \
-            else "whisper_transcriber"
+        two LLM-token layouts, or zeroed states, give rows of the same width but another meaning."""
+        name = "whisper_transcriber"
+        if self.llm_vocabulary and self.llm_token_rows:
+            name += "_llm_token_rows"
+        return name if self.decoder_states else name + "_no_states"
 
     @property
     def llm_token_channels(self) -> int:
@@ -227,6 +233,8 @@ class WhisperTranscriber(nn.Module):
         """[B, N, d_model (+ llm_token_channels)] and the mask [B, N]."""
         transcript = self.transcribe(features, mask)
         c = self.config
+        if not c.decoder_states:
+            transcript = transcript._replace(states=jnp.zeros_like(transcript.states))
         if not c.llm_token_channels:
             return transcript.states, transcript.mask
         table = jnp.asarray(llm_token_table(c.whisper_tokenizer, c.llm_vocabulary, c.llm_tokens_per_token,
