@@ -153,6 +153,18 @@ def test_batch_rows_transcribe_as_they_do_alone(hf_model):
         np.testing.assert_allclose(together.states[row, :k], alone.states[0, :k], atol=2e-5)
 
 
+def test_without_decoder_states_the_output_keeps_only_the_transcripts_mask(hf_model):
+    """decoder_states=False (the ablation): same rows and mask, states zeroed."""
+    cfg = tiny_config(hf_model)
+    params = hf_whisper_transcriber.params_from_state_dict(state_dict(hf_model), cfg)
+    features = np.random.default_rng(5).normal(size=(1, 64, 80)).astype(np.float32)
+    states, mask = WhisperTranscriber(cfg).apply({"params": params}, features)
+    zeroed, zeroed_mask = WhisperTranscriber(dataclasses.replace(cfg, decoder_states=False)).apply(
+        {"params": params}, features)
+    assert np.asarray(states).any() and not np.asarray(zeroed).any()
+    np.testing.assert_array_equal(zeroed_mask, mask)
+
+
 def test_append_silence_writes_whispers_padding_value():
     features = jnp.asarray(np.arange(2 * 6 * 2, dtype=np.float32).reshape(2, 6, 2))
     mask = jnp.asarray([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]])
