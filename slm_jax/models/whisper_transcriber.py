@@ -16,6 +16,12 @@ runs without subsampling (``AdapterConfig.subsample_rate = 1``).
 State k is the decoder's output at the step that chose token k, so the kept states are
 those that chose the transcript's tokens and the one that chose end-of-text (never empty).
 The language token is Whisper's own choice among ``language_ids`` (one id = forced).
+
+With ``llm_vocabulary`` the rows also carry the LLM's own tokens of the transcript (per Whisper
+token, or one row per LLM token with ``llm_token_rows``), and with ``decoder_states=False`` the
+states are zeroed so the adapter reads those tokens alone. The shipped config
+(gin/whisper_base_transcriber_smollm2.gin) does both: adapters that read the states learned the
+training corpus's synthetic voices and rewrote the words of real speakers (release/README.md).
 """
 
 from __future__ import annotations
