@@ -154,14 +154,21 @@ def test_batch_rows_transcribe_as_they_do_alone(hf_model):
 
 
 def test_without_decoder_states_the_output_keeps_only_the_transcripts_mask(hf_model):
-    """decoder_states=False (the ablation): same rows and mask, states zeroed."""
-    cfg = tiny_config(hf_model)
+    """decoder_states=False (the shipped config): the same LLM-token channels and mask, states zeroed."""
+    from slm_jax import assets
+
+    if not (assets.whisper_base_available() and assets.smollm2_available()):
+        pytest.skip("the LLM-token table needs the Whisper-base and SmolLM2 packages")
+    cfg = tiny_config(hf_model, llm_vocabulary="package:smollm2-135m-instruct")
     params = hf_whisper_transcriber.params_from_state_dict(state_dict(hf_model), cfg)
     features = np.random.default_rng(5).normal(size=(1, 64, 80)).astype(np.float32)
-    states, mask = WhisperTranscriber(cfg).apply({"params": params}, features)
+    rows, mask = WhisperTranscriber(cfg).apply({"params": params}, features)
     zeroed, zeroed_mask = WhisperTranscriber(dataclasses.replace(cfg, decoder_states=False)).apply(
         {"params": params}, features)
-    assert np.asarray(states).any() and not np.asarray(zeroed).any()
+    d = cfg.decoder.d_model
+    assert np.asarray(rows[..., :d]).any() and not np.asarray(zeroed[..., :d]).any()
+    assert np.asarray(zeroed[..., d:]).any()
+    np.testing.assert_array_equal(zeroed[..., d:], rows[..., d:])
     np.testing.assert_array_equal(zeroed_mask, mask)
 
 
@@ -322,6 +329,8 @@ def test_spelled_out_rows_hold_each_llm_token_once_in_transcript_order():
     names = {per_token.front_end, dataclasses.replace(per_token, llm_token_rows=8).front_end,
              dataclasses.replace(per_token, decoder_states=False).front_end}
     assert len(names) == 3
+    with pytest.raises(ValueError, match="decoder_states=False needs llm_vocabulary"):
+        WhisperTranscriberConfig(decoder_states=False)
     assert dataclasses.replace(per_token, llm_token_rows=8).llm_token_channels == 1
 
 

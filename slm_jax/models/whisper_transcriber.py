@@ -79,8 +79,8 @@ class WhisperTranscriberConfig:
     # then reads Whisper's transcript exactly as its own text (spell_out_rows).
     llm_token_rows: int = 0
     # False: the decoder states are zeroed and the adapter reads only the LLM's tokens of Whisper's
-    # transcript (an ablation: what the states add, and what they cost on voices unlike the
-    # training corpus's).
+    # transcript. The shipped config does this: adapters that read the states learned the training
+    # corpus's voices from them and rewrote real speakers' words (release/README.md).
     decoder_states: bool = True
     whisper_tokenizer: str = "package:whisper-base"  # tokenizer.json of Whisper's vocabulary
 
@@ -93,6 +93,8 @@ class WhisperTranscriberConfig:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.encoder.d_model != self.decoder.d_model:
             raise ValueError(f"encoder d_model {self.encoder.d_model} != decoder d_model {self.decoder.d_model}")
+        if not self.decoder_states and not self.llm_vocabulary:
+            raise ValueError("decoder_states=False needs llm_vocabulary: the adapter would read nothing but zeros")
         if self.llm_token_rows < 0:
             raise ValueError(f"llm_token_rows must be >= 0, got {self.llm_token_rows}")
         if self.prompt_length + self.max_new_tokens > self.decoder.max_target_positions:
@@ -236,7 +238,8 @@ class WhisperTranscriber(nn.Module):
         self.decoder = WhisperDecoder(self.config.decoder, name="decoder")
 
     def __call__(self, features: jax.Array, mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-        """[B, N, d_model (+ llm_token_channels)] and the mask [B, N]."""
+        """[B, N, d_model + llm_token_channels] rows and their mask [B, N]: N = max_new_tokens, or
+        llm_token_rows when the transcript is spelled out one row per LLM token."""
         transcript = self.transcribe(features, mask)
         c = self.config
         if not c.decoder_states:
