@@ -311,7 +311,7 @@ def test_spelled_out_rows_hold_each_llm_token_once_in_transcript_order():
                     [[8, 0, 0], [3, 3, 0], [0, 0, 0], [6, 0, 0], [6, 0, 0]]], np.int32)
     mask = np.array([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]], np.int32)  # row 2 was cut after 3 tokens
 
-    for rows in (12, 5):  # room for all, and fewer rows than the transcript spells
+    for rows in (20, 12, 5):  # more rows than Whisper tokens x slots, room for all, and too few
         out, out_mask = map(np.asarray, spell_out_rows(jnp.asarray(states), jnp.asarray(mask), jnp.asarray(ids), rows))
         assert out.shape == (2, rows, 7) and out_mask.shape == (2, rows)
         for b in range(2):

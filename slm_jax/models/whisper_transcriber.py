@@ -200,12 +200,11 @@ def spell_out_rows(states: jax.Array, mask: jax.Array, ids: jax.Array, rows: int
     spelled = ids > 0
     first_slot = jnp.arange(width)[None, None, :] == 0
     keep = jnp.logical_or(spelled, jnp.logical_and(first_slot, ~jnp.any(spelled, axis=-1, keepdims=True)))
-    keep = jnp.logical_and(keep, mask[..., None] > 0).reshape(batch, n * width)
-    if n * width < rows:
-        keep = jnp.pad(keep, ((0, 0), (0, rows - n * width)))
+    pad = max(rows - n * width, 0)  # room for ``rows`` rows when the transcript spells fewer
+    keep = jnp.pad(jnp.logical_and(keep, mask[..., None] > 0).reshape(batch, n * width), ((0, 0), (0, pad)))
+    flat_ids = jnp.pad(ids.reshape(batch, n * width), ((0, 0), (0, pad)))
+    flat_states = jnp.pad(jnp.repeat(states, width, axis=1), ((0, 0), (0, pad), (0, 0)))
     order = jnp.argsort(jnp.logical_not(keep), axis=1, stable=True)[:, :rows]  # kept first, in order
-    flat_ids = jnp.pad(ids.reshape(batch, n * width), ((0, 0), (0, keep.shape[1] - n * width)))
-    flat_states = jnp.pad(jnp.repeat(states, width, axis=1), ((0, 0), (0, keep.shape[1] - n * width), (0, 0)))
     out_mask = jnp.take_along_axis(keep, order, axis=1)
     out_ids = jnp.take_along_axis(flat_ids, order, axis=1) * out_mask
     out_states = jnp.take_along_axis(flat_states, order[..., None], axis=1) * out_mask[..., None].astype(states.dtype)
