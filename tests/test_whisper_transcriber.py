@@ -332,6 +332,33 @@ def test_spelled_out_rows_hold_each_llm_token_once_in_transcript_order():
     with pytest.raises(ValueError, match="decoder_states=False needs llm_vocabulary"):
         WhisperTranscriberConfig(decoder_states=False)
     assert dataclasses.replace(per_token, llm_token_rows=8).llm_token_channels == 1
+    rows_cfg = dataclasses.replace(per_token, llm_token_rows=8)
+    assert dataclasses.replace(rows_cfg, encoder_rows_every=4).front_end not in names | {rows_cfg.front_end}
+    with pytest.raises(ValueError, match="encoder_rows_every needs llm_vocabulary and llm_token_rows"):
+        dataclasses.replace(per_token, encoder_rows_every=4)
+
+
+def test_encoder_rows_come_before_the_transcript_rows_every_nth_frame():
+    from slm_jax.models.whisper_transcriber import encoder_rows_before
+
+    rng = np.random.default_rng(5)
+    memory = rng.normal(size=(2, 10, 3)).astype(np.float32)
+    memory_mask = np.array([[1] * 10, [1] * 5 + [0] * 5], np.int32)
+    rows = rng.normal(size=(2, 4, 4)).astype(np.float32)
+    rows_mask = np.array([[1, 1, 0, 0], [1, 1, 1, 0]], np.int32)
+    rows = rows * rows_mask[..., None]
+    out, out_mask = map(np.asarray, encoder_rows_before(jnp.asarray(memory), jnp.asarray(memory_mask),
+                                                        jnp.asarray(rows), jnp.asarray(rows_mask), 4))
+    assert out.shape == (2, 3 + 4, 4) and out_mask.shape == (2, 7)
+    for b in range(2):
+        frames = [t for t in range(0, 10, 4) if memory_mask[b, t]]  # frames 0, 4, 8 (row 1: 0, 4)
+        n_rows = int(rows_mask[b].sum())
+        n = int(out_mask[b].sum())
+        assert n == len(frames) + n_rows and out_mask[b, :n].all() and not out_mask[b, n:].any()
+        np.testing.assert_array_equal(out[b, :len(frames), :3], memory[b, frames])
+        assert not out[b, :len(frames), 3].any()  # no LLM token on the encoder's rows
+        np.testing.assert_array_equal(out[b, len(frames):n], rows[b, :n_rows])
+        assert not out[b, n:].any()
 
 
 def test_llm_token_table_spells_whisper_tokens_in_smollm2_tokens():

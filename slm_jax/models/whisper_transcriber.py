@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from slm_jax.models.adapter import uniform_subsample
 from slm_jax.models.whisper_decoder import WhisperDecoder, WhisperDecoderConfig
 from slm_jax.models.whisper_encoder import WhisperEncoder, WhisperEncoderConfig, check_speech_inputs
 
@@ -82,6 +83,11 @@ class WhisperTranscriberConfig:
     # transcript. The shipped config does this: adapters that read the states learned the training
     # corpus's voices from them and rewrote real speakers' words (release/README.md).
     decoder_states: bool = True
+    # n > 0: the encoder's output itself, every n-th frame (the paper's uniform subsampling), goes
+    # before the transcript's rows with no LLM token (encoder_rows_before). The adapter then hears
+    # the speech as in the paper's design while it reads what Whisper's decoder wrote, and can
+    # correct the words the decoder got wrong. Needs llm_token_rows.
+    encoder_rows_every: int = 0
     whisper_tokenizer: str = "package:whisper-base"  # tokenizer.json of Whisper's vocabulary
 
     def __post_init__(self):
@@ -95,6 +101,11 @@ class WhisperTranscriberConfig:
             raise ValueError(f"encoder d_model {self.encoder.d_model} != decoder d_model {self.decoder.d_model}")
         if not self.decoder_states and not self.llm_vocabulary:
             raise ValueError("decoder_states=False needs llm_vocabulary: the adapter would read nothing but zeros")
+        if self.encoder_rows_every < 0:
+            raise ValueError(f"encoder_rows_every must be >= 0, got {self.encoder_rows_every}")
+        if self.encoder_rows_every and not (self.llm_vocabulary and self.llm_token_rows):
+            raise ValueError("encoder_rows_every needs llm_vocabulary and llm_token_rows: the encoder's rows go "
+                             "before the transcript's one-row-per-LLM-token rows")
         if self.llm_token_rows < 0:
             raise ValueError(f"llm_token_rows must be >= 0, got {self.llm_token_rows}")
         if self.prompt_length + self.max_new_tokens > self.decoder.max_target_positions:
@@ -112,7 +123,9 @@ class WhisperTranscriberConfig:
         name = "whisper_transcriber"
         if self.llm_vocabulary and self.llm_token_rows:
             name += "_llm_token_rows"
-        return name if self.decoder_states else name + "_no_states"
+        if not self.decoder_states:
+            name += "_no_states"
+        return name + "_encoder_rows" if self.encoder_rows_every else name
 
     @property
     def llm_token_channels(self) -> int:
@@ -191,6 +204,15 @@ def whisper_token_texts(whisper_tokenizer: str, end_of_text: int) -> list[str]:
     return [tokenizer.decode([i]) for i in range(end_of_text)]
 
 
+def pack_rows(rows: jax.Array, keep: jax.Array, length: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """[B, N, D] rows and keep [B, N] -> the kept rows first, in order, padding zeroed, cut to
+    ``length`` rows (default N), and their mask [B, length] (the layout the encoder cache stores)."""
+    order = jnp.argsort(jnp.logical_not(keep), axis=1, stable=True)[:, :length]
+    out_mask = jnp.take_along_axis(keep, order, axis=1)
+    packed = jnp.take_along_axis(rows, order[..., None], axis=1) * out_mask[..., None].astype(rows.dtype)
+    return packed, out_mask
+
+
 def spell_out_rows(states: jax.Array, mask: jax.Array, ids: jax.Array, rows: int) -> tuple[jax.Array, jax.Array]:
     """One row per LLM token: states [B, N, D], mask [B, N] and ``ids`` [B, N, W] (1 + LLM id,
     0 = none) -> [B, rows, D + 1] rows (the state of the Whisper token, then its LLM id) and their
@@ -202,14 +224,22 @@ def spell_out_rows(states: jax.Array, mask: jax.Array, ids: jax.Array, rows: int
     keep = jnp.logical_or(spelled, jnp.logical_and(first_slot, ~jnp.any(spelled, axis=-1, keepdims=True)))
     pad = max(rows - n * width, 0)  # room for ``rows`` rows when the transcript spells fewer
     keep = jnp.pad(jnp.logical_and(keep, mask[..., None] > 0).reshape(batch, n * width), ((0, 0), (0, pad)))
-    flat_ids = jnp.pad(ids.reshape(batch, n * width), ((0, 0), (0, pad)))
-    flat_states = jnp.pad(jnp.repeat(states, width, axis=1), ((0, 0), (0, pad), (0, 0)))
-    order = jnp.argsort(jnp.logical_not(keep), axis=1, stable=True)[:, :rows]  # kept first, in order
-    out_mask = jnp.take_along_axis(keep, order, axis=1)
-    out_ids = jnp.take_along_axis(flat_ids, order, axis=1) * out_mask
-    out_states = jnp.take_along_axis(flat_states, order[..., None], axis=1) * out_mask[..., None].astype(states.dtype)
-    rows_out = jnp.concatenate([out_states, out_ids[..., None].astype(states.dtype)], axis=-1)
-    return rows_out, out_mask.astype(mask.dtype)
+    flat = jnp.concatenate([jnp.repeat(states, width, axis=1),
+                            ids.reshape(batch, n * width, 1).astype(states.dtype)], axis=-1)
+    packed, out_mask = pack_rows(jnp.pad(flat, ((0, 0), (0, pad), (0, 0))), keep, rows)
+    return packed, out_mask.astype(mask.dtype)
+
+
+def encoder_rows_before(memory: jax.Array, memory_mask: jax.Array, rows: jax.Array, rows_mask: jax.Array,
+                        every: int) -> tuple[jax.Array, jax.Array]:
+    """The encoder's output [B, T, D], every ``every``-th frame, as rows with LLM id 0 (none),
+    followed by the transcript's ``rows`` [B, N, D + 1]; packed, so each example's rows come first.
+    -> [B, ceil(T / every) + N, D + 1] and their mask."""
+    sound, sound_mask = uniform_subsample(memory.astype(rows.dtype), memory_mask, every, "pick")
+    sound = jnp.pad(sound, ((0, 0), (0, 0), (0, rows.shape[-1] - sound.shape[-1])))
+    keep = jnp.concatenate([sound_mask > 0, rows_mask > 0], axis=1)
+    packed, out_mask = pack_rows(jnp.concatenate([sound, rows], axis=1), keep)
+    return packed, out_mask.astype(rows_mask.dtype)
 
 
 class Transcript(NamedTuple):
@@ -217,6 +247,8 @@ class Transcript(NamedTuple):
     mask: jax.Array  # [B, N] 1 for kept states
     tokens: jax.Array  # [B, N] the token each state chose (end_of_text where it stopped)
     language: jax.Array  # [B] the language token
+    memory: jax.Array  # [B, T, D] the encoder's output the decoder read (trailing silence included)
+    memory_mask: jax.Array  # [B, T]
 
 
 class _Loop(NamedTuple):
@@ -238,7 +270,8 @@ class WhisperTranscriber(nn.Module):
 
     def __call__(self, features: jax.Array, mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """[B, N, d_model + llm_token_channels] rows and their mask [B, N]: N = max_new_tokens, or
-        llm_token_rows when the transcript is spelled out one row per LLM token."""
+        llm_token_rows when the transcript is spelled out one row per LLM token (plus the encoder's
+        subsampled frames before them with encoder_rows_every)."""
         transcript = self.transcribe(features, mask)
         c = self.config
         if not c.decoder_states:
@@ -249,7 +282,11 @@ class WhisperTranscriber(nn.Module):
                                             c.decoder.vocab_size, c.end_of_text))
         ids = table[transcript.tokens]  # shifted by one: 0 = none
         if c.llm_token_rows:
-            return spell_out_rows(transcript.states, transcript.mask, ids, c.llm_token_rows)
+            rows, rows_mask = spell_out_rows(transcript.states, transcript.mask, ids, c.llm_token_rows)
+            if c.encoder_rows_every:
+                rows, rows_mask = encoder_rows_before(transcript.memory, transcript.memory_mask, rows, rows_mask,
+                                                      c.encoder_rows_every)
+            return rows, rows_mask
         ids = ids * transcript.mask[..., None]
         return jnp.concatenate([transcript.states, ids.astype(transcript.states.dtype)], axis=-1), transcript.mask
 
@@ -258,11 +295,16 @@ class WhisperTranscriber(nn.Module):
         special = jnp.arange(logits.shape[-1]) > self.config.end_of_text
         return jnp.argmax(jnp.where(special, -jnp.inf, logits), axis=-1).astype(jnp.int32)
 
-    def transcribe(self, features: jax.Array, mask: jax.Array | None = None) -> Transcript:
+    def encode(self, features: jax.Array, mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """The encoder's output [B, T, D] and mask as the decoder reads it: trailing silence appended."""
         c = self.config
         features, mask = check_speech_inputs(features, mask, c.encoder.num_mel_bins, "WhisperTranscriber")
         features, mask = append_silence(features, mask, c.trailing_silence_frames, c.encoder.max_frames)
-        memory, memory_mask = self.encoder(features, mask)
+        return self.encoder(features, mask)
+
+    def transcribe(self, features: jax.Array, mask: jax.Array | None = None) -> Transcript:
+        c = self.config
+        memory, memory_mask = self.encode(features, mask)
         batch = memory.shape[0]
         caches = self.decoder.init_caches(memory, c.prompt_length + c.max_new_tokens)
 
@@ -320,4 +362,4 @@ class WhisperTranscriber(nn.Module):
         else:
             final = nn.while_loop(more, body, self, loop)
         states = final.states * final.mask[..., None].astype(final.states.dtype)
-        return Transcript(states, final.mask, final.tokens, language)
+        return Transcript(states, final.mask, final.tokens, language, memory, memory_mask)
