@@ -97,13 +97,34 @@ def ban_repeated_ngrams(scores: jax.Array, generated: jax.Array, length: jax.Arr
     return scores.at[jnp.arange(rows)[:, None], banned].set(-jnp.inf, mode="drop")
 
 
+def repeats_an_earlier_ngram(tokens: jax.Array, last: jax.Array, n: int) -> jax.Array:
+    """[B] whether tokens[:, last-n+1 : last+1] also occurs earlier (starting before last-n+1)."""
+    width = tokens.shape[1]
+    recent = jax.lax.dynamic_slice_in_dim(jnp.pad(tokens, ((0, 0), (n, 0))), last + 1, n, axis=1)  # [B, n]
+    padded = jnp.pad(tokens, ((0, 0), (0, n)), constant_values=-1)
+    same = jnp.ones(tokens.shape, bool)
+    for i in range(n):  # same[:, j]: the n-gram starting at j equals the recent one
+        same = jnp.logical_and(same, padded[:, i: i + width] == recent[:, i: i + 1])
+    earlier = jnp.arange(width)[None] < last - n + 1
+    return jnp.logical_and(last >= n, jnp.any(jnp.logical_and(same, earlier), axis=1))
+
+
+def repeated_ngram_copy(tokens: jax.Array, step: jax.Array, live: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
+    """The stop rule for repetition loops ("Al-Bab, Al-Bab, Al-Bab, ..."): a live row whose tokens
+    in slots step-n+1 .. step repeat an earlier n-gram ends there, and that second copy is dropped.
+    -> (copy [B, T], the slots to drop; looped [B], the rows that end)."""
+    looped = jnp.logical_and(live, repeats_an_earlier_ngram(tokens, step, n))
+    return jnp.logical_and(jnp.arange(tokens.shape[1])[None] > step - n, looped[:, None]), looped
+
+
 def greedy_search(
     step_fn: StepFn, state: Any, start_tokens: jax.Array, max_new_tokens: int, eos_id: int | None,
-    *, pad_id: int = 0, no_repeat_ngram_size: int = 0,
+    *, pad_id: int = 0, no_repeat_ngram_size: int = 0, stop_on_repeated_ngram: int = 0,
 ) -> GreedyOutput:
     """Argmax decoding. Rows stop at their eos (later slots hold ``pad_id``); the loop ends when
     every row has stopped or after ``max_new_tokens`` tokens. ``eos_id=None`` never stops early.
-    ``no_repeat_ngram_size`` n > 0 never repeats an n-gram of the generated tokens."""
+    ``no_repeat_ngram_size`` n > 0 never repeats an n-gram of the generated tokens;
+    ``stop_on_repeated_ngram`` n > 0 ends a row where it repeats one (``repeated_ngram_copy``)."""
     _check_search_args(start_tokens, max_new_tokens)
     batch = start_tokens.shape[0]
 
@@ -118,8 +139,14 @@ def greedy_search(
         next_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         next_tokens = jnp.where(done, pad_id, next_tokens)
         out = jax.lax.dynamic_update_slice(out, next_tokens[:, None], (0, i))
+        live = jnp.logical_and(jnp.logical_not(done), jnp.logical_not(_is_eos(next_tokens, eos_id)))
         lengths = lengths + jnp.logical_not(done).astype(jnp.int32)
         done = jnp.logical_or(done, _is_eos(next_tokens, eos_id))
+        if stop_on_repeated_ngram:
+            copy, looped = repeated_ngram_copy(out, i, live, stop_on_repeated_ngram)
+            out = jnp.where(copy, pad_id, out)
+            lengths = jnp.where(looped, lengths - stop_on_repeated_ngram, lengths)
+            done = jnp.logical_or(done, looped)
         return i + 1, next_tokens, state, out, done, lengths
 
     init = (
@@ -330,7 +357,7 @@ def make_step_fn(model: nn.Module, params: Any) -> StepFn:
 
 @functools.partial(
     jax.jit, static_argnames=("model", "max_new_tokens", "eos_id", "num_beams", "length_penalty", "pad_id",
-                              "no_repeat_ngram_size")
+                              "no_repeat_ngram_size", "stop_on_repeated_ngram")
 )
 def generate(
     model: nn.Module,
@@ -344,18 +371,22 @@ def generate(
     length_penalty: float = 1.0,
     pad_id: int = 0,
     no_repeat_ngram_size: int = 0,
+    stop_on_repeated_ngram: int = 0,
 ) -> GreedyOutput | BeamSearchOutput:
     """Generates from prompt embeddings with a ``Llama`` or ``T5`` (greedy when num_beams == 1).
 
     ``start_tokens`` [B] is the first token fed to the decoder (see the module docstring).
     Returns ``GreedyOutput(tokens, lengths)`` or ``BeamSearchOutput(tokens, scores, lengths)``
     with tokens [B, max_new_tokens], ``pad_id`` after each row's eos. ``no_repeat_ngram_size`` n > 0
-    bans repeating any n-gram of the generated tokens (``ban_repeated_ngrams``).
+    bans repeating any n-gram of the generated tokens (``ban_repeated_ngrams``); greedy decoding's
+    ``stop_on_repeated_ngram`` n > 0 ends an answer where it repeats one (``repeated_ngram_copy``).
     """
     state = prefill(model, params, prompt_embeds, prompt_mask, max_new_tokens)
     step_fn = make_step_fn(model, params)
     if num_beams == 1:
         return greedy_search(step_fn, state, start_tokens, max_new_tokens, eos_id, pad_id=pad_id,
-                             no_repeat_ngram_size=no_repeat_ngram_size)
+                             no_repeat_ngram_size=no_repeat_ngram_size, stop_on_repeated_ngram=stop_on_repeated_ngram)
+    if stop_on_repeated_ngram:
+        raise ValueError("stop_on_repeated_ngram is a greedy-decoding rule; use num_beams=1 with it")
     return beam_search(step_fn, state, start_tokens, max_new_tokens, eos_id, num_beams, length_penalty, pad_id=pad_id,
                        no_repeat_ngram_size=no_repeat_ngram_size)

@@ -53,9 +53,10 @@ class SpeechLanguageModel:
         self.ctc_compression = ctc_compression
 
     @functools.partial(jax.jit, static_argnums=(0,),
-                       static_argnames=("max_new_tokens", "num_beams", "no_repeat_ngram_size"))
+                       static_argnames=("max_new_tokens", "num_beams", "no_repeat_ngram_size",
+                                                      "stop_on_repeated_ngram"))
     def _generate(self, params, batch, start_tokens, *, max_new_tokens: int, num_beams: int,
-                  no_repeat_ngram_size: int = 0):
+                  no_repeat_ngram_size: int = 0, stop_on_repeated_ngram: int = 0):
         variables = {"params": params}
         if "speech_hidden" in batch:  # encoder outputs computed offline (slm_jax/encoder_cache.py)
             hidden, mask = batch["speech_hidden"], batch["speech_mask"]
@@ -69,6 +70,7 @@ class SpeechLanguageModel:
         return decoding.generate(
             self.llm, params["llm"], prompt, prompt_mask, start_tokens, max_new_tokens,
             eos_id=int(self.vocabulary.eos_id), num_beams=num_beams, no_repeat_ngram_size=no_repeat_ngram_size,
+            stop_on_repeated_ngram=stop_on_repeated_ngram,
         )
 
     @functools.partial(jax.jit, static_argnums=(0, 5))
@@ -97,10 +99,12 @@ class SpeechLanguageModel:
     def generate(
         self, features: Sequence[np.ndarray], instructions: Sequence[str] | str, max_new_tokens: int = 64,
         num_beams: int = 1, precomputed_speech: bool = False, no_repeat_ngram_size: int = 0,
+        stop_on_repeated_ngram: int = 0,
     ) -> list[str]:
         """Answers for a batch of log-mel feature arrays [frames, mels] and their instructions.
 
         ``no_repeat_ngram_size`` n > 0: no answer repeats an n-gram of its tokens (0: off).
+        ``stop_on_repeated_ngram`` n > 0 (greedy only): an answer ends where it repeats one.
 
         With ``precomputed_speech=True`` the arrays are the frozen encoder's outputs [frames, D].
         """
@@ -124,7 +128,7 @@ class SpeechLanguageModel:
         }
         start = np.asarray([p.decoder_start for p in prompts], np.int32)
         out = self._generate(self.params, batch, start, max_new_tokens=max_new_tokens, num_beams=num_beams,
-                             no_repeat_ngram_size=no_repeat_ngram_size)
+                             no_repeat_ngram_size=no_repeat_ngram_size, stop_on_repeated_ngram=stop_on_repeated_ngram)
         tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
         return [self.vocabulary.decode([int(t) for t in row[:n]]).strip() for row, n in zip(tokens, lengths)]
 

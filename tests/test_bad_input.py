@@ -63,6 +63,12 @@ CASES = [
               "--max_new_tokens=2"], ("ok", "stereo.wav\t")),
     ("infer-zero-beams", "slm-infer", INFER + ["--audio={F}/ok.wav", "--num_beams=0"],
      ("error", "--num_beams must be >= 1, got 0")),
+    ("infer-loop-stop-with-beams", "slm-infer",
+     INFER + ["--audio={F}/ok.wav", "--num_beams=2", "--stop_on_repeated_ngram=4"],
+     ("error", "--stop_on_repeated_ngram is a greedy-decoding rule")),
+    ("infer-loop-stop-greedy", "slm-infer", INFER + ["--audio={F}/ok.wav", "--audio={F}/stereo.wav",
+                                                      "--stop_on_repeated_ngram=2", "--max_new_tokens=4"],
+     ("ok", "stereo.wav\t")),
     # slm-eval
     ("eval-negative-ngram-guard", "slm-eval", INFER + ["--corpus_dir={F}/corpus", "--out={F}/r.json",
                                                        "--no_repeat_ngram_size=-1"],

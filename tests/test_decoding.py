@@ -152,6 +152,24 @@ def test_greedy_stops_at_eos_and_pads_after_it():
     np.testing.assert_array_equal(out.lengths, [2, 5, 1])
 
 
+def test_greedy_stop_on_repeated_ngram_keeps_a_loop_once():
+    eos, pad = 2, 15
+    script = [[5, 6, 7, 6, 7, 6, 7, 6, 7, 6],  # "5 (6 7)*": ends after one copy of "6 7"
+              [3, 4, 5, 6, 3, 4, 5, 8, eos, 9],  # "3 4" repeats (n=2: ends there); no 4-gram does
+              [6, 6, 6, 6, 6, 6, 6, 6, 6, 6]]  # one token forever: "6 6" repeats at the third, kept once
+    out = jax.jit(lambda: decoding.greedy_search(scripted_step_fn(script), jnp.arange(3), jnp.zeros((3,), jnp.int32),
+                                                 10, eos, pad_id=pad, stop_on_repeated_ngram=2))()
+    np.testing.assert_array_equal(out.tokens[0], [5, 6, 7] + [pad] * 7)
+    np.testing.assert_array_equal(out.lengths, [3, 4, 1])
+    np.testing.assert_array_equal(out.tokens[1], [3, 4, 5, 6] + [pad] * 6)
+    np.testing.assert_array_equal(out.tokens[2], [6] + [pad] * 9)
+    out4 = jax.jit(lambda: decoding.greedy_search(scripted_step_fn(script), jnp.arange(3), jnp.zeros((3,), jnp.int32),
+                                                  10, eos, pad_id=pad, stop_on_repeated_ngram=4))()
+    np.testing.assert_array_equal(out4.tokens[1], [3, 4, 5, 6, 3, 4, 5, 8, eos, pad])
+    np.testing.assert_array_equal(out4.tokens[0], [5, 6, 7] + [pad] * 7)  # "6 7 6 7" again at slot 3 (overlapping)
+    np.testing.assert_array_equal(out4.lengths, [3, 9, 1])
+
+
 def test_greedy_loop_ends_when_every_row_is_done():
     eos, calls = 2, []
     step = scripted_step_fn([[5, eos, 7, 7, 7, 7], [eos, 9, 9, 9, 9, 9]])

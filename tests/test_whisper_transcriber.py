@@ -20,8 +20,8 @@ from slm_jax.models.whisper_transcriber import (
     WhisperTranscriber,
     WhisperTranscriberConfig,
     append_silence,
-    repeats_an_earlier_ngram,
 )
+from slm_jax.decoding import repeats_an_earlier_ngram
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

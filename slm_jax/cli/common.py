@@ -102,6 +102,10 @@ def add_decoding_arguments(parser: argparse.ArgumentParser, max_new_tokens: int)
     group.add_argument("--no_repeat_ngram_size", type=int, default=0,
                        help="n > 0: an answer never repeats an n-gram of its tokens (a guard against "
                             "repetition loops; 0: off, the default)")
+    group.add_argument("--stop_on_repeated_ngram", type=int, default=0,
+                       help="n > 0 (greedy only): an answer ends where its last n tokens repeat an earlier "
+                            "n-gram, and that copy is dropped (a transcript caught in a loop keeps its words "
+                            "once; 0: off, the default)")
 
 
 def check_decoding_arguments(args: argparse.Namespace) -> None:
@@ -111,6 +115,10 @@ def check_decoding_arguments(args: argparse.Namespace) -> None:
         raise UserError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
     if args.no_repeat_ngram_size < 0:
         raise UserError(f"--no_repeat_ngram_size must be >= 0, got {args.no_repeat_ngram_size}")
+    if args.stop_on_repeated_ngram < 0:
+        raise UserError(f"--stop_on_repeated_ngram must be >= 0, got {args.stop_on_repeated_ngram}")
+    if args.stop_on_repeated_ngram and args.num_beams > 1:
+        raise UserError("--stop_on_repeated_ngram is a greedy-decoding rule; use it with --num_beams=1")
 
 
 def configured_step_shape(batch_size: int | None, audio_frames: int | None, prompt_tokens: int,

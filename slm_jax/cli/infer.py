@@ -49,7 +49,8 @@ def main(argv=None) -> int:
         model = gin.query_parameter("train.model").scoped_configurable_fn()
         slm, step = inference.load_trained(args.checkpoint, model, data)
         answers = slm.generate(features, args.instruction, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
-                               no_repeat_ngram_size=args.no_repeat_ngram_size)
+                               no_repeat_ngram_size=args.no_repeat_ngram_size,
+                               stop_on_repeated_ngram=args.stop_on_repeated_ngram)
         for path, answer in zip(args.audio, answers):
             print(f"{path}\t{answer}" if len(args.audio) > 1 else answer)
         return 0

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from slm_jax.decoding import repeated_ngram_copy
 from slm_jax.models.adapter import uniform_subsample
 from slm_jax.models.whisper_decoder import WhisperDecoder, WhisperDecoderConfig
 from slm_jax.models.whisper_encoder import WhisperEncoder, WhisperEncoderConfig, check_speech_inputs
@@ -160,18 +161,6 @@ def append_silence(features: jax.Array, mask: jax.Array, frames: int, max_frames
     silence = jnp.logical_and(time >= lengths, time < lengths + frames)
     features = jnp.where(silence[..., None], floor[:, None, None].astype(features.dtype), features)
     return features, jnp.logical_or(real, silence).astype(mask.dtype)
-
-
-def repeats_an_earlier_ngram(tokens: jax.Array, last: jax.Array, n: int) -> jax.Array:
-    """[B] whether tokens[:, last-n+1 : last+1] also occurs earlier (starting before last-n+1)."""
-    width = tokens.shape[1]
-    recent = jax.lax.dynamic_slice_in_dim(jnp.pad(tokens, ((0, 0), (n, 0))), last + 1, n, axis=1)  # [B, n]
-    padded = jnp.pad(tokens, ((0, 0), (0, n)), constant_values=-1)
-    same = jnp.ones(tokens.shape, bool)
-    for i in range(n):  # same[:, j]: the n-gram starting at j equals the recent one
-        same = jnp.logical_and(same, padded[:, i: i + width] == recent[:, i: i + 1])
-    earlier = jnp.arange(width)[None] < last - n + 1
-    return jnp.logical_and(last >= n, jnp.any(jnp.logical_and(same, earlier), axis=1))
 
 
 @functools.lru_cache(maxsize=4)
@@ -343,8 +332,7 @@ class WhisperTranscriber(nn.Module):
             mask = jax.lax.dynamic_update_slice_in_dim(s.mask, live.astype(jnp.int32)[:, None], s.step, axis=1)
             done = jnp.logical_or(s.done, chosen == c.end_of_text)
             if c.stop_on_repeated_ngram:
-                looped = jnp.logical_and(live, repeats_an_earlier_ngram(tokens, s.step, c.stop_on_repeated_ngram))
-                copy = jnp.logical_and(jnp.arange(n)[None] > s.step - c.stop_on_repeated_ngram, looped[:, None])
+                copy, looped = repeated_ngram_copy(tokens, s.step, live, c.stop_on_repeated_ngram)
                 mask = jnp.where(copy, 0, mask)
                 done = jnp.logical_or(done, looped)
             return _Loop(
