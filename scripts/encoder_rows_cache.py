@@ -1,0 +1,84 @@
+"""The encoder-rows front end's corpus cache (gin/whisper_base_transcriber_encoder_rows_smollm2.gin)
+made from a tokens-only transcriber cache of the same corpus and one run of Whisper's encoder,
+instead of running Whisper's decoder over the corpus again (slm-train would: about 20 minutes per
+2,000 utterances on a 2-core CPU; this takes about 7).
+
+  .venv/bin/python scripts/encoder_rows_cache.py runs/kk/corpus 5646feba26399a6b
+
+The old cache's rows (Whisper's transcript, one row per SmolLM2 token, states zeroed) go through
+the same ``encoder_rows_before`` as the front end, after the encoder's output computed as the front
+end computes it (``WhisperTranscriber.encode``: trailing silence appended). The new cache lands in
+CORPUS/encoder_cache/<the new config's fingerprint>, where slm-train looks for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("corpus_dir")
+    parser.add_argument("tokens_cache", help="fingerprint of the tokens-only cache under CORPUS/encoder_cache/")
+    parser.add_argument("--gin_file", default="gin/whisper_base_transcriber_encoder_rows_smollm2.gin")
+    args = parser.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from tqdm import tqdm
+
+    from slm_jax import audio as audio_lib, batching, frozen
+    from slm_jax.cached_corpus import read_corpus
+    from slm_jax.cli import common
+    from slm_jax.encoder_cache import EncoderCache, encoder_fingerprint
+    from slm_jax.models.whisper_transcriber import WhisperTranscriber, encoder_rows_before
+
+    common.parse_gin([args.gin_file], [f"CORPUS_DIR={args.corpus_dir!r}"])
+    import gin
+
+    model = gin.query_parameter("train.model").scoped_configurable_fn()
+    config = model.speech_encoder
+    if not getattr(config, "encoder_rows_every", 0) or config.decoder_states:
+        print(f"{args.gin_file} does not configure encoder rows over a tokens-only transcript", file=sys.stderr)
+        return 2
+    old_dir = os.path.join(args.corpus_dir, "encoder_cache", args.tokens_cache)
+    old = EncoderCache(old_dir)
+    if old.dim != config.output_dim:
+        print(f"{old_dir} holds rows of width {old.dim}, not this front end's {config.output_dim}", file=sys.stderr)
+        return 2
+    fingerprint = encoder_fingerprint(config, model.speech_encoder_source, {"mel": 80, "normalization": "whisper"})
+    new_dir = os.path.join(args.corpus_dir, "encoder_cache", fingerprint)
+
+    params = frozen._from_package(config, "whisper-base", lambda path, x: jnp.asarray(x))
+    module = WhisperTranscriber(config)
+    encode = jax.jit(lambda f, m: module.apply({"params": params}, f, m, method=WhisperTranscriber.encode))
+    examples = {ex["id"]: ex for split in ("train", "validation", "test")
+                for ex in read_corpus(args.corpus_dir, [split]) if ex["id"] in old}
+    entries, rows, offset = {}, [], 0
+    for key, ex in tqdm(sorted(examples.items(), key=lambda kv: len(kv[1]["audio"])), desc="encoder rows", unit="utt"):
+        features = audio_lib.log_mel_spectrogram(ex["audio"])
+        padded, mask = batching.pad_frames([features], -(-features.shape[0] // 100) * 100)
+        memory, memory_mask = encode(padded, mask)
+        text = jnp.asarray(old[key])[None]
+        packed, packed_mask = encoder_rows_before(memory, memory_mask, text, jnp.ones(text.shape[:2], jnp.int32),
+                                                  config.encoder_rows_every)
+        n = int(packed_mask.sum())
+        entries[key] = [0, offset, n]
+        rows.append(np.asarray(packed[0, :n], np.float32))
+        offset += n
+    os.makedirs(new_dir, exist_ok=True)
+    np.save(os.path.join(new_dir, "hidden-00000.npy"), np.concatenate(rows))
+    with open(os.path.join(new_dir, "index.json.tmp"), "w") as f:  # the index last: a cut run leaves no index
+        json.dump({"fingerprint": fingerprint, "dim": int(rows[0].shape[1]), "shards": ["hidden-00000.npy"],
+                   "entries": entries}, f)
+    os.replace(os.path.join(new_dir, "index.json.tmp"), os.path.join(new_dir, "index.json"))
+    print(f"{len(entries)} examples -> {new_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
