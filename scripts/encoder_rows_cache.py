@@ -14,7 +14,6 @@ CORPUS/encoder_cache/<the new config's fingerprint>, where slm-train looks for i
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -34,7 +33,7 @@ def main(argv=None) -> int:
     from slm_jax import audio as audio_lib, batching, frozen
     from slm_jax.cached_corpus import read_corpus
     from slm_jax.cli import common
-    from slm_jax.encoder_cache import EncoderCache, encoder_fingerprint
+    from slm_jax.encoder_cache import EncoderCache, encoder_fingerprint, write_cache
     from slm_jax.models.whisper_transcriber import WhisperTranscriber, encoder_rows_before
 
     common.parse_gin([args.gin_file], [f"CORPUS_DIR={args.corpus_dir!r}"])
@@ -58,25 +57,20 @@ def main(argv=None) -> int:
     encode = jax.jit(lambda f, m: module.apply({"params": params}, f, m, method=WhisperTranscriber.encode))
     examples = {ex["id"]: ex for split in ("train", "validation", "test")
                 for ex in read_corpus(args.corpus_dir, [split]) if ex["id"] in old}
-    entries, rows, offset = {}, [], 0
-    for key, ex in tqdm(sorted(examples.items(), key=lambda kv: len(kv[1]["audio"])), desc="encoder rows", unit="utt"):
-        features = audio_lib.log_mel_spectrogram(ex["audio"])
-        padded, mask = batching.pad_frames([features], -(-features.shape[0] // 100) * 100)
-        memory, memory_mask = encode(padded, mask)
-        text = jnp.asarray(old[key])[None]
-        packed, packed_mask = encoder_rows_before(memory, memory_mask, text, jnp.ones(text.shape[:2], jnp.int32),
-                                                  config.encoder_rows_every)
-        n = int(packed_mask.sum())
-        entries[key] = [0, offset, n]
-        rows.append(np.asarray(packed[0, :n], np.float32))
-        offset += n
-    os.makedirs(new_dir, exist_ok=True)
-    np.save(os.path.join(new_dir, "hidden-00000.npy"), np.concatenate(rows))
-    with open(os.path.join(new_dir, "index.json.tmp"), "w") as f:  # the index last: a cut run leaves no index
-        json.dump({"fingerprint": fingerprint, "dim": int(rows[0].shape[1]), "shards": ["hidden-00000.npy"],
-                   "entries": entries}, f)
-    os.replace(os.path.join(new_dir, "index.json.tmp"), os.path.join(new_dir, "index.json"))
-    print(f"{len(entries)} examples -> {new_dir}")
+
+    def encoder_rows():
+        for key, ex in tqdm(sorted(examples.items(), key=lambda kv: len(kv[1]["audio"])), desc="encoder rows",
+                            unit="utt"):
+            features = audio_lib.log_mel_spectrogram(ex["audio"])
+            padded, mask = batching.pad_frames([features], -(-features.shape[0] // 100) * 100)
+            memory, memory_mask = encode(padded, mask)
+            text = jnp.asarray(old[key])[None]
+            packed, packed_mask = encoder_rows_before(memory, memory_mask, text, jnp.ones(text.shape[:2], jnp.int32),
+                                                      config.encoder_rows_every)
+            yield key, np.asarray(packed[0, : int(packed_mask.sum())], np.float32)
+
+    write_cache(new_dir, fingerprint, encoder_rows())
+    print(f"{len(examples)} examples -> {new_dir}")
     return 0
 
 

@@ -139,9 +139,10 @@ def greedy_search(
         next_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         next_tokens = jnp.where(done, pad_id, next_tokens)
         out = jax.lax.dynamic_update_slice(out, next_tokens[:, None], (0, i))
-        live = jnp.logical_and(jnp.logical_not(done), jnp.logical_not(_is_eos(next_tokens, eos_id)))
+        ended = _is_eos(next_tokens, eos_id)
+        live = jnp.logical_and(jnp.logical_not(done), jnp.logical_not(ended))
         lengths = lengths + jnp.logical_not(done).astype(jnp.int32)
-        done = jnp.logical_or(done, _is_eos(next_tokens, eos_id))
+        done = jnp.logical_or(done, ended)
         if stop_on_repeated_ngram:
             copy, looped = repeated_ngram_copy(out, i, live, stop_on_repeated_ngram)
             out = jnp.where(copy, pad_id, out)

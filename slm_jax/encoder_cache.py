@@ -87,23 +87,11 @@ def adopt_cache(old_directory: str, directory: str, fingerprint: str, ids: Itera
     return EncoderCache(directory)
 
 
-def build_cache(
-    directory: str, slm: SLM, encoder_params: Any, examples: Iterable[tuple[str, np.ndarray]], fingerprint: str,
-    batch_size: int = 8, frame_bucket: int = 100, shard_rows: int = 200_000, progress: bool = True,
-) -> EncoderCache:
-    """Encodes (id, log-mel [T, 80]) pairs in batches of similar length and writes the cache.
-
-    Reuses ``directory`` when its index already has this fingerprint and every id.
-    """
-    examples = list(examples)
-    index_path = os.path.join(directory, INDEX)
-    cache = reusable_cache(directory, fingerprint, [i for i, _ in examples])
-    if cache is not None:
-        return cache
+def write_cache(directory: str, fingerprint: str, rows: Iterable[tuple[str, np.ndarray]],
+                shard_rows: int = 200_000) -> EncoderCache:
+    """Writes (id, [frames, D]) pairs as a cache: shards of about ``shard_rows`` rows, each written
+    whole, then the index (atomically, last), so an interrupted write leaves no index."""
     os.makedirs(directory, exist_ok=True)
-    encode = jax.jit(lambda p, x, m: slm.apply({"params": {"speech_encoder": p}}, x, m, method=SLM.encode_speech))
-    # Sorting by length keeps padding (and the number of compiled shapes) small.
-    order = sorted(range(len(examples)), key=lambda i: examples[i][1].shape[0])
     entries: dict[str, list[int]] = {}
     shards: list[str] = []
     pending: list[np.ndarray] = []
@@ -122,31 +110,56 @@ def build_cache(
         shards.append(name)
         pending, pending_rows = [], 0
 
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(examples), desc="encoding speech (frozen encoder, once)", unit="utt", disable=not progress)
-    for start in range(0, len(order), batch_size):
-        chunk = [examples[i] for i in order[start: start + batch_size]]
-        frames = max(f.shape[0] for _, f in chunk)
-        frames = -(-frames // frame_bucket) * frame_bucket
-        feats, mask = batching.pad_frames([f for _, f in chunk] + [chunk[0][1]] * (batch_size - len(chunk)), frames)
-        hidden, out_mask = jax.device_get(encode(encoder_params, feats, mask))
-        for row, (example_id, _) in enumerate(chunk):
-            n = int(out_mask[row].sum())
-            dim = hidden.shape[-1]
-            entries[example_id] = [len(shards), pending_rows, n]
-            pending.append(np.asarray(hidden[row, :n], np.float32))
-            pending_rows += n
+    for example_id, hidden in rows:
+        dim = hidden.shape[-1]
+        entries[example_id] = [len(shards), pending_rows, hidden.shape[0]]
+        pending.append(np.asarray(hidden, np.float32))
+        pending_rows += hidden.shape[0]
         if pending_rows >= shard_rows:
             flush()
-        bar.update(len(chunk))
-    bar.close()
     flush()
+    index_path = os.path.join(directory, INDEX)
     tmp = index_path + ".tmp"
     with open(tmp, "w") as f:
         json.dump({"fingerprint": fingerprint, "dim": dim, "shards": shards, "entries": entries}, f)
     os.replace(tmp, index_path)
     return EncoderCache(directory)
+
+
+def build_cache(
+    directory: str, slm: SLM, encoder_params: Any, examples: Iterable[tuple[str, np.ndarray]], fingerprint: str,
+    batch_size: int = 8, frame_bucket: int = 100, shard_rows: int = 200_000, progress: bool = True,
+) -> EncoderCache:
+    """Encodes (id, log-mel [T, 80]) pairs in batches of similar length and writes the cache.
+
+    Reuses ``directory`` when its index already has this fingerprint and every id.
+    """
+    examples = list(examples)
+    cache = reusable_cache(directory, fingerprint, [i for i, _ in examples])
+    if cache is not None:
+        return cache
+    encode = jax.jit(lambda p, x, m: slm.apply({"params": {"speech_encoder": p}}, x, m, method=SLM.encode_speech))
+    # Sorting by length keeps padding (and the number of compiled shapes) small.
+    order = sorted(range(len(examples)), key=lambda i: examples[i][1].shape[0])
+
+    def encoded():
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(examples), desc="encoding speech (frozen encoder, once)", unit="utt",
+                   disable=not progress)
+        for start in range(0, len(order), batch_size):
+            chunk = [examples[i] for i in order[start: start + batch_size]]
+            frames = max(f.shape[0] for _, f in chunk)
+            frames = -(-frames // frame_bucket) * frame_bucket
+            feats, mask = batching.pad_frames([f for _, f in chunk] + [chunk[0][1]] * (batch_size - len(chunk)),
+                                              frames)
+            hidden, out_mask = jax.device_get(encode(encoder_params, feats, mask))
+            for row, (example_id, _) in enumerate(chunk):
+                yield example_id, hidden[row, : int(out_mask[row].sum())]
+            bar.update(len(chunk))
+        bar.close()
+
+    return write_cache(directory, fingerprint, encoded(), shard_rows)
 
 
 class CachedSpeechData:
