@@ -239,11 +239,18 @@ def test_a_voice_family_speaks_at_the_corpus_rate_and_speed_stretches_it(family)
     if not _available(family):
         pytest.skip(f"{family} is not installed (make install)")
     spec = next(s for s in corpus.plan_corpus(40, seed=1, **{f"{family}_share": 1.0}) if s.lang == "en")
-    slow = corpus.synthesize(corpus._Job(dataclasses.replace(spec, speed=130), "espeak", float("inf")))[1]
-    fast = corpus.synthesize(corpus._Job(dataclasses.replace(spec, speed=190), "espeak", float("inf")))[1]
+
+    def speak(speed):
+        return corpus.synthesize(corpus._Job(dataclasses.replace(spec, speed=speed), "espeak", float("inf")))[1]
+
+    slow = speak(130)
     samples = np.frombuffer(slow, "<i2")
     assert samples.size > corpus.SAMPLE_RATE // 2 and np.abs(samples).max() > 1000  # real, audible speech
-    assert len(slow) > 1.2 * len(fast)
+    # Piper draws its phoneme durations at random (one draw of a short sentence stretched by
+    # only 1.08 once in twelve), so the lengths are summed over three draws of each speed.
+    slow_bytes = len(slow) + sum(len(speak(130)) for _ in range(2))
+    fast_bytes = sum(len(speak(190)) for _ in range(3))
+    assert slow_bytes > 1.1 * fast_bytes
 
 
 def test_an_unknown_neural_voice_is_refused_by_name():
