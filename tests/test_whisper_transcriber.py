@@ -63,9 +63,10 @@ def state_dict(hf_model):
     return {k: v.numpy() for k, v in hf_model.state_dict().items()}
 
 
-def hf_greedy(hf_model, features: np.ndarray, cfg) -> tuple[list[int], np.ndarray]:
+def hf_greedy(hf_model, features: np.ndarray, cfg) -> tuple[list[int], np.ndarray, np.ndarray]:
     """The same rule as ours, written on transformers: language among cfg.language_ids, then
-    argmax over non-special tokens until end-of-text; returns (tokens, the states that chose them)."""
+    argmax over non-special tokens until end-of-text; returns (tokens, the states that chose them,
+    each token's log-probability among the non-special tokens)."""
     with torch.no_grad():
         memory = hf_model.model.encoder(torch.from_numpy(features).transpose(1, 2)).last_hidden_state
 
@@ -76,15 +77,16 @@ def hf_greedy(hf_model, features: np.ndarray, cfg) -> tuple[list[int], np.ndarra
 
         logits, _ = run([SOT])
         ids = [SOT, cfg.language_ids[int(np.argmax(logits[list(cfg.language_ids)]))], *cfg.task_ids]
-        tokens, states = [], []
+        tokens, states, log_probs = [], [], []
         for _ in range(cfg.max_new_tokens):
             logits, state = run(ids + tokens)
-            logits[cfg.end_of_text + 1:] = -np.inf
+            logits = torch.log_softmax(torch.from_numpy(logits[:cfg.end_of_text + 1]).double(), -1).numpy()
             tokens.append(int(np.argmax(logits)))
             states.append(state)
+            log_probs.append(logits[tokens[-1]])
             if tokens[-1] == cfg.end_of_text:
                 break
-    return tokens, np.stack(states)
+    return tokens, np.stack(states), np.asarray(log_probs)
 
 
 def test_decoder_matches_hugging_face_teacher_forced(hf_model):
@@ -122,11 +124,14 @@ def test_greedy_transcript_and_states_match_hugging_face(hf_model):
         for seed in range(1):
             features = np.random.default_rng(seed).normal(size=(1, 128, 80)).astype(np.float32)
             ours = WhisperTranscriber(cfg).apply({"params": params}, features, method=WhisperTranscriber.transcribe)
-            ref_tokens, ref_states = hf_greedy(model, features, cfg)
+            ref_tokens, ref_states, ref_log_probs = hf_greedy(model, features, cfg)
             n = int(ours.mask[0].sum())
             assert n == len(ref_tokens)
             assert np.asarray(ours.tokens[0, :n]).tolist() == ref_tokens
             assert relative_error(ours.states[0, :n], ref_states) < 1e-5
+            assert relative_error(ours.log_probs[0, :n], ref_log_probs) < 1e-5
+            assert not np.any(np.asarray(ours.log_probs[0, n:]))
+            np.testing.assert_allclose(ours.confidence()[0], ref_log_probs.mean(), rtol=1e-5)
             assert not np.any(np.asarray(ours.states[0, n:]))  # dropped states are zeros
             lengths.append(n)
     assert min(lengths) < cfg.max_new_tokens and max(lengths) == cfg.max_new_tokens, lengths
@@ -253,7 +258,7 @@ def test_a_looping_transcript_stops_at_its_first_repeat(hf_model):
     for seed in range(3):
         features = np.random.default_rng(seed).normal(size=(1, 128, 80)).astype(np.float32)
         plain = tiny_config(hf_model, encoder=dataclasses.replace(tiny_config(hf_model).encoder, mask_padding=False))
-        ref_tokens, ref_states = hf_greedy(hf_model, features, plain)
+        ref_tokens, ref_states, _ = hf_greedy(hf_model, features, plain)
         cfg = dataclasses.replace(plain, stop_on_repeated_ngram=2)
         params = hf_whisper_transcriber.params_from_state_dict(state_dict(hf_model), cfg)
         ours = WhisperTranscriber(cfg).apply({"params": params}, features, method=WhisperTranscriber.transcribe)
@@ -359,6 +364,38 @@ def test_encoder_rows_come_before_the_transcript_rows_every_nth_frame():
         assert not out[b, :len(frames), 3].any()  # no LLM token on the encoder's rows
         np.testing.assert_array_equal(out[b, len(frames):n], rows[b, :n_rows])
         assert not out[b, n:].any()
+
+
+def test_encoder_rows_go_only_to_the_utterances_whisper_was_unsure_of(hf_model):
+    from slm_jax import assets
+
+    if not (assets.whisper_base_available() and assets.smollm2_available()):
+        pytest.skip("the LLM-token table needs the Whisper-base and SmolLM2 packages")
+    tokens_only = tiny_config(hf_model, llm_vocabulary="package:smollm2-135m-instruct", llm_token_rows=24,
+                              decoder_states=False)
+    with_rows = dataclasses.replace(tokens_only, encoder_rows_every=4)
+    params = hf_whisper_transcriber.params_from_state_dict(state_dict(hf_model), tokens_only)
+    features = np.random.default_rng(7).normal(size=(2, 64, 80)).astype(np.float32)
+
+    def rows(cfg):
+        return tuple(map(np.asarray, WhisperTranscriber(cfg).apply({"params": params}, features)))
+
+    confidence = np.asarray(WhisperTranscriber(tokens_only).apply(
+        {"params": params}, features, method=WhisperTranscriber.transcribe).confidence())
+    unsure, sure = int(np.argmin(confidence)), int(np.argmax(confidence))
+    assert confidence[unsure] < confidence[sure] < 0
+    (plain, plain_mask), (every, every_mask) = rows(tokens_only), rows(with_rows)
+    for threshold, expect_rows in ((0.0, (True, True)), (float(confidence.mean()), None), (-1e9, (False, False))):
+        gated, gated_mask = rows(dataclasses.replace(with_rows, encoder_rows_below_confidence=threshold))
+        if expect_rows is None:
+            expect_rows = {unsure: True, sure: False}
+        for b in (0, 1):
+            want, want_mask = (every, every_mask) if expect_rows[b] else (plain, plain_mask)
+            n = int(want_mask[b].sum())
+            assert int(gated_mask[b].sum()) == n
+            np.testing.assert_array_equal(gated[b, :n], want[b, :n])
+    with pytest.raises(ValueError, match="encoder_rows_below_confidence needs encoder_rows_every"):
+        dataclasses.replace(tokens_only, encoder_rows_below_confidence=-0.3)
 
 
 def test_llm_token_table_spells_whisper_tokens_in_smollm2_tokens():
