@@ -44,6 +44,10 @@ def main(argv=None) -> int:
     if not getattr(config, "encoder_rows_every", 0) or config.decoder_states:
         print(f"{args.gin_file} does not configure encoder rows over a tokens-only transcript", file=sys.stderr)
         return 2
+    if config.encoder_rows_below_confidence is not None:
+        print(f"{args.gin_file} gives the encoder's rows only where Whisper was unsure; the tokens-only cache does "
+              "not hold Whisper's confidence, so let slm-train build this cache", file=sys.stderr)
+        return 2
     old_dir = os.path.join(args.corpus_dir, "encoder_cache", args.tokens_cache)
     old = EncoderCache(old_dir)
     if old.dim != config.output_dim:
@@ -52,7 +56,7 @@ def main(argv=None) -> int:
     fingerprint = encoder_fingerprint(config, model.speech_encoder_source, {"mel": 80, "normalization": "whisper"})
     new_dir = os.path.join(args.corpus_dir, "encoder_cache", fingerprint)
 
-    params = frozen._from_package(config, "whisper-base", lambda path, x: jnp.asarray(x))
+    params = frozen.load_on_host(config, model.speech_encoder_source)
     module = WhisperTranscriber(config)
     encode = jax.jit(lambda f, m: module.apply({"params": params}, f, m, method=WhisperTranscriber.encode))
     examples = {ex["id"]: ex for split in ("train", "validation", "test")

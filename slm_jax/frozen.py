@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from slm_jax.experiment import ModelSpec
@@ -73,6 +74,15 @@ _SCHEMES: dict[str, Callable[[Any, str, Place], Any]] = {
     "hf": _from_hf_dir, "package": _from_package, "gguf": _from_gguf,
 }
 _KNOWN = "random:SEED, hf:DIR, converted:DIR, package:NAME, gguf:PATH"
+
+
+def load_on_host(config: Any, source: str) -> Any:
+    """One model's weights from an 'hf:DIR', 'package:NAME' or 'gguf:PATH' source, unsharded on the
+    default device: for tools that run a frozen model outside a Trainer (scripts/encoder_rows_cache.py)."""
+    scheme, _, arg = source.partition(":")
+    if scheme not in _SCHEMES or not arg:
+        raise FrozenSourceError(f"bad source {source!r}: load_on_host reads hf:DIR, package:NAME or gguf:PATH")
+    return _SCHEMES[scheme](config, arg, lambda path, x: jnp.asarray(x))
 
 
 def _shapes(tree: Any) -> dict[str, tuple]:

@@ -17,7 +17,7 @@ from slm_jax import partitioning
 from slm_jax.cli import convert as convert_cli
 from slm_jax.convert import converted, hf_llama, hf_whisper
 from slm_jax.convert.errors import ConversionError
-from slm_jax.frozen import FrozenSourceError, load_frozen_params
+from slm_jax.frozen import FrozenSourceError, load_frozen_params, load_on_host
 from slm_jax.synthetic_data import SyntheticData
 from slm_jax.trainer import Trainer, make_optimizer
 from tiny_models import FEATURE_LENGTHS, VOCAB, llm_config, model_spec
@@ -77,6 +77,15 @@ def test_hf_and_converted_sources_load_into_their_shardings(hf_dirs, converted_l
 
     spec = dataclasses.replace(spec, llm_source=f"hf:{hf_dirs['llama']}")
     _assert_equal_trees(_load(spec)[0]["llm"], want_llm)
+
+
+def test_load_on_host_reads_one_model_without_a_trainer(hf_dirs):
+    _, want_encoder = hf_whisper.load_whisper_encoder(hf_dirs["whisper"])
+    got = load_on_host(model_spec("llama").speech_encoder, f"hf:{hf_dirs['whisper']}")
+    _assert_equal_trees(got, want_encoder)
+    for bad in ("random:0", "hf:", "converted:/x"):
+        with pytest.raises(FrozenSourceError, match=f"bad source '{bad}'"):
+            load_on_host(model_spec("llama").speech_encoder, bad)
 
 
 def test_convert_writes_config_json_and_gin_bindings(converted_llama, capsys):
