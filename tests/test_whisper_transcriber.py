@@ -427,3 +427,28 @@ def test_load_params_compares_the_architecture_not_the_run_time_choices(hf_model
     wrong = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, layer_norm_eps=1e-6))
     with pytest.raises(ConversionError, match=r"decoder\.layer_norm_eps=1e-05 but the configured model has 1e-06"):
         hf_whisper_transcriber.load_params(str(tmp_path), wrong)
+
+
+def test_transcriber_gin_files_differ_only_in_the_encoder_rows():
+    """The three transcriber configs give rows of one width (each adapter can warm-start the
+    next); the gated one reads the encoder rows as the ungated one does, so one adapter serves both."""
+    import gin
+
+    from slm_jax.cli import common
+
+    def front_end(name):
+        gin.clear_config()
+        try:
+            common.parse_gin([name], [])
+            return gin.query_parameter("train.model").scoped_configurable_fn().speech_encoder
+        finally:
+            gin.clear_config()
+
+    tokens = front_end("whisper_base_transcriber_smollm2.gin")
+    rows = front_end("whisper_base_transcriber_encoder_rows_smollm2.gin")
+    gated = front_end("whisper_base_transcriber_gated_rows_smollm2.gin")
+    assert (tokens.encoder_rows_every, rows.encoder_rows_every, gated.encoder_rows_every) == (0, 4, 4)
+    assert (rows.encoder_rows_below_confidence, gated.encoder_rows_below_confidence) == (None, -0.3)
+    assert tokens.output_dim == rows.output_dim == gated.output_dim
+    assert gated.front_end == rows.front_end != tokens.front_end
+    assert dataclasses.replace(gated, encoder_rows_below_confidence=None) == rows
