@@ -251,7 +251,8 @@ class Transcript(NamedTuple):
     log_probs: jax.Array  # [B, N] the log-probability of each chosen token (0 where mask is 0)
 
     def confidence(self) -> jax.Array:
-        """[B] the mean log-probability of the written tokens: Whisper's own measure of how sure it was."""
+        """[B] the mean log-probability of the kept tokens (end-of-text included): Whisper's own
+        measure of how sure it was (its transcribe() falls back to sampling below -1.0)."""
         return jnp.sum(self.log_probs, axis=1) / jnp.maximum(jnp.sum(self.mask, axis=1), 1)
 
 
