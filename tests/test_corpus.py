@@ -247,7 +247,7 @@ def test_a_voice_family_speaks_at_the_corpus_rate_and_speed_stretches_it(family)
     samples = np.frombuffer(slow, "<i2")
     assert samples.size > corpus.SAMPLE_RATE // 2 and np.abs(samples).max() > 1000  # real, audible speech
     # Piper draws its phoneme durations at random (one draw of a short sentence stretched by
-    # only 1.08 once in twelve), so the lengths are summed over three draws of each speed.
+    # only 1.08 once in six), so the lengths are summed over three draws of each speed.
     slow_bytes = len(slow) + sum(len(speak(130)) for _ in range(2))
     fast_bytes = sum(len(speak(190)) for _ in range(3))
     assert slow_bytes > 1.1 * fast_bytes
