@@ -3,7 +3,10 @@ made from a tokens-only transcriber cache of the same corpus and one run of Whis
 instead of running Whisper's decoder over the corpus again (slm-train would: about 20 minutes per
 2,000 utterances on a 2-core CPU; this takes about 7).
 
-  .venv/bin/python scripts/encoder_rows_cache.py runs/kk/corpus 5646feba26399a6b
+  .venv/bin/python scripts/encoder_rows_cache.py CORPUS TOKENS_CACHE
+
+TOKENS_CACHE is the tokens-only cache's directory name under CORPUS/encoder_cache/ (the fingerprint
+of gin/whisper_base_transcriber_smollm2.gin's front end, which slm-train logs).
 
 The old cache's rows (Whisper's transcript, one row per SmolLM2 token, states zeroed) go through
 the same ``encoder_rows_before`` as the front end, after the encoder's output computed as the front

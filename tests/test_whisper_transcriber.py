@@ -452,3 +452,22 @@ def test_transcriber_gin_files_differ_only_in_the_encoder_rows():
     assert tokens.output_dim == rows.output_dim == gated.output_dim
     assert gated.front_end == rows.front_end != tokens.front_end
     assert dataclasses.replace(gated, encoder_rows_below_confidence=None) == rows
+
+
+def test_encoder_rows_cache_script_refuses_a_gated_config(tmp_path, capsys):
+    """Its input cache holds the transcript's rows but not Whisper's confidence, so it cannot
+    tell which utterances the gated front end gives the encoder's rows; nothing is written."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "encoder_rows_cache", os.path.join(os.path.dirname(__file__), "..", "scripts", "encoder_rows_cache.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    import gin
+
+    try:
+        assert script.main([str(tmp_path), "0123", "--gin_file=whisper_base_transcriber_gated_rows_smollm2.gin"]) == 2
+    finally:
+        gin.clear_config()  # the script parsed the gin file into the process's config
+    assert "only where Whisper was unsure" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
