@@ -34,9 +34,9 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     from slm_jax import audio as audio_lib, batching, frozen
-    from slm_jax.cached_corpus import read_corpus
+    from slm_jax.cached_corpus import front_end_fingerprint, read_corpus
     from slm_jax.cli import common
-    from slm_jax.encoder_cache import EncoderCache, encoder_fingerprint, write_cache
+    from slm_jax.encoder_cache import EncoderCache, write_cache
     from slm_jax.models.whisper_transcriber import WhisperTranscriber, encoder_rows_before
 
     common.parse_gin([args.gin_file], [f"CORPUS_DIR={args.corpus_dir!r}"])
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     if old.dim != config.output_dim:
         print(f"{old_dir} holds rows of width {old.dim}, not this front end's {config.output_dim}", file=sys.stderr)
         return 2
-    fingerprint = encoder_fingerprint(config, model.speech_encoder_source, {"mel": 80, "normalization": "whisper"})
+    fingerprint = front_end_fingerprint(model)
     new_dir = os.path.join(args.corpus_dir, "encoder_cache", fingerprint)
 
     params = frozen.load_on_host(config, model.speech_encoder_source)

@@ -35,6 +35,13 @@ def load_vocabulary(spec: str) -> Any:
     return load(spec)
 
 
+def front_end_fingerprint(model_spec: Any) -> str:
+    """The key of a corpus's cache for this model's frozen front end (CORPUS/encoder_cache/<it>):
+    its config, its weights' source and the log-mel features it reads."""
+    return encoder_fingerprint(model_spec.speech_encoder, model_spec.speech_encoder_source,
+                               {"mel": 80, "normalization": "whisper"})
+
+
 def read_corpus(corpus_dir: str, splits: Sequence[str], tasks: Iterable[str] | None = None,
                 include_zero_shot: bool = False) -> list[dict]:
     """Examples (id, task, split, text, instruction, target, audio) of the given splits."""
@@ -123,8 +130,7 @@ class CachedCorpusData:
         """Encodes the corpus with the frozen encoder (once; cached on disk) and fixes the shapes.
 
         A second call for the same encoder is a no-op (the demo attaches before ``train()`` does)."""
-        fingerprint = encoder_fingerprint(model_spec.speech_encoder, model_spec.speech_encoder_source,
-                                          {"mel": 80, "normalization": "whisper"})
+        fingerprint = front_end_fingerprint(model_spec)
         if self._data is not None and self._data.cache.fingerprint == fingerprint:
             return
         train = read_corpus(self.corpus_dir, ["train"], self.tasks)

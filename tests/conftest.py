@@ -21,3 +21,18 @@ def _no_gin_bindings_from_other_tests():
     gin.clear_config()
     yield
     gin.clear_config()
+
+
+@pytest.fixture
+def load_script():
+    """A script under scripts/ (not a package) imported as a module, to call its ``main``."""
+    import importlib.util
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(
+            name, os.path.join(os.path.dirname(__file__), "..", "scripts", f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

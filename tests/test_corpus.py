@@ -373,15 +373,10 @@ def test_make_corpus_records_the_augment_share_and_the_cli_refuses_a_bad_one(tmp
 
 
 @pytest.mark.skipif(not corpus.espeak_available(), reason="espeak-ng is not installed (make install)")
-def test_speak_sentences_writes_a_tsv_per_voice_that_whisper_reference_wer_reads(tmp_path):
-    import importlib.util
-
+def test_speak_sentences_writes_a_tsv_per_voice_that_whisper_reference_wer_reads(tmp_path, load_script):
     import soundfile
 
-    spec = importlib.util.spec_from_file_location(
-        "speak_sentences", os.path.join(os.path.dirname(__file__), "..", "scripts", "speak_sentences.py"))
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("speak_sentences")
     sentences = tmp_path / "s.txt"
     sentences.write_text("Good morning.\n\nThe door is open.\n")
     assert script.main([str(sentences), f"--out={tmp_path / 'v'}", "--voices=en-us+m3,en-gb+f2"]) == 0

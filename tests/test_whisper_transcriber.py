@@ -437,12 +437,9 @@ def test_transcriber_gin_files_differ_only_in_the_encoder_rows():
     from slm_jax.cli import common
 
     def front_end(name):
-        gin.clear_config()
-        try:
-            common.parse_gin([name], [])
-            return gin.query_parameter("train.model").scoped_configurable_fn().speech_encoder
-        finally:
-            gin.clear_config()
+        gin.clear_config()  # the previous file's bindings (conftest clears after the test)
+        common.parse_gin([name], [])
+        return gin.query_parameter("train.model").scoped_configurable_fn().speech_encoder
 
     tokens = front_end("whisper_base_transcriber_smollm2.gin")
     rows = front_end("whisper_base_transcriber_encoder_rows_smollm2.gin")
@@ -454,20 +451,10 @@ def test_transcriber_gin_files_differ_only_in_the_encoder_rows():
     assert dataclasses.replace(gated, encoder_rows_below_confidence=None) == rows
 
 
-def test_encoder_rows_cache_script_refuses_a_gated_config(tmp_path, capsys):
+def test_encoder_rows_cache_script_refuses_a_gated_config(tmp_path, capsys, load_script):
     """Its input cache holds the transcript's rows but not Whisper's confidence, so it cannot
     tell which utterances the gated front end gives the encoder's rows; nothing is written."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "encoder_rows_cache", os.path.join(os.path.dirname(__file__), "..", "scripts", "encoder_rows_cache.py"))
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    import gin
-
-    try:
-        assert script.main([str(tmp_path), "0123", "--gin_file=whisper_base_transcriber_gated_rows_smollm2.gin"]) == 2
-    finally:
-        gin.clear_config()  # the script parsed the gin file into the process's config
+    script = load_script("encoder_rows_cache")
+    assert script.main([str(tmp_path), "0123", "--gin_file=whisper_base_transcriber_gated_rows_smollm2.gin"]) == 2
     assert "only where Whisper was unsure" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
