@@ -69,7 +69,8 @@ def main(argv=None) -> int:
         for key, ex in tqdm(sorted(examples.items(), key=lambda kv: len(kv[1]["audio"])), desc="encoder rows",
                             unit="utt"):
             features = audio_lib.log_mel_spectrogram(ex["audio"])
-            padded, mask = batching.pad_frames([features], -(-features.shape[0] // 100) * 100)
+            padded, mask = batching.pad_frames(
+                [features], batching.bucket_length(features.shape[0], 100, config.encoder.max_frames))
             memory, memory_mask = encode(padded, mask)
             text = jnp.asarray(old[key])[None]
             packed, packed_mask = encoder_rows_before(memory, memory_mask, text, jnp.ones(text.shape[:2], jnp.int32),
