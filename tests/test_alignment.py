@@ -1,18 +1,19 @@
 """The CTC alignment objective: sub-vocabulary, feasibility, the step, and its place in train()."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from slm_jax import alignment, partitioning
+from slm_jax.models.slm import SLM
 from slm_jax.errors import UserError
 from slm_jax.train import train
 from slm_jax.trainer import Trainer, make_optimizer
 
 from tiny_models import model_spec
 from toy_cached_data import WORDS, toy_source
-
 
 
 def test_vocabulary_maps_ids_to_classes_and_refuses_unknown_tokens():
@@ -308,3 +309,44 @@ def test_one_rule_names_a_bad_compression_mode():
         "train.ctc_compression must be '' (off) or one of ('outputs', 'tokens'), got 'all'")
     assert compression_problem("", "compression", off_allowed=False) == (
         "compression must be one of ('outputs', 'tokens'), got ''")
+
+
+class _TranscriberRowsConfig:
+    """What SLM reads of a transcriber front end's config (slm_jax/models/whisper_transcriber.py)."""
+
+    def __init__(self, encoder_rows_every):
+        self.llm_token_channels = 1
+        self.encoder_rows_every = encoder_rows_every
+
+
+class _GivenRows(nn.Module):
+    """A front end whose rows the test writes itself; the SLM reads only its config."""
+    config: _TranscriberRowsConfig
+
+
+def test_a_transcriber_is_aligned_on_its_encoder_rows_alone():
+    """The rows of Whisper's transcript (LLM id > 0) spell the answer: the alignment masks them out
+    of the adapter's input, so the encoder rows' CTC logits cannot depend on them."""
+    slm = model_spec(llm="llama", subsample_rate=1).build().clone(
+        speech_encoder=_GivenRows(_TranscriberRowsConfig(4)))
+    rng = np.random.default_rng(0)
+    states = rng.normal(size=(1, 6, 32)).astype(np.float32)
+    states[:, 4:] = 0.0  # token rows carry no state (decoder_states=False)
+    rows = np.concatenate([states, np.array([[0, 0, 0, 0, 6, 10]], np.float32)[..., None]], axis=-1)
+    other = rows.copy()
+    other[0, 4:, -1] = [21, 3]  # the transcript says other tokens
+    mask = np.ones((1, 6), np.int32)
+    token_ids = jnp.arange(1, 40)
+    params = slm.init(jax.random.key(0), rows, mask, token_ids, method=SLM.alignment_logits)
+    logits, frame_mask = slm.apply(params, rows, mask, token_ids, method=SLM.alignment_logits)
+    assert np.asarray(frame_mask).tolist() == [[1, 1, 1, 1, 0, 0]]
+    other_logits, _ = slm.apply(params, other, mask, token_ids, method=SLM.alignment_logits)
+    np.testing.assert_array_equal(np.asarray(logits)[:, :4], np.asarray(other_logits)[:, :4])
+    # Without the mask the encoder rows do attend to the transcript: the masking is what holds.
+    embeds, _ = slm.apply(params, rows, mask, method=SLM.adapt)
+    other_embeds, _ = slm.apply(params, other, mask, method=SLM.adapt)
+    assert np.abs(np.asarray(embeds)[:, :4] - np.asarray(other_embeds)[:, :4]).max() > 1e-4
+    # A transcriber without encoder rows has nothing to align.
+    no_sound = slm.clone(speech_encoder=_GivenRows(_TranscriberRowsConfig(0)))
+    with pytest.raises(ValueError, match="encoder_rows_every"):
+        no_sound.apply(params, rows, mask, token_ids, method=SLM.alignment_logits)

@@ -122,10 +122,31 @@ class SLM(nn.Module):
         self, speech_hidden: jax.Array, speech_mask: jax.Array, token_ids: jax.Array, centered: bool = False
     ) -> tuple[jax.Array, jax.Array]:
         """CTC logits of the adapter's outputs against the LLM's embeddings of ``token_ids`` [V]
-        (slm_jax/alignment.py): [B, T', 1 + V] and the frame mask. No LLM layer runs."""
+        (slm_jax/alignment.py): [B, T', 1 + V] and the frame mask. No LLM layer runs.
+
+        A front end whose rows carry the LLM's tokens (Whisper's transcript, whisper_transcriber.py)
+        is aligned on its encoder rows alone: the token rows spell the transcript, and CTC over
+        them, or over rows that can attend to them, is met by copying it. Masking them out of the
+        adapter's input leaves the sound as the only way to the words."""
+        speech_mask = self.sound_rows(speech_hidden, speech_mask)
         speech_embeds, speech_mask = self.adapt(speech_hidden, speech_mask)
         table = self.llm.embed(token_ids[None, :])[0]
         return alignment.alignment_logits(speech_embeds, table, centered), speech_mask
+
+    def sound_rows(self, speech_hidden: jax.Array, speech_mask: jax.Array) -> jax.Array:
+        """The mask of the rows that hold no LLM token: every row, for a front end without LLM
+        token channels; a transcriber's encoder rows (WhisperTranscriberConfig.encoder_rows_every),
+        whose id channels are 0. Refused for a transcriber without them: it has no sound rows."""
+        config = self.speech_encoder.config
+        channels = getattr(config, "llm_token_channels", 0)
+        if not channels:
+            return speech_mask
+        if not getattr(config, "encoder_rows_every", 0):
+            raise ValueError("the CTC alignment of a transcriber front end reads its encoder rows, and this one has "
+                             "none: set WhisperTranscriberConfig.encoder_rows_every (its token rows are Whisper's "
+                             "transcript itself)")
+        no_token = jnp.all(jnp.round(speech_hidden[..., -channels:]) == 0, axis=-1)
+        return speech_mask * no_token.astype(speech_mask.dtype)
 
     def __call__(self, batch: Mapping[str, jax.Array]) -> jax.Array:
         """Full forward from log-mel features (used for initialisation and tests)."""
