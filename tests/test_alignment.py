@@ -346,6 +346,20 @@ def test_a_transcriber_is_aligned_on_its_encoder_rows_alone():
     embeds, _ = slm.apply(params, rows, mask, method=SLM.adapt)
     other_embeds, _ = slm.apply(params, other, mask, method=SLM.adapt)
     assert np.abs(np.asarray(embeds)[:, :4] - np.asarray(other_embeds)[:, :4]).max() > 1e-4
+    # An utterance the gate gave no encoder rows (encoder_rows_below_confidence): no frame, finite
+    # logits, and its CTC term is left out as infeasible rather than poisoning the batch.
+    tokens_only = rows.copy()
+    tokens_only[0, :4] = 0.0
+    tokens_only[0, :4, -1] = [2, 3, 4, 5]
+    both = np.concatenate([rows, tokens_only])
+    both_logits, both_mask = slm.apply(params, both, np.ones((2, 6), np.int32), token_ids,
+                                       method=SLM.alignment_logits)
+    assert np.asarray(both_mask).tolist() == [[1, 1, 1, 1, 0, 0], [0] * 6]
+    assert np.isfinite(np.asarray(both_logits)).all()
+    labels, label_mask = jnp.array([[3, 7], [3, 7]]), jnp.ones((2, 2), jnp.int32)
+    loss_sum, num_tokens = alignment.ctc_alignment_loss(both_logits, both_mask, labels, label_mask)
+    alone, _ = alignment.ctc_alignment_loss(logits, frame_mask, labels[:1], label_mask[:1])
+    assert float(num_tokens) == 2.0 and float(loss_sum) == pytest.approx(float(alone), rel=1e-5)
     # A transcriber without encoder rows has nothing to align.
     no_sound = slm.clone(speech_encoder=_GivenRows(_TranscriberRowsConfig(0)))
     with pytest.raises(ValueError, match="encoder_rows_every"):
