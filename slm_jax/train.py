@@ -23,6 +23,7 @@ from slm_jax.augment import SpeechMasking
 from slm_jax.experiment import ModelSpec, sample_batch
 from slm_jax.frozen import load_frozen_params
 from slm_jax.models import registry
+from slm_jax.models.slm import alignment_front_end_problem
 from slm_jax.trainer import Trainer, count_params, make_optimizer, tree_bytes
 
 log = logging.getLogger("slm_jax.train")
@@ -177,6 +178,8 @@ def train(
     if not alignment_weight >= 0:  # also refuses NaN
         raise UserError(f"train.alignment_weight must be >= 0, got {alignment_weight!r}")
     problem = compression_problem(ctc_compression, "train.ctc_compression")
+    if not problem and (alignment_steps or alignment_weight or ctc_compression):
+        problem = alignment_front_end_problem(model.speech_encoder)
     if problem:
         raise UserError(problem)
     with _Preemption() as preemption:

@@ -364,3 +364,13 @@ def test_a_transcriber_is_aligned_on_its_encoder_rows_alone():
     no_sound = slm.clone(speech_encoder=_GivenRows(_TranscriberRowsConfig(0)))
     with pytest.raises(ValueError, match="encoder_rows_every"):
         no_sound.apply(params, rows, mask, token_ids, method=SLM.alignment_logits)
+
+
+def test_train_refuses_to_align_a_transcriber_without_encoder_rows_before_writing(tmp_path):
+    import dataclasses
+
+    spec = dataclasses.replace(model_spec(llm="llama"), speech_encoder=_TranscriberRowsConfig(0))
+    for setting in ({"alignment_steps": 1}, {"alignment_weight": 0.5}, {"ctc_compression": "outputs"}):
+        with pytest.raises(UserError, match="encoder_rows_every"):
+            train(str(tmp_path / "run"), model=spec, data=toy_source(), steps=2, **setting)
+        assert not (tmp_path / "run").exists()

@@ -141,10 +141,9 @@ class SLM(nn.Module):
         channels = getattr(config, "llm_token_channels", 0)
         if not channels:
             return speech_mask
-        if not getattr(config, "encoder_rows_every", 0):
-            raise ValueError("the CTC alignment of a transcriber front end reads its encoder rows, and this one has "
-                             "none: set WhisperTranscriberConfig.encoder_rows_every (its token rows are Whisper's "
-                             "transcript itself)")
+        problem = alignment_front_end_problem(config)
+        if problem:
+            raise ValueError(problem)
         no_token = jnp.all(jnp.round(speech_hidden[..., -channels:]) == 0, axis=-1)
         return speech_mask * no_token.astype(speech_mask.dtype)
 
@@ -152,6 +151,14 @@ class SLM(nn.Module):
         """Full forward from log-mel features (used for initialisation and tests)."""
         speech_hidden, speech_mask = self.encode_speech(batch["audio_features"], batch["audio_mask"])
         return self.logits_from_speech(speech_hidden, speech_mask, batch)
+
+
+def alignment_front_end_problem(front_end_config: Any) -> str | None:
+    """Why the CTC alignment cannot read this front end's rows (see SLM.sound_rows), or None."""
+    if getattr(front_end_config, "llm_token_channels", 0) and not getattr(front_end_config, "encoder_rows_every", 0):
+        return ("the CTC alignment of a transcriber front end reads its encoder rows, and this one has none: set "
+                "WhisperTranscriberConfig.encoder_rows_every (its token rows are Whisper's transcript itself)")
+    return None
 
 
 def build_slm(speech_encoder: nn.Module, llm: nn.Module, adapter_config: AdapterConfig) -> SLM:
