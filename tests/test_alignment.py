@@ -370,7 +370,8 @@ def test_train_refuses_to_align_a_transcriber_without_encoder_rows_before_writin
     import dataclasses
 
     spec = dataclasses.replace(model_spec(llm="llama"), speech_encoder=_TranscriberRowsConfig(0))
+    data = toy_source()
     for setting in ({"alignment_steps": 1}, {"alignment_weight": 0.5}, {"ctc_compression": "outputs"}):
         with pytest.raises(UserError, match="encoder_rows_every"):
-            train(str(tmp_path / "run"), model=spec, data=toy_source(), steps=2, **setting)
+            train(str(tmp_path / "run"), model=spec, data=data, steps=2, **setting)
         assert not (tmp_path / "run").exists()
