@@ -78,7 +78,7 @@ class SLM(nn.Module):
         whisper_transcriber.py): they become the mean of the LLM's own embeddings of those tokens,
         next to the remaining channels. [B, N, D + channels] -> [B, N, D + D_llm]."""
         states = speech_hidden[..., :-channels]
-        ids = jnp.round(speech_hidden[..., -channels:]).astype(jnp.int32)
+        ids = llm_token_ids(speech_hidden, channels)
         present = (ids > 0)[..., None]
         embeds = self.llm.embed(jnp.maximum(ids - 1, 0)).astype(states.dtype) * present
         mean = embeds.sum(-2) / jnp.maximum(present.sum(-2), 1).astype(states.dtype)
@@ -144,13 +144,18 @@ class SLM(nn.Module):
         problem = alignment_front_end_problem(config)
         if problem:
             raise ValueError(problem)
-        no_token = jnp.all(jnp.round(speech_hidden[..., -channels:]) == 0, axis=-1)
+        no_token = jnp.all(llm_token_ids(speech_hidden, channels) == 0, axis=-1)
         return speech_mask * no_token.astype(speech_mask.dtype)
 
     def __call__(self, batch: Mapping[str, jax.Array]) -> jax.Array:
         """Full forward from log-mel features (used for initialisation and tests)."""
         speech_hidden, speech_mask = self.encode_speech(batch["audio_features"], batch["audio_mask"])
         return self.logits_from_speech(speech_hidden, speech_mask, batch)
+
+
+def llm_token_ids(speech_hidden: jax.Array, channels: int) -> jax.Array:
+    """A front end's last ``channels`` channels as integers: 1 + LLM token id, 0 = none."""
+    return jnp.round(speech_hidden[..., -channels:]).astype(jnp.int32)
 
 
 def alignment_front_end_problem(front_end_config: Any) -> str | None:
