@@ -162,7 +162,8 @@ def train(
     data stream from its start. A ``model_dir`` that already holds checkpoints resumes instead.
     ``ctc_compression`` ('outputs' or 'tokens'; '' off) feeds the LLM only the frames the adapter's
     CTC head calls a token, one embedding per token (slm_jax/alignment.py); the checkpoint records
-    it, so that slm-eval and slm-infer read the adapter the same way.
+    it, so that slm-eval and slm-infer read the adapter the same way. It is refused for a transcriber
+    front end, whose token rows are one per Whisper token already (models/slm.py).
 
     ``log_every``, ``eval_every`` and ``checkpoint_every`` may be 0 (never; the last step is still
     checkpointed). After ``max_nonfinite_streak`` consecutive steps with a non-finite loss or
@@ -179,7 +180,7 @@ def train(
         raise UserError(f"train.alignment_weight must be >= 0, got {alignment_weight!r}")
     problem = compression_problem(ctc_compression, "train.ctc_compression")
     if not problem and (alignment_steps or alignment_weight or ctc_compression):
-        problem = alignment_front_end_problem(model.speech_encoder)
+        problem = alignment_front_end_problem(model.speech_encoder, ctc_compression)
     if problem:
         raise UserError(problem)
     with _Preemption() as preemption:

@@ -364,14 +364,23 @@ def test_a_transcriber_is_aligned_on_its_encoder_rows_alone():
     no_sound = slm.clone(speech_encoder=_GivenRows(_TranscriberRowsConfig(0)))
     with pytest.raises(ValueError, match="encoder_rows_every"):
         no_sound.apply(params, rows, mask, token_ids, method=SLM.alignment_logits)
+    # CTC compression would run the CTC head over the token rows too, unmasked: refused.
+    with pytest.raises(ValueError, match="CTC compression .* transcriber"):
+        slm.apply(params, rows, mask, token_ids, method=SLM.adapt)
 
 
 def test_train_refuses_to_align_a_transcriber_without_encoder_rows_before_writing(tmp_path):
     import dataclasses
 
-    spec = dataclasses.replace(model_spec(llm="llama"), speech_encoder=_TranscriberRowsConfig(0))
     data = toy_source()
-    for setting in ({"alignment_steps": 1}, {"alignment_weight": 0.5}, {"ctc_compression": "outputs"}):
-        with pytest.raises(UserError, match="encoder_rows_every"):
+    no_sound, with_sound = (dataclasses.replace(model_spec(llm="llama"), speech_encoder=_TranscriberRowsConfig(n))
+                            for n in (0, 4))
+    refused = [(no_sound, {"alignment_steps": 1}, "encoder_rows_every"),
+               (no_sound, {"alignment_weight": 0.5}, "encoder_rows_every"),
+               # CTC compression of a transcriber is refused with or without encoder rows.
+               (no_sound, {"ctc_compression": "outputs"}, "CTC compression"),
+               (with_sound, {"ctc_compression": "tokens"}, "CTC compression")]
+    for spec, setting, message in refused:
+        with pytest.raises(UserError, match=message):
             train(str(tmp_path / "run"), model=spec, data=data, steps=2, **setting)
         assert not (tmp_path / "run").exists()

@@ -64,7 +64,8 @@ class SLM(nn.Module):
             speech_embeds = speech_embeds + text[:, :: self.adapter.config.subsample_rate] * speech_mask[..., None]
         if ctc_token_ids is None:
             return speech_embeds, speech_mask
-        problem = alignment.compression_problem(compression, "compression", off_allowed=False)
+        problem = (alignment.compression_problem(compression, "compression", off_allowed=False)
+                   or alignment_front_end_problem(self.speech_encoder.config, compression))
         if problem:
             raise ValueError(problem)
         table = self.llm.embed(ctc_token_ids[None, :])[0]
@@ -158,9 +159,19 @@ def llm_token_ids(speech_hidden: jax.Array, channels: int) -> jax.Array:
     return jnp.round(speech_hidden[..., -channels:]).astype(jnp.int32)
 
 
-def alignment_front_end_problem(front_end_config: Any) -> str | None:
-    """Why the CTC alignment cannot read this front end's rows (see SLM.sound_rows), or None."""
-    if getattr(front_end_config, "llm_token_channels", 0) and not getattr(front_end_config, "encoder_rows_every", 0):
+def alignment_front_end_problem(front_end_config: Any, compression: str = "") -> str | None:
+    """Why the CTC alignment (or, with ``compression``, CTC compression) cannot read this front
+    end's rows (see SLM.sound_rows), or None."""
+    if not getattr(front_end_config, "llm_token_channels", 0):
+        return None
+    if compression:
+        # Compression keeps the rows of the adapter's own CTC best path over every row, and a
+        # transcriber's token rows are Whisper's tokens already, one row each; its CTC head is
+        # trained on the encoder rows with the token rows masked out, which this path does not do.
+        return ("CTC compression (train.ctc_compression) reads every row of the adapter's output, and a "
+                "transcriber front end's token rows are Whisper's transcript itself: leave it off for a "
+                "transcriber (the CTC alignment of its encoder rows, alignment_steps/alignment_weight, is fine)")
+    if not getattr(front_end_config, "encoder_rows_every", 0):
         return ("the CTC alignment of a transcriber front end reads its encoder rows, and this one has none: set "
                 "WhisperTranscriberConfig.encoder_rows_every (its token rows are Whisper's transcript itself)")
     return None
