@@ -1,6 +1,8 @@
 """Test-wide setup: 8 host CPU devices (sharding tests), quiet TensorFlow, offline Hugging Face."""
 
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -10,6 +12,23 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# One XLA compilation cache for the whole run, shared by both xdist workers (they inherit this
+# process's environment) and by the CLI tests' subprocesses. Why: most tests train or decode the
+# same tiny models at the same shapes, and compiling them again in every test was most of the
+# suite's time (measured on tests/test_warm_start.py alone: 96 s without, 62 s with). The key of
+# an entry covers the program, the devices and the flags, so a hit is the same executable. A fresh
+# directory per run keeps every run's timing the same as CI's clean clone.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="slm-jax-tests-xla-cache-")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
+
+def pytest_sessionfinish(session):
+    if _OWN_CACHE and not hasattr(session.config, "workerinput"):  # the run's first process made it
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
