@@ -15,7 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # One XLA compilation cache for the whole run, shared by both xdist workers (they inherit this
 # process's environment) and by the CLI tests' subprocesses. Why: most tests train or decode the
-# same tiny models at the same shapes, and compiling them again in every test was most of the
+# same tiny models at the same shapes, and compiling them again in every test was a large share of the
 # suite's time (measured here, the whole suite on 2 workers: 1,180 s without, 903 s with). The key of
 # an entry covers the program, the devices and the flags, so a hit is the same executable. A fresh
 # directory per run keeps every run's timing the same as CI's clean clone.
