@@ -5,19 +5,33 @@ recordings: the reference point for the SLM's transcripts of the same files.
 
 The TSV has 'path<TAB>transcript' lines (paths relative to it), as `slm-eval --audio_tsv` reads.
 Prints one line per file and the corpus WER (the same normalisation as slm-eval).
+
+On a generated corpus instead (its test split by default), with a report in slm-eval's shape
+that scripts/wer_by_voice.py breaks down by voice:
+
+  .venv/bin/python scripts/whisper_reference_wer.py --corpus_dir=runs/kk/corpus \
+      --tasks=asr_en,asr_en_open --out=runs/whisper_alone.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("tsv", help="'path<TAB>transcript' lines")
+    parser.add_argument("tsv", nargs="?", help="'path<TAB>transcript' lines")
+    parser.add_argument("--corpus_dir", default=None, help="a generated corpus instead of a TSV")
+    parser.add_argument("--tasks", default="asr_en", help="with --corpus_dir: comma-separated ASR tasks")
+    parser.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    parser.add_argument("--max_examples_per_task", type=int, default=None)
+    parser.add_argument("--out", default=None, help="a JSON report (slm-eval's shape: tasks, predictions)")
     args = parser.parse_args(argv)
+    if (args.tsv is None) == (args.corpus_dir is None):
+        parser.error("give a TSV or --corpus_dir (one of them)")
 
     import numpy as np
     import torch
@@ -50,19 +64,34 @@ def main(argv=None) -> int:
                 ids.append(token)
         return ids[len(prompt):]
 
-    base = os.path.dirname(os.path.abspath(args.tsv))
-    references, hypotheses = [], []
-    with open(args.tsv, encoding="utf-8") as f:
-        rows = [line.rstrip("\n").split("\t", 1) for line in f if line.strip() and not line.startswith("#")]
-    for path, reference in rows:
-        samples = audio.load_audio(os.path.join(base, path))
+    # (task, name, reference, samples) per utterance.
+    if args.tsv:
+        base = os.path.dirname(os.path.abspath(args.tsv))
+        with open(args.tsv, encoding="utf-8") as f:
+            rows = [line.rstrip("\n").split("\t", 1) for line in f if line.strip() and not line.startswith("#")]
+        utterances = [("tsv", path, reference, audio.load_audio(os.path.join(base, path))) for path, reference in rows]
+    else:
+        from slm_jax.cached_corpus import read_corpus
+
+        tasks = args.tasks.split(",")
+        examples = read_corpus(args.corpus_dir, [args.split], tasks)
+        utterances = [(t, e["id"], e["text"], e["audio"]) for t in tasks
+                      for e in [e for e in examples if e["task"] == t][:args.max_examples_per_task]]
+    predictions: dict[str, list[dict]] = {}
+    for task, name, reference, samples in utterances:
         features = features_of(samples, sampling_rate=audio.SAMPLE_RATE, return_tensors="pt").input_features
         hypothesis = tokenizer.decode(greedy(features), skip_special_tokens=True).strip()
-        references.append(reference)
-        hypotheses.append(hypothesis)
-        print(f"{path}\t{hypothesis}\t(WER {metrics.word_error_rate([reference], [hypothesis]):.3f})", flush=True)
-    print(f"Whisper-base (whole, transformers) WER over {len(rows)} files: "
-          f"{metrics.word_error_rate(references, hypotheses):.4f}")
+        predictions.setdefault(task, []).append({"id": name, "reference": reference, "prediction": hypothesis})
+        print(f"{name}\t{hypothesis}\t(WER {metrics.word_error_rate([reference], [hypothesis]):.3f})", flush=True)
+    report = {"tasks": {}, "predictions": predictions, "corpus_dir": args.corpus_dir, "split": args.split,
+              "decoder": "whisper-base whole (transformers), greedy"}
+    for task, items in predictions.items():
+        wer = metrics.word_error_rate([p["reference"] for p in items], [p["prediction"] for p in items])
+        report["tasks"][task] = {"examples": len(items), "wer": wer}
+        print(f"Whisper-base (whole, transformers) WER over {len(items)} {'files' if args.tsv else task}: {wer:.4f}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
     return 0
 
 

@@ -399,3 +399,39 @@ def test_a_missing_voice_family_is_refused_before_anything_is_written(tmp_path, 
     with pytest.raises(corpus.DataError, match=rf"{what} is not installed .*--{family}_share=0.5 of English"):
         corpus.make_corpus(str(tmp_path / "c"), 8, progress=False, **{f"{family}_share": 0.5})
     assert not (tmp_path / "c").exists()
+
+
+def test_a_manifest_re_plans_each_examples_voice_and_wer_by_voice_groups_by_it(load_script):
+    script = load_script("wer_by_voice")
+    config = {"size": 60, "seed": 3, "languages": ["en", "fr"], "synthesizer": "espeak", "open_asr": 4,
+              "flite_share": 0.5, "augment_share": 0.5}  # an older manifest: no piper or kokoro share
+    specs = corpus.planned_examples({"config": config})
+    assert list(specs.values()) == corpus.plan_corpus(60, 3, ["en", "fr"], open_asr=4, flite_share=0.5,
+                                                      augment_share=0.5)
+    # The re-plan of a written corpus is what its shards hold.
+    from slm_jax.cached_corpus import read_corpus
+
+    written = corpus.planned_examples(corpus.load_manifest(small_corpus()))
+    examples = read_corpus(small_corpus(), ["train", "validation", "test"], include_zero_shot=True)
+    assert examples and all(written[e["id"]].text == e["text"] and written[e["id"]].split == e["split"]
+                            for e in examples)
+    families = {s.id: corpus.voice_family(s) for s in specs.values()}
+    assert set(families.values()) == {"espeak", "flite"}
+    assert all(families[i] == "espeak" for i, s in specs.items() if s.lang == "fr")
+
+    english = [s for s in specs.values() if s.task.startswith("asr_en")][:6]
+    # Every utterance right but the first, whose two reference words are both wrong.
+    predictions = [{"id": s.id, "reference": "one two", "prediction": "one two"} for s in english]
+    predictions[0]["prediction"] = "three four"
+    report = {"tasks": {"asr_en": {"wer": 1 / 6}}, "predictions": {"asr_en": predictions}}
+    rows = {group: (n, wer) for _, group, n, wer in script.breakdown(report, specs, "espeak")}
+    assert rows["all"] == (6, pytest.approx(2 / 12))
+    groups = [script.groups_of(s, "espeak") for s in english]
+    assert set(rows) == {"all", *(g for pair in groups for g in pair)}
+    for group in groups[0]:  # the first utterance's family and acoustics hold its two errors
+        count = sum(group in pair for pair in groups)
+        assert rows[group] == (count, pytest.approx(2 / (2 * count)))
+    foreign = {"tasks": {"asr_en": {"wer": 0.0}},
+               "predictions": {"asr_en": [{"id": "nope", "reference": "a", "prediction": "a"}]}}
+    with pytest.raises(SystemExit, match="not examples of this corpus"):
+        list(script.breakdown(foreign, specs, "espeak"))

@@ -341,6 +341,25 @@ def _with_voice_of(family: str, spec: ExampleSpec, seed: int, share: float) -> E
     return dataclasses.replace(spec, voice=prefix + _pick(rng, voices))
 
 
+def voice_family(spec: ExampleSpec) -> str:
+    """'espeak', or the ``VOICE_FAMILIES`` name whose voice speaks ``spec``."""
+    for family, (prefix, _) in VOICE_FAMILIES.items():
+        if spec.voice.startswith(prefix):
+            return family
+    return "espeak"
+
+
+def planned_examples(manifest: dict) -> dict[str, ExampleSpec]:
+    """id -> the plan of every example of the corpus ``manifest`` describes (voice, speed,
+    acoustics: what the shards do not store), re-planned from its config: plan_corpus is a pure
+    function of it. A manifest written before a share existed means none of it."""
+    config = manifest["config"]
+    specs = plan_corpus(config["size"], config["seed"], config["languages"], open_asr=config.get("open_asr", 0),
+                        augment_share=config.get("augment_share", 0.0),
+                        **{f"{family}_share": config.get(f"{family}_share", 0.0) for family in VOICE_FAMILIES})
+    return {s.id: s for s in specs}
+
+
 # Ranges of ``Acoustics``: Kaldi-style speed perturbation (0.9-1.1x, widened a little), rooms from a
 # dry booth to a reverberant hall (RT60 0.2-0.9 s, direct path 2 dB weaker to 10 dB stronger than
 # the tail), and channels from telephone (300-3400 Hz) to a full-band microphone.

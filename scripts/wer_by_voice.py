@@ -1,0 +1,76 @@
+"""WER of `slm-eval` reports on a generated corpus, broken down by what spoke each utterance:
+its voice family (espeak-ng, flite, Piper, Kokoro) and whether the acoustics were augmented
+(speed, room, band limit: `--augment_share`). The shards do not store voices; the corpus's
+manifest re-plans them (`corpus.planned_examples`).
+
+  slm-eval ... --tasks=asr_en,asr_en_open --out=runs/eval.json
+  .venv/bin/python scripts/wer_by_voice.py runs/eval.json [more reports of the same corpus ...]
+
+Prints one row per report, task and group: the utterance count and the corpus WER (the same
+normalisation as slm-eval). Only ASR tasks (a 'wer' in the report) are broken down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Iterable
+
+
+def groups_of(spec, synthesizer: str) -> tuple[str, str]:
+    """The voice family and acoustics group an utterance is counted in."""
+    from slm_jax.data import corpus
+
+    family = corpus.voice_family(spec) if synthesizer == "espeak" else synthesizer
+    return family, ("augmented" if spec.acoustics is not None else "as synthesised")
+
+
+def breakdown(report: dict, specs: dict, synthesizer: str) -> Iterable[tuple[str, str, int, float]]:
+    """(task, group, utterances, WER) for every ASR task of ``report``: all, then each group."""
+    from slm_jax import metrics
+
+    for task, predictions in sorted(report["predictions"].items()):
+        if "wer" not in report["tasks"].get(task, {}):
+            continue
+        missing = [p["id"] for p in predictions if p["id"] not in specs]
+        if missing:
+            raise SystemExit(f"wer_by_voice: {len(missing)} predictions of {task} (e.g. {missing[0]}) are not "
+                             "examples of this corpus: pass the corpus the report was made on (--corpus_dir)")
+        grouped: dict[str, list[dict]] = {"all": list(predictions)}
+        for p in predictions:
+            for group in groups_of(specs[p["id"]], synthesizer):
+                grouped.setdefault(group, []).append(p)
+        for group, items in grouped.items():
+            wer = metrics.word_error_rate([p["reference"] for p in items], [p["prediction"] for p in items])
+            yield task, group, len(items), wer
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("reports", nargs="+", help="slm-eval JSON reports (or scripts/whisper_reference_wer.py --out)")
+    parser.add_argument("--corpus_dir", default=None, help="default: the corpus_dir each report records")
+    args = parser.parse_args(argv)
+
+    from slm_jax.data import corpus
+
+    planned: dict[str, tuple[dict, str]] = {}
+    print(f"{'report':32s} {'task':14s} {'group':16s} {'utterances':>10s} {'WER':>7s}")
+    for path in args.reports:
+        with open(path) as f:
+            report = json.load(f)
+        corpus_dir = args.corpus_dir or report.get("corpus_dir")
+        if not corpus_dir:
+            raise SystemExit(f"wer_by_voice: {path} records no corpus_dir; pass --corpus_dir")
+        if corpus_dir not in planned:
+            manifest = corpus.load_manifest(corpus_dir)
+            planned[corpus_dir] = (corpus.planned_examples(manifest), manifest["config"]["synthesizer"])
+        specs, synthesizer = planned[corpus_dir]
+        for task, group, count, wer in breakdown(report, specs, synthesizer):
+            print(f"{os.path.basename(path):32s} {task:14s} {group:16s} {count:10d} {100 * wer:6.1f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
