@@ -38,11 +38,12 @@ def breakdown(report: dict, specs: dict, synthesizer: str) -> Iterable[tuple[str
         if missing:
             raise SystemExit(f"wer_by_voice: {len(missing)} predictions of {task} (e.g. {missing[0]}) are not "
                              "examples of this corpus: pass the corpus the report was made on (--corpus_dir)")
-        grouped: dict[str, list[dict]] = {"all": list(predictions)}
+        # all, then the voice families, then the acoustics: each in sorted order.
+        kinds: tuple[dict[str, list[dict]], ...] = ({"all": list(predictions)}, {}, {})
         for p in predictions:
-            for group in groups_of(specs[p["id"]], synthesizer):
-                grouped.setdefault(group, []).append(p)
-        for group, items in grouped.items():
+            for kind, group in zip(kinds[1:], groups_of(specs[p["id"]], synthesizer)):
+                kind.setdefault(group, []).append(p)
+        for group, items in (pair for kind in kinds for pair in sorted(kind.items())):
             wer = metrics.word_error_rate([p["reference"] for p in items], [p["prediction"] for p in items])
             yield task, group, len(items), wer
 
