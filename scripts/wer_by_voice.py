@@ -7,7 +7,9 @@ manifest re-plans them (`corpus.planned_examples`).
   .venv/bin/python scripts/wer_by_voice.py runs/eval.json [more reports of the same corpus ...]
 
 Prints one row per report, task and group: the utterance count and the corpus WER (the same
-normalisation as slm-eval). Only ASR tasks (a 'wer' in the report) are broken down.
+normalisation as slm-eval). Only ASR tasks (a 'wer' in the report) are broken down. With
+--baseline=REPORT (e.g. Whisper alone, from scripts/whisper_reference_wer.py --out) it also says on
+how many utterances each report made more or fewer word edits than the baseline.
 """
 
 from __future__ import annotations
@@ -48,10 +50,30 @@ def breakdown(report: dict, specs: dict, synthesizer: str) -> Iterable[tuple[str
             yield task, group, len(items), wer
 
 
+def against_baseline(report: dict, baseline: dict) -> Iterable[tuple[str, int, int, int, int]]:
+    """(task, utterances worse than the baseline, their extra word edits, utterances better, the edits
+    they save) for every task the two reports share, matched by example id."""
+    from slm_jax import metrics
+
+    def edits(p):
+        return metrics.edit_distance(metrics.normalize_text(p["reference"]).split(),
+                                     metrics.normalize_text(p["prediction"]).split())
+
+    for task, predictions in sorted(report["predictions"].items()):
+        base = {p["id"]: p for p in baseline["predictions"].get(task, [])}
+        deltas = [edits(p) - edits(base[p["id"]]) for p in predictions if p["id"] in base]
+        if deltas:
+            worse, better = [d for d in deltas if d > 0], [-d for d in deltas if d < 0]
+            yield task, len(worse), sum(worse), len(better), sum(better)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("reports", nargs="+", help="slm-eval JSON reports (or scripts/whisper_reference_wer.py --out)")
     parser.add_argument("--corpus_dir", default=None, help="default: the corpus_dir each report records")
+    parser.add_argument("--baseline", default=None,
+                        help="a report of the same utterances (e.g. Whisper alone): also print, per report and "
+                             "task, on how many utterances it made more / fewer word edits, and how many")
     args = parser.parse_args(argv)
 
     from slm_jax.data import corpus
@@ -70,6 +92,12 @@ def main(argv=None) -> int:
         specs, synthesizer = planned[corpus_dir]
         for task, group, count, wer in breakdown(report, specs, synthesizer):
             print(f"{os.path.basename(path):32s} {task:14s} {group:16s} {count:10d} {100 * wer:6.1f}%")
+        if args.baseline:
+            with open(args.baseline) as f:
+                baseline = json.load(f)
+            for task, worse, extra, better, saved in against_baseline(report, baseline):
+                print(f"{os.path.basename(path):32s} {task:14s} against {os.path.basename(args.baseline)}: worse on "
+                      f"{worse} utterances (+{extra} word edits), better on {better} (-{saved})")
     return 0
 
 

@@ -431,6 +431,10 @@ def test_a_manifest_re_plans_each_examples_voice_and_wer_by_voice_groups_by_it(l
     for group in groups[0]:  # the first utterance's family and acoustics hold its two errors
         count = sum(group in pair for pair in groups)
         assert rows[group] == (count, pytest.approx(2 / (2 * count)))
+    # Against a baseline that got the first utterance right and missed one word of the second:
+    baseline = {"predictions": {"asr_en": [dict(p, prediction="one two") for p in predictions]}}
+    baseline["predictions"]["asr_en"][1]["prediction"] = "one"
+    assert list(script.against_baseline(report, baseline)) == [("asr_en", 1, 2, 1, 1)]
     foreign = {"tasks": {"asr_en": {"wer": 0.0}},
                "predictions": {"asr_en": [{"id": "nope", "reference": "a", "prediction": "a"}]}}
     with pytest.raises(SystemExit, match="not examples of this corpus"):
