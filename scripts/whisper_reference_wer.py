@@ -29,6 +29,10 @@ def main(argv=None) -> int:
     parser.add_argument("--split", default="test", choices=["train", "validation", "test"])
     parser.add_argument("--max_examples_per_task", type=int, default=None)
     parser.add_argument("--out", default=None, help="a JSON report (slm-eval's shape: tasks, predictions)")
+    parser.add_argument("--front_end", action="store_true",
+                        help="transcribe with this project's Flax WhisperTranscriber at its default settings (1 s "
+                             "of silence appended, the repeated-4-gram stop): the transcript the transcriber "
+                             "front end hands the adapter, rather than transformers' plain greedy decoding")
     args = parser.parse_args(argv)
     if (args.tsv is None) == (args.corpus_dir is None):
         parser.error("give a TSV or --corpus_dir (one of them)")
@@ -64,6 +68,16 @@ def main(argv=None) -> int:
                 ids.append(token)
         return ids[len(prompt):]
 
+    if args.front_end:
+        transcribe = _front_end_transcriber(files, config, tokenizer)
+        whisper = "Whisper-base (whole, this project's WhisperTranscriber)"
+    else:
+        def transcribe(samples):
+            features = features_of(samples, sampling_rate=audio.SAMPLE_RATE, return_tensors="pt").input_features
+            return tokenizer.decode(greedy(features), skip_special_tokens=True).strip()
+
+        whisper = "Whisper-base (whole, transformers)"
+
     # (task, name, reference, samples) per utterance.
     if args.tsv:
         base = os.path.dirname(os.path.abspath(args.tsv))
@@ -79,20 +93,51 @@ def main(argv=None) -> int:
                       for e in [e for e in examples if e["task"] == t][:args.max_examples_per_task]]
     predictions: dict[str, list[dict]] = {}
     for task, name, reference, samples in utterances:
-        features = features_of(samples, sampling_rate=audio.SAMPLE_RATE, return_tensors="pt").input_features
-        hypothesis = tokenizer.decode(greedy(features), skip_special_tokens=True).strip()
+        hypothesis = transcribe(samples)
         predictions.setdefault(task, []).append({"id": name, "reference": reference, "prediction": hypothesis})
         print(f"{name}\t{hypothesis}\t(WER {metrics.word_error_rate([reference], [hypothesis]):.3f})", flush=True)
     report = {"tasks": {}, "predictions": predictions, "corpus_dir": args.corpus_dir, "split": args.split,
-              "decoder": "whisper-base whole (transformers), greedy"}
+              "decoder": f"{whisper}, greedy"}
     for task, items in predictions.items():
         wer = metrics.word_error_rate([p["reference"] for p in items], [p["prediction"] for p in items])
         report["tasks"][task] = {"examples": len(items), "wer": wer}
-        print(f"Whisper-base (whole, transformers) WER over {len(items)} {'files' if args.tsv else task}: {wer:.4f}")
+        print(f"{whisper} WER over {len(items)} {'files' if args.tsv else task}: {wer:.4f}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
     return 0
+
+
+def _front_end_transcriber(files, config, tokenizer):
+    """samples -> text, by the transcriber front end's own greedy decoding (jit, bucketed lengths)."""
+    import jax
+    import numpy as np
+
+    from slm_jax import audio
+    from slm_jax.batching import bucket_length
+    from slm_jax.convert import ctranslate2, hf_whisper_transcriber
+    from slm_jax.models.whisper_transcriber import WhisperTranscriber
+
+    state, _ = ctranslate2.load_whisper_hf(files.model_bin, files.config_json)
+    cfg = hf_whisper_transcriber.config_from_hf(config)
+    params = hf_whisper_transcriber.params_from_state_dict(state, cfg)
+    # The weights are an argument, not a closed-over constant that XLA would fold into the program.
+    run = jax.jit(lambda p, f, m: WhisperTranscriber(cfg).apply({"params": p}, f, m,
+                                                                method=WhisperTranscriber.transcribe))
+
+    def transcribe(samples):
+        features = audio.log_mel_spectrogram(samples)
+        frames = features.shape[0]
+        # Room for the appended silence; lengths in 2-second buckets, so few shapes compile.
+        length = bucket_length(frames, 200, cfg.encoder.max_frames - cfg.trailing_silence_frames)
+        if frames > length:
+            raise SystemExit(f"an utterance of {frames / 100:.1f} s is longer than Whisper's window")
+        out = run(params, np.pad(features, ((0, length - frames), (0, 0)))[None],
+                  (np.arange(length) < frames).astype(np.int32)[None])
+        kept = int(out.mask[0].sum())
+        return tokenizer.decode(np.asarray(out.tokens[0, :kept]), skip_special_tokens=True).strip()
+
+    return transcribe
 
 
 if __name__ == "__main__":

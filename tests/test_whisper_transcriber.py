@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import os
 
 import flax.linen as nn
@@ -458,3 +459,24 @@ def test_encoder_rows_cache_script_refuses_a_gated_config(tmp_path, capsys, load
     assert script.main([str(tmp_path), "0123", "--gin_file=whisper_base_transcriber_gated_rows_smollm2.gin"]) == 2
     assert "only where Whisper was unsure" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("front_end", [False, True])
+def test_whisper_reference_wer_transcribes_a_tsv_both_ways_into_a_report(tmp_path, load_script, front_end):
+    """scripts/whisper_reference_wer.py: transformers' plain greedy decoding, or this project's
+    transcriber front end (what the SLM reads), on a real recording; the report is slm-eval's shape."""
+    from slm_jax import assets, metrics
+
+    if not assets.whisper_base_available():
+        pytest.skip("the Whisper-base weight packages are not installed")
+    root = os.path.join(os.path.dirname(__file__), "..", "release", "real_speech")
+    tsv = tmp_path / "one.tsv"
+    tsv.write_text(f"{os.path.join(root, 'arctic_a0009.wav')}\tHe turned sharply and faced Gregson across the table.\n")
+    out = tmp_path / "report.json"
+    assert load_script("whisper_reference_wer").main([str(tsv), f"--out={out}"] + ["--front_end"] * front_end) == 0
+    report = json.loads(out.read_text())
+    [item] = report["predictions"]["tsv"]
+    assert metrics.word_error_rate([item["reference"]], [item["prediction"]]) < 0.3, item["prediction"]
+    assert report["tasks"]["tsv"] == {"examples": 1, "wer": metrics.word_error_rate([item["reference"]],
+                                                                                      [item["prediction"]])}
+    assert ("WhisperTranscriber" in report["decoder"]) == front_end
