@@ -61,7 +61,8 @@ def main(argv=None) -> int:
 
     params = frozen.load_on_host(config, model.speech_encoder_source)
     module = WhisperTranscriber(config)
-    encode = jax.jit(lambda f, m: module.apply({"params": params}, f, m, method=WhisperTranscriber.encode))
+    # The weights are an argument: closed over, XLA would fold them into the program as constants.
+    encode = jax.jit(lambda p, f, m: module.apply({"params": p}, f, m, method=WhisperTranscriber.encode))
     examples = {ex["id"]: ex for split in ("train", "validation", "test")
                 for ex in read_corpus(args.corpus_dir, [split]) if ex["id"] in old}
 
@@ -71,7 +72,7 @@ def main(argv=None) -> int:
             features = audio_lib.log_mel_spectrogram(ex["audio"])
             padded, mask = batching.pad_frames(
                 [features], batching.bucket_length(features.shape[0], 100, config.encoder.max_frames))
-            memory, memory_mask = encode(padded, mask)
+            memory, memory_mask = encode(params, padded, mask)
             text = jnp.asarray(old[key])[None]
             packed, packed_mask = encoder_rows_before(memory, memory_mask, text, jnp.ones(text.shape[:2], jnp.int32),
                                                       config.encoder_rows_every)
