@@ -34,6 +34,9 @@ def _generate_with_transcript_bias(self, params, batch, start_tokens, *, max_new
         hidden, _ = self.slm.apply({"params": params}, batch["audio_features"], batch["audio_mask"],
                                    method=SLM.encode_speech)
     ids = llm_token_ids(hidden, self.slm.speech_encoder.config.llm_token_channels).reshape(hidden.shape[0], -1)
+    # [B, V]: BETA on each row's transcript tokens, made once per batch rather than at every step.
+    bonus = jnp.zeros((ids.shape[0], self.llm.config.vocab_size), jnp.float32).at[
+        jnp.arange(ids.shape[0])[:, None], jnp.maximum(ids - 1, 0)].max(jnp.where(ids > 0, beta, 0.0))
     make_step_fn, generate = decoding.make_step_fn, decoding.generate
 
     def biased_step_fn(model, llm_params):
@@ -41,9 +44,6 @@ def _generate_with_transcript_bias(self, params, batch, start_tokens, *, max_new
 
         def biased(tokens, state, step_index):
             logits, state = step(tokens, state, step_index)
-            rows = jnp.arange(logits.shape[0])[:, None]
-            bonus = jnp.zeros(logits.shape, jnp.float32).at[rows, jnp.maximum(ids - 1, 0)].max(
-                jnp.where(ids > 0, beta, 0.0))
             return logits + bonus.astype(logits.dtype), state
 
         return biased

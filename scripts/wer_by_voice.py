@@ -78,6 +78,10 @@ def main(argv=None) -> int:
 
     from slm_jax.data import corpus
 
+    baseline = None
+    if args.baseline:
+        with open(args.baseline) as f:
+            baseline = json.load(f)
     planned: dict[str, tuple[dict, str]] = {}
     print(f"{'report':32s} {'task':14s} {'group':16s} {'utterances':>10s} {'WER':>7s}")
     for path in args.reports:
@@ -92,9 +96,7 @@ def main(argv=None) -> int:
         specs, synthesizer = planned[corpus_dir]
         for task, group, count, wer in breakdown(report, specs, synthesizer):
             print(f"{os.path.basename(path):32s} {task:14s} {group:16s} {count:10d} {100 * wer:6.1f}%")
-        if args.baseline:
-            with open(args.baseline) as f:
-                baseline = json.load(f)
+        if baseline is not None:
             for task, worse, extra, better, saved in against_baseline(report, baseline):
                 print(f"{os.path.basename(path):32s} {task:14s} against {os.path.basename(args.baseline)}: worse on "
                       f"{worse} utterances (+{extra} word edits), better on {better} (-{saved})")

@@ -46,32 +46,33 @@ def main(argv=None) -> int:
 
     files = assets.whisper_base_files()
     state, config = ctranslate2.load_whisper_hf(files.model_bin, files.config_json)
-    model = transformers.WhisperForConditionalGeneration(transformers.WhisperConfig(**config)).eval()
-    model.load_state_dict({k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in state.items()}, strict=False)
     tokenizer = transformers.WhisperTokenizerFast(tokenizer_file=str(files.tokenizer_json))
-    features_of = transformers.WhisperFeatureExtractor(feature_size=config["num_mel_bins"])
-
-    # Plain greedy decoding from Whisper's English-transcription prompt (the packaged generation
-    # config predates transformers' language/task arguments).
-    prompt = tokenizer.convert_tokens_to_ids(["<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|notimestamps|>"])
-    end = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-
-    def greedy(features, max_new_tokens: int = 96) -> list[int]:
-        ids = list(prompt)
-        with torch.no_grad():
-            encoded = model.model.encoder(features)
-            for _ in range(max_new_tokens):
-                logits = model(encoder_outputs=encoded, decoder_input_ids=torch.tensor([ids])).logits[0, -1]
-                token = int(logits.argmax())
-                if token == end:
-                    break
-                ids.append(token)
-        return ids[len(prompt):]
-
     if args.front_end:
-        transcribe = _front_end_transcriber(files, config, tokenizer)
+        transcribe = _front_end_transcriber(state, config, tokenizer)
         whisper = "Whisper-base (whole, this project's WhisperTranscriber)"
     else:
+        model = transformers.WhisperForConditionalGeneration(transformers.WhisperConfig(**config)).eval()
+        model.load_state_dict({k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in state.items()},
+                              strict=False)
+        features_of = transformers.WhisperFeatureExtractor(feature_size=config["num_mel_bins"])
+        # Plain greedy decoding from Whisper's English-transcription prompt (the packaged generation
+        # config predates transformers' language/task arguments).
+        prompt = tokenizer.convert_tokens_to_ids(["<|startoftranscript|>", "<|en|>", "<|transcribe|>",
+                                                  "<|notimestamps|>"])
+        end = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+
+        def greedy(features, max_new_tokens: int = 96) -> list[int]:
+            ids = list(prompt)
+            with torch.no_grad():
+                encoded = model.model.encoder(features)
+                for _ in range(max_new_tokens):
+                    logits = model(encoder_outputs=encoded, decoder_input_ids=torch.tensor([ids])).logits[0, -1]
+                    token = int(logits.argmax())
+                    if token == end:
+                        break
+                    ids.append(token)
+            return ids[len(prompt):]
+
         def transcribe(samples):
             features = features_of(samples, sampling_rate=audio.SAMPLE_RATE, return_tensors="pt").input_features
             return tokenizer.decode(greedy(features), skip_special_tokens=True).strip()
@@ -108,17 +109,16 @@ def main(argv=None) -> int:
     return 0
 
 
-def _front_end_transcriber(files, config, tokenizer):
-    """samples -> text, by the transcriber front end's own greedy decoding (jit, bucketed lengths)."""
+def _front_end_transcriber(state, config, tokenizer):
+    """samples -> text, by the transcriber front end's own greedy decoding (jit, bucketed lengths),
+    from the Whisper checkpoint ``state`` and its ``config``."""
     import jax
     import numpy as np
 
-    from slm_jax import audio
-    from slm_jax.batching import bucket_length
-    from slm_jax.convert import ctranslate2, hf_whisper_transcriber
+    from slm_jax import audio, batching
+    from slm_jax.convert import hf_whisper_transcriber
     from slm_jax.models.whisper_transcriber import WhisperTranscriber
 
-    state, _ = ctranslate2.load_whisper_hf(files.model_bin, files.config_json)
     cfg = hf_whisper_transcriber.config_from_hf(config)
     params = hf_whisper_transcriber.params_from_state_dict(state, cfg)
     # The weights are an argument, not a closed-over constant that XLA would fold into the program.
@@ -129,11 +129,10 @@ def _front_end_transcriber(files, config, tokenizer):
         features = audio.log_mel_spectrogram(samples)
         frames = features.shape[0]
         # Room for the appended silence; lengths in 2-second buckets, so few shapes compile.
-        length = bucket_length(frames, 200, cfg.encoder.max_frames - cfg.trailing_silence_frames)
+        length = batching.bucket_length(frames, 200, cfg.encoder.max_frames - cfg.trailing_silence_frames)
         if frames > length:
             raise SystemExit(f"an utterance of {frames / 100:.1f} s is longer than Whisper's window")
-        out = run(params, np.pad(features, ((0, length - frames), (0, 0)))[None],
-                  (np.arange(length) < frames).astype(np.int32)[None])
+        out = run(params, *batching.pad_frames([features], length))
         kept = int(out.mask[0].sum())
         return tokenizer.decode(np.asarray(out.tokens[0, :kept]), skip_special_tokens=True).strip()
 
