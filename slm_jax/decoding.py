@@ -40,6 +40,49 @@ class GreedyOutput(NamedTuple):
     lengths: jax.Array  # [B] generated tokens, the eos included
 
 
+class TranscriptGuide(NamedTuple):
+    """A transcript the answer should follow: greedy decoding adds a bonus to the logit of the
+    guide's next token while the answer keeps to it (``follow_guide``), and to eos from the step
+    the guide is used up. For a front end that writes its own transcript (Whisper's decoder): the
+    adapter rewords and drops words Whisper had right, and this is a copy prior that lets go
+    where the model departs from the transcript with confidence."""
+
+    tokens: jax.Array  # [B, G] int32 LLM token ids of each row's transcript (anything after its length)
+    lengths: jax.Array  # [B] int32
+    bias: jax.Array  # [B, G] float: the bonus for each guide token (0: the guide leaves that token to the model)
+    end_bias: jax.Array  # [] float: the bonus for eos once the guide is used up
+
+
+# How far ahead of its place a token may be found in the guide and still count as keeping to it
+# (the answer skipped a few of the transcript's tokens, e.g. an opening "For example,").
+GUIDE_WINDOW = 16
+
+
+def guide_bonus(guide: TranscriptGuide, position: jax.Array, following: jax.Array, vocab_size: int,
+                eos_id: int | None) -> jax.Array:
+    """[B, V] float32: each following row's bonus for its next guide token (eos at the end)."""
+    at = jnp.minimum(position, guide.tokens.shape[1] - 1)[:, None]
+    inside = position < guide.lengths
+    target = jnp.where(inside, jnp.take_along_axis(guide.tokens, at, axis=1)[:, 0], -1 if eos_id is None else eos_id)
+    bias = jnp.where(inside, jnp.take_along_axis(guide.bias, at, axis=1)[:, 0], guide.end_bias)
+    return jax.nn.one_hot(target, vocab_size, dtype=jnp.float32) * jnp.where(following, bias, 0.0)[:, None]
+
+
+def follow_guide(guide: TranscriptGuide, position: jax.Array, token: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """After the answer wrote ``token`` [B]: (the guide position after it, whether the row still
+    follows the guide). It keeps to the guide when the token is among the next GUIDE_WINDOW guide
+    tokens; the position then moves past the first such one. Otherwise the position stays, and
+    a later token found there takes the row back. A row whose guide is used up follows it (to
+    its end) whatever it writes."""
+    index = jnp.arange(guide.tokens.shape[1])[None]
+    ahead = jnp.logical_and(index >= position[:, None],
+                            index < jnp.minimum(position + GUIDE_WINDOW, guide.lengths)[:, None])
+    found = jnp.logical_and(ahead, guide.tokens == token[:, None])
+    kept = jnp.any(found, axis=1)
+    position = jnp.where(kept, jnp.argmax(found, axis=1) + 1, position).astype(jnp.int32)
+    return position, jnp.logical_or(kept, position >= guide.lengths)
+
+
 class BeamSearchOutput(NamedTuple):
     tokens: jax.Array  # [B, max_new_tokens] int32: the best sequence, pad_id after its eos
     scores: jax.Array  # [B] its length-normalised log-probability
@@ -120,24 +163,30 @@ def repeated_ngram_copy(tokens: jax.Array, step: jax.Array, live: jax.Array, n: 
 def greedy_search(
     step_fn: StepFn, state: Any, start_tokens: jax.Array, max_new_tokens: int, eos_id: int | None,
     *, pad_id: int = 0, no_repeat_ngram_size: int = 0, stop_on_repeated_ngram: int = 0,
+    guide: TranscriptGuide | None = None,
 ) -> GreedyOutput:
     """Argmax decoding. Rows stop at their eos (later slots hold ``pad_id``); the loop ends when
     every row has stopped or after ``max_new_tokens`` tokens. ``eos_id=None`` never stops early.
     ``no_repeat_ngram_size`` n > 0 never repeats an n-gram of the generated tokens;
-    ``stop_on_repeated_ngram`` n > 0 ends a row where it repeats one (``repeated_ngram_copy``)."""
+    ``stop_on_repeated_ngram`` n > 0 ends a row where it repeats one (``repeated_ngram_copy``);
+    ``guide`` biases each row towards following its transcript (``TranscriptGuide``)."""
     _check_search_args(start_tokens, max_new_tokens)
     batch = start_tokens.shape[0]
 
     def cond(carry):
-        i, _, _, _, done, _ = carry
+        i, _, _, _, done, _, _, _ = carry
         return jnp.logical_and(i < max_new_tokens, jnp.logical_not(jnp.all(done)))
 
     def body(carry):
-        i, tokens_in, state, out, done, lengths = carry
+        i, tokens_in, state, out, done, lengths, position, following = carry
         logits, state = step_fn(tokens_in, state, i)
+        if guide is not None:
+            logits = logits + guide_bonus(guide, position, following, logits.shape[-1], eos_id).astype(logits.dtype)
         logits = ban_repeated_ngrams(logits, out, i, no_repeat_ngram_size)
         next_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         next_tokens = jnp.where(done, pad_id, next_tokens)
+        if guide is not None:
+            position, following = follow_guide(guide, position, next_tokens)
         out = jax.lax.dynamic_update_slice(out, next_tokens[:, None], (0, i))
         ended = _is_eos(next_tokens, eos_id)
         live = jnp.logical_and(jnp.logical_not(done), jnp.logical_not(ended))
@@ -148,7 +197,7 @@ def greedy_search(
             out = jnp.where(copy, pad_id, out)
             lengths = jnp.where(looped, lengths - stop_on_repeated_ngram, lengths)
             done = jnp.logical_or(done, looped)
-        return i + 1, next_tokens, state, out, done, lengths
+        return i + 1, next_tokens, state, out, done, lengths, position, following
 
     init = (
         jnp.asarray(0, jnp.int32),
@@ -157,8 +206,10 @@ def greedy_search(
         jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
         jnp.zeros((batch,), bool),
         jnp.zeros((batch,), jnp.int32),
+        jnp.zeros((batch,), jnp.int32),  # each row's place in its guide
+        jnp.ones((batch,), bool),  # whether the row keeps to its guide
     )
-    _, _, _, out, _, lengths = jax.lax.while_loop(cond, body, init)
+    _, _, _, out, _, lengths, _, _ = jax.lax.while_loop(cond, body, init)
     return GreedyOutput(out, lengths)
 
 
@@ -373,6 +424,7 @@ def generate(
     pad_id: int = 0,
     no_repeat_ngram_size: int = 0,
     stop_on_repeated_ngram: int = 0,
+    guide: TranscriptGuide | None = None,
 ) -> GreedyOutput | BeamSearchOutput:
     """Generates from prompt embeddings with a ``Llama`` or ``T5`` (greedy when num_beams == 1).
 
@@ -380,14 +432,18 @@ def generate(
     Returns ``GreedyOutput(tokens, lengths)`` or ``BeamSearchOutput(tokens, scores, lengths)``
     with tokens [B, max_new_tokens], ``pad_id`` after each row's eos. ``no_repeat_ngram_size`` n > 0
     bans repeating any n-gram of the generated tokens (``ban_repeated_ngrams``); greedy decoding's
-    ``stop_on_repeated_ngram`` n > 0 ends an answer where it repeats one (``repeated_ngram_copy``).
+    ``stop_on_repeated_ngram`` n > 0 ends an answer where it repeats one (``repeated_ngram_copy``);
+    greedy decoding's ``guide`` biases each answer towards following a transcript (``TranscriptGuide``).
     """
+    if num_beams > 1 and stop_on_repeated_ngram:
+        raise ValueError("stop_on_repeated_ngram is a greedy-decoding rule; use num_beams=1 with it")
+    if num_beams > 1 and guide is not None:
+        raise ValueError("a transcript guide is a greedy-decoding rule; use num_beams=1 with it")
     state = prefill(model, params, prompt_embeds, prompt_mask, max_new_tokens)
     step_fn = make_step_fn(model, params)
     if num_beams == 1:
         return greedy_search(step_fn, state, start_tokens, max_new_tokens, eos_id, pad_id=pad_id,
-                             no_repeat_ngram_size=no_repeat_ngram_size, stop_on_repeated_ngram=stop_on_repeated_ngram)
-    if stop_on_repeated_ngram:
-        raise ValueError("stop_on_repeated_ngram is a greedy-decoding rule; use num_beams=1 with it")
+                             no_repeat_ngram_size=no_repeat_ngram_size, stop_on_repeated_ngram=stop_on_repeated_ngram,
+                             guide=guide)
     return beam_search(step_fn, state, start_tokens, max_new_tokens, eos_id, num_beams, length_penalty, pad_id=pad_id,
                        no_repeat_ngram_size=no_repeat_ngram_size)

@@ -18,7 +18,7 @@ import numpy as np
 from slm_jax import alignment, batching, decoding
 from slm_jax.experiment import ModelSpec
 from slm_jax.models import registry
-from slm_jax.models.slm import SLM, merge_params
+from slm_jax.models.slm import SLM, llm_token_ids, merge_params
 from slm_jax.prompting import PromptFormat
 
 
@@ -56,7 +56,8 @@ class SpeechLanguageModel:
                        static_argnames=("max_new_tokens", "num_beams", "no_repeat_ngram_size",
                                                       "stop_on_repeated_ngram"))
     def _generate(self, params, batch, start_tokens, *, max_new_tokens: int, num_beams: int,
-                  no_repeat_ngram_size: int = 0, stop_on_repeated_ngram: int = 0):
+                  no_repeat_ngram_size: int = 0, stop_on_repeated_ngram: int = 0,
+                  guide: decoding.TranscriptGuide | None = None):
         variables = {"params": params}
         if "speech_hidden" in batch:  # encoder outputs computed offline (slm_jax/encoder_cache.py)
             hidden, mask = batch["speech_hidden"], batch["speech_mask"]
@@ -70,8 +71,46 @@ class SpeechLanguageModel:
         return decoding.generate(
             self.llm, params["llm"], prompt, prompt_mask, start_tokens, max_new_tokens,
             eos_id=int(self.vocabulary.eos_id), num_beams=num_beams, no_repeat_ngram_size=no_repeat_ngram_size,
-            stop_on_repeated_ngram=stop_on_repeated_ngram,
+            stop_on_repeated_ngram=stop_on_repeated_ngram, guide=guide,
         )
+
+    @functools.partial(jax.jit, static_argnums=(0,))
+    def _encode_speech(self, params, audio, audio_mask):
+        return self.slm.apply({"params": params}, audio, audio_mask, method=SLM.encode_speech)
+
+    def front_end(self, features: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """The frozen front end's outputs for log-mel arrays [frames, mels]: ([B, N, D], mask [B, N]),
+        what ``generate(..., precomputed_speech=True)`` reads."""
+        audio, audio_mask = batching.pad_frames(
+            features, _bucket(max(f.shape[0] for f in features), self.audio_bucket_frames))
+        hidden, mask = self._encode_speech(self.params, audio, audio_mask)
+        return np.asarray(hidden), np.asarray(mask)
+
+    def front_end_transcripts(self, speech_hidden: np.ndarray) -> list[list[int]]:
+        """The LLM token ids of the transcript a transcriber front end wrote into its rows
+        [B, N, D] (frozen-encoder outputs), as the LLM's tokenizer spells the whole text: the rows
+        spell each Whisper token alone, and an answer spells words whole (" Chicago", not " Chic"
+        "ago"). Without the leading space, as an answer's first word has none."""
+        channels = getattr(self.slm.speech_encoder.config, "llm_token_channels", 0)
+        if not channels:
+            raise ValueError("this model's speech front end writes no transcript (only a transcriber front end, "
+                             "e.g. gin/whisper_base_transcriber_smollm2.gin, does): there is nothing to follow")
+        ids = np.asarray(llm_token_ids(np.asarray(speech_hidden, np.float32), channels)).reshape(len(speech_hidden), -1)
+        texts = [self.vocabulary.decode([int(i) - 1 for i in row if i > 0]).strip() for row in ids]
+        return [list(self.vocabulary.encode(text)) if text else [] for text in texts]
+
+    def _transcript_guide(self, speech_hidden: np.ndarray, bias: float) -> decoding.TranscriptGuide:
+        transcripts = self.front_end_transcripts(speech_hidden)
+        width = _bucket(max(len(t) for t in transcripts), self.token_bucket)
+        tokens, mask = batching.pad_rows(transcripts, width)
+        # Numbers are left to the model: Whisper writes digits, and an adapter trained on spelled-out
+        # numbers ("nine four three four") converts them; a bonus on the digits would undo that.
+        digits = np.zeros(tokens.shape, bool)
+        for i, j in zip(*np.nonzero(mask)):
+            digits[i, j] = any(c.isdigit() for c in self.vocabulary.decode([int(tokens[i, j])]))
+        return decoding.TranscriptGuide(
+            np.asarray(tokens, np.int32), np.asarray(mask).sum(axis=1).astype(np.int32),
+            np.where(digits, 0.0, bias).astype(np.float32), np.asarray(bias, np.float32))
 
     @functools.partial(jax.jit, static_argnums=(0, 5))
     def _alignment_logits(self, params, audio, audio_mask, token_ids, centered):
@@ -99,12 +138,14 @@ class SpeechLanguageModel:
     def generate(
         self, features: Sequence[np.ndarray], instructions: Sequence[str] | str, max_new_tokens: int = 64,
         num_beams: int = 1, precomputed_speech: bool = False, no_repeat_ngram_size: int = 0,
-        stop_on_repeated_ngram: int = 0,
+        stop_on_repeated_ngram: int = 0, transcript_bias: float = 0.0,
     ) -> list[str]:
         """Answers for a batch of log-mel feature arrays [frames, mels] and their instructions.
 
         ``no_repeat_ngram_size`` n > 0: no answer repeats an n-gram of its tokens (0: off).
         ``stop_on_repeated_ngram`` n > 0 (greedy only): an answer ends where it repeats one.
+        ``transcript_bias`` b > 0 (greedy only, transcriber front ends): a logit bonus b for
+        following the front end's own transcript (``decoding.TranscriptGuide``).
 
         With ``precomputed_speech=True`` the arrays are the frozen encoder's outputs [frames, D].
         """
@@ -112,10 +153,21 @@ class SpeechLanguageModel:
             instructions = [instructions] * len(features)
         if len(instructions) != len(features):
             raise ValueError(f"{len(features)} audio inputs but {len(instructions)} instructions")
+        if transcript_bias < 0:
+            raise ValueError(f"transcript_bias must be >= 0, got {transcript_bias}")
+        if transcript_bias and num_beams > 1:
+            raise ValueError("transcript_bias is a greedy-decoding rule; use num_beams=1 with it")
         if not features:
             return []
-        audio, audio_mask = batching.pad_frames(
-            features, _bucket(max(f.shape[0] for f in features), self.audio_bucket_frames))
+        guide = None
+        if transcript_bias and not precomputed_speech:  # the front end first: its transcript is the guide
+            audio, audio_mask = self.front_end(features)
+            precomputed_speech = True
+        else:
+            audio, audio_mask = batching.pad_frames(
+                features, _bucket(max(f.shape[0] for f in features), self.audio_bucket_frames))
+        if transcript_bias:
+            guide = self._transcript_guide(audio, transcript_bias)
         prompts = batching.encode_prompts(self.vocabulary, self.prompt_format, instructions)
         prefix, prefix_mask = batching.pad_rows(
             [p.prefix for p in prompts], _bucket(max(len(p.prefix) for p in prompts), self.token_bucket))
@@ -128,7 +180,8 @@ class SpeechLanguageModel:
         }
         start = np.asarray([p.decoder_start for p in prompts], np.int32)
         out = self._generate(self.params, batch, start, max_new_tokens=max_new_tokens, num_beams=num_beams,
-                             no_repeat_ngram_size=no_repeat_ngram_size, stop_on_repeated_ngram=stop_on_repeated_ngram)
+                             no_repeat_ngram_size=no_repeat_ngram_size, stop_on_repeated_ngram=stop_on_repeated_ngram,
+                             guide=guide)
         tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
         return [self.vocabulary.decode([int(t) for t in row[:n]]).strip() for row, n in zip(tokens, lengths)]
 

@@ -170,6 +170,72 @@ def test_greedy_stop_on_repeated_ngram_keeps_a_loop_once():
     np.testing.assert_array_equal(out4.lengths, [3, 9, 1])
 
 
+def _preferring_step_fn(script, margins):
+    """Row b prefers script[b][i] at step i by margins[b][i] logits over every other token."""
+    script, margins = jnp.asarray(script), jnp.asarray(margins, jnp.float32)
+
+    def step(tokens, rows, step_index):
+        return jax.nn.one_hot(script[rows, step_index], 16) * margins[rows, step_index][:, None], rows
+
+    return step
+
+
+def test_a_transcript_guide_is_followed_where_the_model_is_unsure_and_let_go_where_it_departs():
+    eos, pad = 2, 15
+    script = [[5, 6, 7, 8, 8, 8], [4, 11, 12, eos, 9, 9], [13, 14, eos, 9, 9, 9], [6, 7, 5, 8, 8, 8],
+              [5, 11, 8, 8, 8, 8]]
+    margins = [[1] * 6, [10] * 6, [10, 1, 10, 10, 10, 10], [1] * 6, [1, 10, 1, 1, 1, 1]]
+    tokens = [[5, 9, 7, 0], [4, 5, 11, 12], [3, 4, 0, 0], [6, 9, 5, 4], [5, 0, 0, 0]]
+    bias = np.full((5, 4), 2.0, np.float32)
+    bias[3, 1] = 0.0  # the guide leaves its second token to row 3's model
+    guide = decoding.TranscriptGuide(jnp.asarray(tokens, jnp.int32), jnp.asarray([3, 4, 2, 4, 1], jnp.int32),
+                                     jnp.asarray(bias), jnp.asarray(2.0))
+
+    def run(g):
+        return jax.jit(lambda: decoding.greedy_search(_preferring_step_fn(script, margins), jnp.arange(5),
+                                                      jnp.zeros((5,), jnp.int32), 6, eos, pad_id=pad, guide=g))()
+
+    out = run(guide)
+    # Row 0 is unsure (margin 1 < bonus 2): it writes the guide's 9 for its own 6, and ends where
+    # the guide does instead of going on with 8s.
+    np.testing.assert_array_equal(out.tokens[0], [5, 9, 7, eos, pad, pad])
+    # Row 1 is sure: it skips the guide's 5 and finds its place again at 11.
+    np.testing.assert_array_equal(out.tokens[1], [4, 11, 12, eos, pad, pad])
+    # Row 2 departs at once (13 is not in its guide): from then on the guide gives no bonus, so
+    # its unsure 14 stands against the guide's 3.
+    np.testing.assert_array_equal(out.tokens[2], [13, 14, eos, pad, pad, pad])
+    # Row 3 gets no bonus for the guide's 9 and writes its own 7; its 5 takes it back to the
+    # guide, whose 4 and eos then win over its unsure 8s.
+    np.testing.assert_array_equal(out.tokens[3], [6, 7, 5, 4, eos, pad])
+    # Row 4 goes on past the end of its guide with a sure 11; the eos bonus stays, and wins at
+    # the next unsure step.
+    np.testing.assert_array_equal(out.tokens[4], [5, 11, eos, pad, pad, pad])
+    np.testing.assert_array_equal(out.lengths, [4, 4, 3, 5, 3])
+    unguided = run(None)
+    np.testing.assert_array_equal(unguided.tokens[0], [5, 6, 7, 8, 8, 8])
+    zero = guide._replace(bias=jnp.zeros_like(guide.bias), end_bias=jnp.asarray(0.0))
+    np.testing.assert_array_equal(run(zero).tokens, unguided.tokens)
+
+
+def test_follow_guide_moves_past_the_first_match_within_the_window():
+    guide = decoding.TranscriptGuide(jnp.asarray([[1, 2, 3, 2] + [4] * 20 + [9]] * 3, jnp.int32),
+                                     jnp.asarray([25, 25, 3], jnp.int32), jnp.full((3, 25), 1.0), jnp.asarray(0.5))
+    position, following = decoding.follow_guide(guide, jnp.asarray([1, 0, 1]), jnp.asarray([2, 9, 3]))
+    # Row 0: 2 is next; row 1: 9 is further than GUIDE_WINDOW ahead; row 2: 3 is next, at its end.
+    np.testing.assert_array_equal(position, [2, 0, 3])
+    np.testing.assert_array_equal(following, [True, False, True])
+    bonus = decoding.guide_bonus(guide, position, following, 16, eos_id=7)
+    np.testing.assert_array_equal(np.argmax(bonus, axis=1)[np.array([0, 2])], [3, 7])  # the next token; eos at the end
+    np.testing.assert_array_equal(bonus.sum(axis=1), [1.0, 0.0, 0.5])  # none when not following; end_bias at the end
+
+
+def test_beam_search_refuses_a_transcript_guide():
+    guide = decoding.TranscriptGuide(jnp.zeros((1, 4), jnp.int32), jnp.asarray([2]), jnp.ones((1, 4)), jnp.asarray(1.0))
+    with pytest.raises(ValueError, match="greedy-decoding rule"):
+        decoding.generate.__wrapped__(None, None, None, None, jnp.zeros((1,), jnp.int32), 4, 2, num_beams=2,
+                                      guide=guide)
+
+
 def test_greedy_loop_ends_when_every_row_is_done():
     eos, calls = 2, []
     step = scripted_step_fn([[5, eos, 7, 7, 7, 7], [eos, 9, 9, 9, 9, 9]])

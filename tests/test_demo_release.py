@@ -56,8 +56,8 @@ def _release_models_available() -> bool:
     return assets.whisper_base_available() and assets.smollm2_available() and corpus.espeak_available()
 
 
-def transcribe_with_release(gin_file: str, release: pathlib.Path, features, max_new_tokens: int) -> list[str]:
-    """What `slm-infer --gin_file=GIN --checkpoint=RELEASE --instruction="Transcribe the speech."` answers."""
+def load_release(gin_file: str, release: pathlib.Path):
+    """The SpeechLanguageModel of `slm-infer --gin_file=GIN --checkpoint=RELEASE`."""
     import gin
 
     from slm_jax import inference
@@ -68,10 +68,14 @@ def transcribe_with_release(gin_file: str, release: pathlib.Path, features, max_
     try:
         model = gin.query_parameter("train.model").scoped_configurable_fn()
         data = gin.query_parameter("train.data").scoped_configurable_fn()
-        slm, _ = inference.load_trained(str(release), model, data)
-        return slm.generate(features, "Transcribe the speech.", max_new_tokens=max_new_tokens)
+        return inference.load_trained(str(release), model, data)[0]
     finally:
         gin.clear_config()
+
+
+def transcribe_with_release(gin_file: str, release: pathlib.Path, features, max_new_tokens: int) -> list[str]:
+    """What `slm-infer --gin_file=GIN --checkpoint=RELEASE --instruction="Transcribe the speech."` answers."""
+    return load_release(gin_file, release).generate(features, "Transcribe the speech.", max_new_tokens=max_new_tokens)
 
 
 @pytest.mark.slow
@@ -113,3 +117,32 @@ def test_transcriber_release_transcribes_real_speech():
     references = [reference for _, reference in rows]
     wer = metrics.word_error_rate(references, hypotheses)
     assert wer < REAL_SPEECH_WER_BOUND, list(zip(references, hypotheses))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TRANSCRIBER_RELEASE.is_dir(), reason="no transcriber release in this checkout")
+@pytest.mark.skipif(not _release_models_available(), reason="needs Whisper-base, SmolLM2 and espeak-ng")
+def test_transcript_bias_follows_whispers_own_transcript():
+    """--transcript_bias: a bonus large enough makes the answer Whisper's transcript exactly (the
+    guide is the front end's own text, re-spelled whole in SmolLM2's tokens); a front end that
+    writes no transcript is refused by name."""
+    from slm_jax import audio
+
+    rows = [line.split("\t", 1)[0] for line in (REAL_SPEECH / "transcripts.tsv").read_text().splitlines()
+            if line.strip() and not line.startswith("#")][:3]
+    features = [audio.log_mel_spectrogram(audio.load_audio(str(REAL_SPEECH / path))) for path in rows]
+    slm = load_release("whisper_base_transcriber_smollm2.gin", TRANSCRIBER_RELEASE)
+    hidden, _ = slm.front_end(features)
+    whisper = [slm.vocabulary.decode(ids) for ids in slm.front_end_transcripts(hidden)]
+    # (No digits here: the guide leaves numbers to the model, which spells them out.)
+    assert all(len(text.split()) >= 5 and not any(c.isdigit() for c in text) for text in whisper), whisper
+    copied = slm.generate(features, "Transcribe the speech.", max_new_tokens=64, transcript_bias=1000.0)
+    assert copied == whisper
+    # The same guide from precomputed front-end rows (generate(..., precomputed_speech=True)).
+    assert slm.generate(list(hidden), "Transcribe the speech.", max_new_tokens=64, transcript_bias=1000.0,
+                        precomputed_speech=True) == whisper
+    with pytest.raises(ValueError, match="greedy-decoding rule"):
+        slm.generate(features, "Transcribe the speech.", num_beams=2, transcript_bias=1.0)
+    paper_design = load_release("whisper_base_smollm2.gin", RELEASE)
+    with pytest.raises(ValueError, match="writes no transcript"):
+        paper_design.generate(features[:1], "Transcribe the speech.", transcript_bias=1.0)

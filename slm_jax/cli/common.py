@@ -106,6 +106,11 @@ def add_decoding_arguments(parser: argparse.ArgumentParser, max_new_tokens: int)
                        help="n > 0 (greedy only): an answer ends where its last n tokens repeat an earlier "
                             "n-gram, and that copy is dropped (a transcript caught in a loop keeps its words "
                             "once; 0: off, the default)")
+    group.add_argument("--transcript_bias", type=float, default=0.0,
+                       help="b > 0 (greedy only; a front end that writes its own transcript, e.g. "
+                            "gin/whisper_base_transcriber_smollm2.gin): add b to the logit of the next token of "
+                            "Whisper's transcript while the answer keeps to it, and to end-of-turn once it is "
+                            "used up: a copy prior against dropped and reworded words (0: off, the default)")
 
 
 def check_decoding_arguments(args: argparse.Namespace) -> None:
@@ -119,6 +124,10 @@ def check_decoding_arguments(args: argparse.Namespace) -> None:
         raise UserError(f"--stop_on_repeated_ngram must be >= 0, got {args.stop_on_repeated_ngram}")
     if args.stop_on_repeated_ngram and args.num_beams > 1:
         raise UserError("--stop_on_repeated_ngram is a greedy-decoding rule; use it with --num_beams=1")
+    if not args.transcript_bias >= 0:  # also refuses nan
+        raise UserError(f"--transcript_bias must be >= 0, got {args.transcript_bias}")
+    if args.transcript_bias and args.num_beams > 1:
+        raise UserError("--transcript_bias is a greedy-decoding rule; use it with --num_beams=1")
 
 
 def configured_step_shape(batch_size: int | None, audio_frames: int | None, prompt_tokens: int,

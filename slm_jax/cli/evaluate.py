@@ -142,13 +142,15 @@ def main(argv=None) -> int:
             return slm.generate([e["features"] for e in batch], [e["instruction"] for e in batch],
                                 max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
                                 no_repeat_ngram_size=args.no_repeat_ngram_size,
-                                stop_on_repeated_ngram=args.stop_on_repeated_ngram)
+                                stop_on_repeated_ngram=args.stop_on_repeated_ngram,
+                                transcript_bias=args.transcript_bias)
 
         report = evaluation.evaluate(examples, answer, batch_size=args.batch_size)
         report.update({"checkpoint": os.path.abspath(args.checkpoint), "step": step, "split": args.split,
                        **source, "num_beams": args.num_beams, "decoder": args.decoder,
                        "no_repeat_ngram_size": args.no_repeat_ngram_size,
-                       "stop_on_repeated_ngram": args.stop_on_repeated_ngram})
+                       "stop_on_repeated_ngram": args.stop_on_repeated_ngram,
+                       "transcript_bias": args.transcript_bias})
         tmp = args.out + ".tmp"
         with open(tmp, "w") as f:
             json.dump(report, f, indent=1, ensure_ascii=False)

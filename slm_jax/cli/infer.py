@@ -50,7 +50,8 @@ def main(argv=None) -> int:
         slm, step = inference.load_trained(args.checkpoint, model, data)
         answers = slm.generate(features, args.instruction, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
                                no_repeat_ngram_size=args.no_repeat_ngram_size,
-                               stop_on_repeated_ngram=args.stop_on_repeated_ngram)
+                               stop_on_repeated_ngram=args.stop_on_repeated_ngram,
+                               transcript_bias=args.transcript_bias)
         for path, answer in zip(args.audio, answers):
             print(f"{path}\t{answer}" if len(args.audio) > 1 else answer)
         return 0
