@@ -26,6 +26,26 @@ def _bucket(n: int, quantum: int) -> int:
     return max(quantum, -(-n // quantum) * quantum)
 
 
+NO_TRANSCRIPT = ("this model's speech front end writes no transcript to follow (a transcriber front end does, "
+                 "e.g. gin/whisper_base_transcriber_smollm2.gin)")
+
+
+def writes_transcript(model: ModelSpec) -> bool:
+    """Whether the model's front end writes its own transcript (Whisper's decoder), which
+    ``generate(..., transcript_bias=b)`` can follow."""
+    return bool(getattr(model.speech_encoder, "llm_token_channels", 0))
+
+
+def number_tokens(pieces: Sequence[str]) -> list[bool]:
+    """Which of a transcript's token texts spell a number: those with a digit, and the bare space
+    before one (a byte-level BPE writes " 1977" as " ", "1", "9", "7", "7"). The transcript guide
+    leaves them to the model: Whisper writes digits, and an adapter trained on spelled-out numbers
+    ("nine four three four") converts them; a bonus on them would undo that."""
+    digit = [any(c.isdigit() for c in piece) for piece in pieces]
+    return [d or (not piece.strip() and i + 1 < len(pieces) and digit[i + 1])
+            for i, (piece, d) in enumerate(zip(pieces, digit))]
+
+
 class SpeechLanguageModel:
     """A ready-to-run SLM: model, frozen weights, trained adapter, vocabulary and prompt format."""
 
@@ -91,10 +111,9 @@ class SpeechLanguageModel:
         [B, N, D] (frozen-encoder outputs), as the LLM's tokenizer spells the whole text: the rows
         spell each Whisper token alone, and an answer spells words whole (" Chicago", not " Chic"
         "ago"). Without the leading space, as an answer's first word has none."""
-        channels = getattr(self.slm.speech_encoder.config, "llm_token_channels", 0)
-        if not channels:
-            raise ValueError("this model's speech front end writes no transcript (only a transcriber front end, "
-                             "e.g. gin/whisper_base_transcriber_smollm2.gin, does): there is nothing to follow")
+        if not writes_transcript(self.spec):
+            raise ValueError(NO_TRANSCRIPT)
+        channels = self.slm.speech_encoder.config.llm_token_channels
         ids = np.asarray(llm_token_ids(np.asarray(speech_hidden, np.float32), channels)).reshape(len(speech_hidden), -1)
         texts = [self.vocabulary.decode([int(i) - 1 for i in row if i > 0]).strip() for row in ids]
         return [list(self.vocabulary.encode(text)) if text else [] for text in texts]
@@ -103,11 +122,9 @@ class SpeechLanguageModel:
         transcripts = self.front_end_transcripts(speech_hidden)
         width = _bucket(max(len(t) for t in transcripts), self.token_bucket)
         tokens, mask = batching.pad_rows(transcripts, width)
-        # Numbers are left to the model: Whisper writes digits, and an adapter trained on spelled-out
-        # numbers ("nine four three four") converts them; a bonus on the digits would undo that.
         digits = np.zeros(tokens.shape, bool)
-        for i, j in zip(*np.nonzero(mask)):
-            digits[i, j] = any(c.isdigit() for c in self.vocabulary.decode([int(tokens[i, j])]))
+        for i, row in enumerate(transcripts):
+            digits[i, :len(row)] = number_tokens([self.vocabulary.decode([t]) for t in row])
         return decoding.TranscriptGuide(
             np.asarray(tokens, np.int32), np.asarray(mask).sum(axis=1).astype(np.int32),
             np.where(digits, 0.0, bias).astype(np.float32), np.asarray(bias, np.float32))

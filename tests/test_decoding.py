@@ -229,6 +229,14 @@ def test_follow_guide_moves_past_the_first_match_within_the_window():
     np.testing.assert_array_equal(bonus.sum(axis=1), [1.0, 0.0, 0.5])  # none when not following; end_bias at the end
 
 
+def test_the_guide_leaves_numbers_and_the_space_before_them_to_the_model():
+    from slm_jax.inference import number_tokens
+
+    pieces = ["The", " code", " is", " ", "1", "9", "7", "7", ".", " ", "Then", " 5", " o", " ", "x"]
+    assert [p for p, n in zip(pieces, number_tokens(pieces)) if n] == [" ", "1", "9", "7", "7", " 5"]
+    assert number_tokens([]) == [] and number_tokens([" "]) == [False]
+
+
 def test_beam_search_refuses_a_transcript_guide():
     guide = decoding.TranscriptGuide(jnp.zeros((1, 4), jnp.int32), jnp.asarray([2]), jnp.ones((1, 4)), jnp.asarray(1.0))
     with pytest.raises(ValueError, match="greedy-decoding rule"):

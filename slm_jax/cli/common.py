@@ -130,6 +130,14 @@ def check_decoding_arguments(args: argparse.Namespace) -> None:
         raise UserError("--transcript_bias is a greedy-decoding rule; use it with --num_beams=1")
 
 
+def check_transcript_bias(args: argparse.Namespace, model: Any) -> None:
+    """--transcript_bias needs a front end that writes a transcript (checked before loading weights)."""
+    from slm_jax import inference
+
+    if args.transcript_bias and not inference.writes_transcript(model):
+        raise UserError(f"--transcript_bias: {inference.NO_TRANSCRIPT}")
+
+
 def configured_step_shape(batch_size: int | None, audio_frames: int | None, prompt_tokens: int,
                           target_tokens: int | None) -> tuple[Any, int, dict[str, int]]:
     """(model spec, global batch, feature lengths) of the parsed config's train step, with the

@@ -131,6 +131,7 @@ def main(argv=None) -> int:
             if "features" not in ex:
                 ex["features"] = audio.log_mel_spectrogram(ex["audio"])
         model = gin.query_parameter("train.model").scoped_configurable_fn()
+        common.check_transcript_bias(args, model)
         slm, step = inference.load_trained(args.checkpoint, model, data)
         if args.decoder == "ctc" and slm.alignment_vocabulary is None:
             raise common.UserError(f"--decoder=ctc: checkpoint {args.checkpoint} records no alignment vocabulary "

@@ -47,6 +47,7 @@ def main(argv=None) -> int:
         max_seconds = getattr(data, "max_audio_seconds", None)
         features = [audio.log_mel_spectrogram(audio.load_audio(p, max_seconds=max_seconds)) for p in args.audio]
         model = gin.query_parameter("train.model").scoped_configurable_fn()
+        common.check_transcript_bias(args, model)
         slm, step = inference.load_trained(args.checkpoint, model, data)
         answers = slm.generate(features, args.instruction, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
                                no_repeat_ngram_size=args.no_repeat_ngram_size,
