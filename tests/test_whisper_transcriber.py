@@ -21,6 +21,7 @@ from slm_jax.models.whisper_transcriber import (
     WhisperTranscriber,
     WhisperTranscriberConfig,
     append_silence,
+    change_speed,
 )
 from slm_jax.decoding import repeats_an_earlier_ngram
 
@@ -480,3 +481,58 @@ def test_whisper_reference_wer_transcribes_a_tsv_both_ways_into_a_report(tmp_pat
     assert report["tasks"]["tsv"] == {"examples": 1, "wer": metrics.word_error_rate([item["reference"]],
                                                                                       [item["prediction"]])}
     assert ("WhisperTranscriber" in report["decoder"]) == front_end
+
+
+def test_change_speed_moves_a_tones_pitch_and_length_as_playing_it_faster_does():
+    """The log-mel speed change against audio.change_speed (the audio resampled, then its log-mel):
+    the same number of frames and the tone in the same mel bin."""
+    from slm_jax import audio
+
+    time = np.arange(16000) / 16000
+    tone = (0.5 * np.sin(2 * np.pi * 1500 * time)).astype(np.float32)
+    features = audio.log_mel_spectrogram(tone)
+    ones = np.ones((1, features.shape[0]), np.int32)
+    same, same_mask = change_speed(features[None], ones, 1.0, features.shape[0] + 5)
+    np.testing.assert_array_equal(same[0, :features.shape[0]], features)
+    assert int(same_mask.sum()) == features.shape[0]
+    for speed in (0.8, 1.25):
+        frames = int(np.ceil(features.shape[0] / speed))
+        warped, mask = change_speed(features[None], ones, speed, frames + 3)
+        reference = audio.log_mel_spectrogram(audio.change_speed(tone, speed))
+        assert int(mask.sum()) == frames and abs(reference.shape[0] - frames) <= 1
+        inner = slice(5, frames - 5)  # away from the edges, where the STFT pads
+        ours, theirs = np.asarray(warped[0, inner]).mean(axis=0), reference[inner].mean(axis=0)
+        assert int(np.argmax(ours)) == int(np.argmax(theirs)) != int(np.argmax(features.mean(axis=0)))
+        unchanged = features[inner].mean(axis=0)
+        # Closer to the resampled audio's features than the features it started from, by far.
+        assert np.abs(ours - theirs).mean() < 0.6 * np.abs(unchanged - theirs).mean(), (
+            np.abs(ours - theirs).mean(), np.abs(unchanged - theirs).mean())
+
+
+def test_several_speeds_keep_each_utterances_most_confident_transcript(hf_model):
+    speeds = (1.0, 0.8, 1.25)
+    cfg = tiny_config(hf_model)
+    params = hf_whisper_transcriber.params_from_state_dict(state_dict(hf_model), cfg)
+    rng = np.random.default_rng(5)
+    features = np.zeros((4, 60, 80), np.float32)
+    mask = np.zeros((4, 60), np.int32)
+    for row, n in enumerate([60, 52, 45, 30]):
+        features[row, :n] = rng.normal(size=(n, 80))
+        mask[row, :n] = 1
+
+    def run(config, x, m):
+        return jax.jit(lambda x, m: WhisperTranscriber(config).apply({"params": params}, x, m,
+                                                                     method=WhisperTranscriber.transcribe))(x, m)
+
+    chosen = run(dataclasses.replace(cfg, speeds=speeds), features, mask)
+    frames = 75  # the slowest copy's: 60 / 0.8
+    each = [run(cfg, *change_speed(features, mask, speed, frames)) for speed in speeds]
+    confidence = np.stack([np.asarray(t.confidence()) for t in each])  # [speeds, B]
+    best = confidence.argmax(axis=0)
+    assert len(set(best.tolist())) > 1, confidence  # the test would not tell rows apart otherwise
+    np.testing.assert_allclose(chosen.confidence(), confidence.max(axis=0), rtol=1e-5)
+    for row, speed in enumerate(best):
+        np.testing.assert_array_equal(chosen.tokens[row], each[speed].tokens[row])
+        np.testing.assert_array_equal(chosen.mask[row], each[speed].mask[row])
+    with pytest.raises(ValueError, match="speeds must lie between"):
+        dataclasses.replace(cfg, speeds=(1.0, 3.0))

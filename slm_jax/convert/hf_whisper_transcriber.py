@@ -36,7 +36,7 @@ DECODER_PREFIXES = ("decoder.", "model.decoder.")
 RUNTIME_FIELDS = (
     "language_ids", "task_ids", "max_new_tokens", "trailing_silence_frames", "stop_on_repeated_ngram",
     "llm_vocabulary", "llm_tokens_per_token", "llm_token_rows", "decoder_states", "encoder_rows_every",
-    "whisper_tokenizer",
+    "whisper_tokenizer", "speeds",
     *(f"encoder.{name}" for name in hf_whisper.RUNTIME_FIELDS), "decoder.dtype", "decoder.param_dtype",
 )
 

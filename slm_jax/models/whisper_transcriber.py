@@ -97,6 +97,12 @@ class WhisperTranscriberConfig:
     # then reach the speech they help with and stay away from the speech they hurt.
     encoder_rows_below_confidence: float | None = None
     whisper_tokenizer: str = "package:whisper-base"  # tokenizer.json of Whisper's vocabulary
+    # Several speeds: Whisper transcribes the speech played at each (tempo and pitch together,
+    # made from the log-mel features by change_speed), and each utterance keeps the transcript
+    # Whisper was surest of (Transcript.confidence). Whisper-base mishears synthetic voices where
+    # it is unsure, and a slower or faster copy is sometimes heard right (release/README.md).
+    # () = the speech as it is, one pass.
+    speeds: tuple[float, ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "language_ids", tuple(int(i) for i in self.language_ids))
@@ -117,6 +123,9 @@ class WhisperTranscriberConfig:
         if self.encoder_rows_below_confidence is not None and not self.encoder_rows_every:
             raise ValueError("encoder_rows_below_confidence needs encoder_rows_every: it decides which utterances "
                              "get the encoder's rows")
+        object.__setattr__(self, "speeds", tuple(float(v) for v in self.speeds))
+        if any(not 0.5 <= v <= 2.0 for v in self.speeds):
+            raise ValueError(f"speeds must lie between 0.5 and 2.0, got {self.speeds}")
         if self.llm_token_rows < 0:
             raise ValueError(f"llm_token_rows must be >= 0, got {self.llm_token_rows}")
         if self.prompt_length + self.max_new_tokens > self.decoder.max_target_positions:
@@ -171,6 +180,49 @@ def append_silence(features: jax.Array, mask: jax.Array, frames: int, max_frames
     silence = jnp.logical_and(time >= lengths, time < lengths + frames)
     features = jnp.where(silence[..., None], floor[:, None, None].astype(features.dtype), features)
     return features, jnp.logical_or(real, silence).astype(mask.dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _mel_source_bins(speed: float, num_mel_bins: int, sample_rate: int) -> np.ndarray:
+    """[num_mel_bins] float: where each mel bin's centre frequency was before the speech was played
+    ``speed`` times as fast (f / speed), in bins of the same filterbank; beyond the top bin: inf."""
+    from slm_jax.audio import _hz_to_mel_slaney, _mel_to_hz_slaney
+
+    mels = np.linspace(_hz_to_mel_slaney(0.0), _hz_to_mel_slaney(sample_rate / 2), num_mel_bins + 2)
+    source = _hz_to_mel_slaney(_mel_to_hz_slaney(mels[1:-1]) / speed)
+    bins = (source - mels[1]) / (mels[2] - mels[1])  # the Slaney mel points are evenly spaced
+    return np.where(bins <= num_mel_bins - 1 + 1e-6, np.minimum(bins, num_mel_bins - 1), np.inf)
+
+
+def change_speed(features: jax.Array, mask: jax.Array, speed: float, frames: int,
+                 sample_rate: int = 16000) -> tuple[jax.Array, jax.Array]:
+    """Whisper log-mel features [B, T, M] of speech played ``speed`` times as fast, tempo and pitch
+    together (audio.change_speed, a tape's speed), made from the features themselves: frame t
+    reads frame t * speed, and each mel bin the frequency f / speed, both interpolated linearly.
+    Frequencies that came from above the filterbank's top are silence (each row's floor).
+    -> ([B, frames, M], mask [B, frames]: the first ceil(length / speed) frames, cut to ``frames``)."""
+    batch, length, bins = features.shape
+    if speed == 1.0:
+        return (jnp.pad(features, ((0, 0), (0, frames - length), (0, 0)))[:, :frames],
+                jnp.pad(mask, ((0, 0), (0, frames - length)))[:, :frames])
+    real = mask.astype(bool)
+    source_time = jnp.arange(frames, dtype=jnp.float32) * speed
+    t0 = jnp.clip(jnp.floor(source_time).astype(jnp.int32), 0, length - 1)
+    t1 = jnp.clip(t0 + 1, 0, length - 1)
+    wt = (source_time - jnp.floor(source_time))[None, :, None]
+    x = features[:, t0] * (1.0 - wt) + features[:, t1] * wt
+    source_bin = _mel_source_bins(float(speed), bins, sample_rate)
+    inside = np.isfinite(source_bin)
+    b0 = np.floor(np.where(inside, source_bin, 0)).astype(np.int32)
+    b1 = np.minimum(b0 + 1, bins - 1)
+    wb = np.where(inside, source_bin, 0) - b0
+    y = x[..., b0] * (1.0 - wb) + x[..., b1] * wb
+    floor = jnp.min(jnp.where(real[..., None], features, jnp.inf), axis=(1, 2))  # [B] the row's quietest value
+    floor = jnp.where(jnp.isfinite(floor), floor, 0.0)
+    y = jnp.where(inside, y, floor[:, None, None].astype(y.dtype))
+    lengths = jnp.ceil(real.sum(axis=1) / speed).astype(jnp.int32)
+    out_mask = jnp.arange(frames)[None, :] < lengths[:, None]
+    return jnp.where(out_mask[..., None], y, 0.0).astype(features.dtype), out_mask.astype(mask.dtype)
 
 
 @functools.lru_cache(maxsize=4)
@@ -316,6 +368,22 @@ class WhisperTranscriber(nn.Module):
         return self.encoder(features, mask)
 
     def transcribe(self, features: jax.Array, mask: jax.Array | None = None) -> Transcript:
+        """Whisper's greedy transcript of each utterance; with ``config.speeds``, the most
+        confident of its transcripts of the utterance played at each speed."""
+        c = self.config
+        if not c.speeds or c.speeds == (1.0,):
+            return self._transcribe(features, mask)
+        features, mask = check_speech_inputs(features, mask, c.encoder.num_mel_bins, "WhisperTranscriber")
+        batch, length, _ = features.shape
+        # Every copy gets the frames of the slowest one, within the window (the silence is appended after).
+        frames = max(length, min(int(np.ceil(length / min(c.speeds))), c.encoder.max_frames - c.trailing_silence_frames))
+        copies = [change_speed(features, mask, speed, frames) for speed in c.speeds]
+        everything = self._transcribe(jnp.concatenate([f for f, _ in copies]), jnp.concatenate([m for _, m in copies]))
+        best = jnp.argmax(everything.confidence().reshape(len(c.speeds), batch), axis=0)  # [B]
+        return jax.tree_util.tree_map(
+            lambda x: x.reshape(len(c.speeds), batch, *x.shape[1:])[best, jnp.arange(batch)], everything)
+
+    def _transcribe(self, features: jax.Array, mask: jax.Array | None = None) -> Transcript:
         c = self.config
         memory, memory_mask = self.encode(features, mask)
         batch = memory.shape[0]
