@@ -431,7 +431,7 @@ def test_load_params_compares_the_architecture_not_the_run_time_choices(hf_model
         hf_whisper_transcriber.load_params(str(tmp_path), wrong)
 
 
-def test_transcriber_gin_files_differ_only_in_the_encoder_rows():
+def test_transcriber_gin_files_differ_only_in_the_encoder_rows_and_the_speeds():
     """The three transcriber configs give rows of one width (each adapter can warm-start the
     next); the gated one reads the encoder rows as the ungated one does, so one adapter serves both."""
     import gin
@@ -451,6 +451,9 @@ def test_transcriber_gin_files_differ_only_in_the_encoder_rows():
     assert tokens.output_dim == rows.output_dim == gated.output_dim
     assert gated.front_end == rows.front_end != tokens.front_end
     assert dataclasses.replace(gated, encoder_rows_below_confidence=None) == rows
+    speeds = front_end("whisper_base_transcriber_speeds_smollm2.gin")  # the release adapter serves it too
+    assert speeds.speeds == (1.0, 0.85, 1.15) and speeds.front_end == tokens.front_end
+    assert dataclasses.replace(speeds, speeds=()) == tokens
 
 
 def test_encoder_rows_cache_script_refuses_a_gated_config(tmp_path, capsys, load_script):
