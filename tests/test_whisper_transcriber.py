@@ -452,7 +452,7 @@ def test_transcriber_gin_files_differ_only_in_the_encoder_rows_and_the_speeds():
     assert gated.front_end == rows.front_end != tokens.front_end
     assert dataclasses.replace(gated, encoder_rows_below_confidence=None) == rows
     speeds = front_end("whisper_base_transcriber_speeds_smollm2.gin")  # the release adapter serves it too
-    assert speeds.speeds == (1.0, 0.85, 1.15) and speeds.front_end == tokens.front_end
+    assert speeds.speeds[0] == 1.0 and len(speeds.speeds) > 1 and speeds.front_end == tokens.front_end
     assert dataclasses.replace(speeds, speeds=()) == tokens
 
 
@@ -517,9 +517,9 @@ def test_several_speeds_keep_each_utterances_most_confident_transcript(hf_model)
     cfg = tiny_config(hf_model)
     params = hf_whisper_transcriber.params_from_state_dict(state_dict(hf_model), cfg)
     rng = np.random.default_rng(5)
-    features = np.zeros((4, 60, 80), np.float32)
-    mask = np.zeros((4, 60), np.int32)
-    for row, n in enumerate([60, 52, 45, 30]):
+    features = np.zeros((5, 110, 80), np.float32)
+    mask = np.zeros((5, 110), np.int32)
+    for row, n in enumerate([60, 52, 45, 30, 110]):  # 110 frames do not fit the window of 128 at speed 0.8
         features[row, :n] = rng.normal(size=(n, 80))
         mask[row, :n] = 1
 
@@ -528,14 +528,19 @@ def test_several_speeds_keep_each_utterances_most_confident_transcript(hf_model)
                                                                      method=WhisperTranscriber.transcribe))(x, m)
 
     chosen = run(dataclasses.replace(cfg, speeds=speeds), features, mask)
-    frames = 75  # the slowest copy's: 60 / 0.8
+    frames = 128  # the slowest copy's (110 / 0.8), cut to the tiny encoder's window
     each = [run(cfg, *change_speed(features, mask, speed, frames)) for speed in speeds]
     confidence = np.stack([np.asarray(t.confidence()) for t in each])  # [speeds, B]
+    confidence[1, 4] = -np.inf  # the cut copy does not compete
     best = confidence.argmax(axis=0)
     assert len(set(best.tolist())) > 1, confidence  # the test would not tell rows apart otherwise
     np.testing.assert_allclose(chosen.confidence(), confidence.max(axis=0), rtol=1e-5)
     for row, speed in enumerate(best):
         np.testing.assert_array_equal(chosen.tokens[row], each[speed].tokens[row])
         np.testing.assert_array_equal(chosen.mask[row], each[speed].mask[row])
+    # At speeds (1.0, 0.8) the cut copy of row 4 is the more confident one, and still loses.
+    assert confidence[0, 4] < np.asarray(each[1].confidence())[4]
+    two = run(dataclasses.replace(cfg, speeds=(1.0, 0.8)), features, mask)
+    np.testing.assert_array_equal(two.tokens[4], each[0].tokens[4])
     with pytest.raises(ValueError, match="speeds must lie between"):
         dataclasses.replace(cfg, speeds=(1.0, 3.0))

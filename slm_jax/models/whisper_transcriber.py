@@ -379,7 +379,12 @@ class WhisperTranscriber(nn.Module):
         frames = max(length, min(int(np.ceil(length / min(c.speeds))), c.encoder.max_frames - c.trailing_silence_frames))
         copies = [change_speed(features, mask, speed, frames) for speed in c.speeds]
         everything = self._transcribe(jnp.concatenate([f for f, _ in copies]), jnp.concatenate([m for _, m in copies]))
-        best = jnp.argmax(everything.confidence().reshape(len(c.speeds), batch), axis=0)  # [B]
+        # A slowed copy cut short by the window may be transcribed with confidence and lose words: only
+        # the copies that fit whole compete (the speech as it is always does).
+        lengths = jnp.sum(mask, axis=1)
+        fits = jnp.stack([jnp.logical_or(speed == 1.0, jnp.ceil(lengths / speed) <= frames) for speed in c.speeds])
+        confidence = jnp.where(fits, everything.confidence().reshape(len(c.speeds), batch), -jnp.inf)
+        best = jnp.argmax(confidence, axis=0)  # [B]
         return jax.tree_util.tree_map(
             lambda x: x.reshape(len(c.speeds), batch, *x.shape[1:])[best, jnp.arange(batch)], everything)
 
