@@ -98,11 +98,14 @@ class SpeechLanguageModel:
     def _encode_speech(self, params, audio, audio_mask):
         return self.slm.apply({"params": params}, audio, audio_mask, method=SLM.encode_speech)
 
+    def _pad_frames(self, features: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """[frames, C] arrays -> one batch, its length padded up to a bucket (few shapes compile)."""
+        return batching.pad_frames(features, _bucket(max(f.shape[0] for f in features), self.audio_bucket_frames))
+
     def front_end(self, features: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """The frozen front end's outputs for log-mel arrays [frames, mels]: ([B, N, D], mask [B, N]),
         what ``generate(..., precomputed_speech=True)`` reads."""
-        audio, audio_mask = batching.pad_frames(
-            features, _bucket(max(f.shape[0] for f in features), self.audio_bucket_frames))
+        audio, audio_mask = self._pad_frames(features)
         hidden, mask = self._encode_speech(self.params, audio, audio_mask)
         return np.asarray(hidden), np.asarray(mask)
 
@@ -122,12 +125,12 @@ class SpeechLanguageModel:
         transcripts = self.front_end_transcripts(speech_hidden)
         width = _bucket(max(len(t) for t in transcripts), self.token_bucket)
         tokens, mask = batching.pad_rows(transcripts, width)
-        digits = np.zeros(tokens.shape, bool)
+        numbers = np.zeros(tokens.shape, bool)
         for i, row in enumerate(transcripts):
-            digits[i, :len(row)] = number_tokens([self.vocabulary.decode([t]) for t in row])
+            numbers[i, :len(row)] = number_tokens([self.vocabulary.decode([t]) for t in row])
         return decoding.TranscriptGuide(
             np.asarray(tokens, np.int32), np.asarray(mask).sum(axis=1).astype(np.int32),
-            np.where(digits, 0.0, bias).astype(np.float32), np.asarray(bias, np.float32))
+            np.where(numbers, 0.0, bias).astype(np.float32), np.asarray(bias, np.float32))
 
     @functools.partial(jax.jit, static_argnums=(0, 5))
     def _alignment_logits(self, params, audio, audio_mask, token_ids, centered):
@@ -144,8 +147,7 @@ class SpeechLanguageModel:
                              "steps (train.alignment_steps) or before checkpoints recorded it")
         if not features:
             return []
-        audio, audio_mask = batching.pad_frames(
-            features, _bucket(max(f.shape[0] for f in features), self.audio_bucket_frames))
+        audio, audio_mask = self._pad_frames(features)
         ids = np.asarray(self.alignment_vocabulary.ids, np.int32)
         logits, frame_mask = self._alignment_logits(self.params, audio, audio_mask, ids,
                                                     self.alignment_vocabulary.centered)
@@ -176,15 +178,12 @@ class SpeechLanguageModel:
             raise ValueError("transcript_bias is a greedy-decoding rule; use num_beams=1 with it")
         if not features:
             return []
-        guide = None
         if transcript_bias and not precomputed_speech:  # the front end first: its transcript is the guide
             audio, audio_mask = self.front_end(features)
             precomputed_speech = True
         else:
-            audio, audio_mask = batching.pad_frames(
-                features, _bucket(max(f.shape[0] for f in features), self.audio_bucket_frames))
-        if transcript_bias:
-            guide = self._transcript_guide(audio, transcript_bias)
+            audio, audio_mask = self._pad_frames(features)
+        guide = self._transcript_guide(audio, transcript_bias) if transcript_bias else None
         prompts = batching.encode_prompts(self.vocabulary, self.prompt_format, instructions)
         prefix, prefix_mask = batching.pad_rows(
             [p.prefix for p in prompts], _bucket(max(len(p.prefix) for p in prompts), self.token_bucket))
