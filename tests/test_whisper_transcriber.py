@@ -544,3 +544,5 @@ def test_several_speeds_keep_each_utterances_most_confident_transcript(hf_model)
     np.testing.assert_array_equal(two.tokens[4], each[0].tokens[4])
     with pytest.raises(ValueError, match="speeds must lie between"):
         dataclasses.replace(cfg, speeds=(1.0, 3.0))
+    with pytest.raises(ValueError, match="speeds must include 1.0"):
+        dataclasses.replace(cfg, speeds=(0.9, 1.1))

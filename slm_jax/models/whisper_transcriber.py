@@ -126,6 +126,8 @@ class WhisperTranscriberConfig:
         object.__setattr__(self, "speeds", tuple(float(v) for v in self.speeds))
         if any(not 0.5 <= v <= 2.0 for v in self.speeds):
             raise ValueError(f"speeds must lie between 0.5 and 2.0, got {self.speeds}")
+        if self.speeds and 1.0 not in self.speeds:  # transcribe() falls back on it where a slowed copy is cut
+            raise ValueError(f"speeds must include 1.0, the speech as it is, got {self.speeds}")
         if self.llm_token_rows < 0:
             raise ValueError(f"llm_token_rows must be >= 0, got {self.llm_token_rows}")
         if self.prompt_length + self.max_new_tokens > self.decoder.max_target_positions:
