@@ -65,10 +65,10 @@ def state_dict(hf_model):
     return {k: v.numpy() for k, v in hf_model.state_dict().items()}
 
 
-def hf_greedy(hf_model, features: np.ndarray, cfg) -> tuple[list[int], np.ndarray, np.ndarray]:
+def hf_greedy(hf_model, features: np.ndarray, cfg, previous: tuple[int, ...] = ()) -> tuple[list[int], np.ndarray, np.ndarray]:
     """The same rule as ours, written on transformers: language among cfg.language_ids, then
     argmax over non-special tokens until end-of-text; returns (tokens, the states that chose them,
-    each token's log-probability among the non-special tokens)."""
+    each token's log-probability among the non-special tokens). ``previous``: ids before SOT."""
     with torch.no_grad():
         memory = hf_model.model.encoder(torch.from_numpy(features).transpose(1, 2)).last_hidden_state
 
@@ -77,8 +77,8 @@ def hf_greedy(hf_model, features: np.ndarray, cfg) -> tuple[list[int], np.ndarra
                            output_hidden_states=True)
             return out.logits[0, -1].numpy(), out.decoder_hidden_states[-1][0, -1].numpy()
 
-        logits, _ = run([SOT])
-        ids = [SOT, cfg.language_ids[int(np.argmax(logits[list(cfg.language_ids)]))], *cfg.task_ids]
+        logits, _ = run([*previous, SOT])
+        ids = [*previous, SOT, cfg.language_ids[int(np.argmax(logits[list(cfg.language_ids)]))], *cfg.task_ids]
         tokens, states, log_probs = [], [], []
         for _ in range(cfg.max_new_tokens):
             logits, state = run(ids + tokens)
@@ -89,6 +89,31 @@ def hf_greedy(hf_model, features: np.ndarray, cfg) -> tuple[list[int], np.ndarra
             if tokens[-1] == cfg.end_of_text:
                 break
     return tokens, np.stack(states), np.asarray(log_probs)
+
+
+def test_previous_text_goes_before_the_prompt_as_hugging_face_reads_it(hf_model, tmp_path):
+    # A word-level tokenizer over the tiny vocabulary stands in for Whisper's tokenizer.json.
+    tokenizers = pytest.importorskip("tokenizers")
+    words = {f"w{i}": i for i in range(EOT)}
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(words, unk_token="w0"))
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    sop = EOT - 1  # the tiny vocabulary has no room above end-of-text for <|startofprev|>
+    cfg = tiny_config(hf_model, whisper_tokenizer=str(tmp_path / "tokenizer.json"), previous_text="w7 w21 w3",
+                      start_of_previous=sop, encoder=dataclasses.replace(tiny_config(hf_model).encoder, mask_padding=False))
+    assert cfg.previous_ids == (sop, 7, 21, 3) and cfg.prompt_length == 4 + 2 + len(TASK)
+    params = hf_whisper_transcriber.params_from_state_dict(state_dict(hf_model), cfg)
+    features = np.random.default_rng(3).normal(size=(1, 128, 80)).astype(np.float32)
+    ours = WhisperTranscriber(cfg).apply({"params": params}, features, method=WhisperTranscriber.transcribe)
+    ref_tokens, ref_states, ref_log_probs = hf_greedy(hf_model, features, cfg, previous=cfg.previous_ids)
+    n = int(ours.mask[0].sum())
+    assert np.asarray(ours.tokens[0, :n]).tolist() == ref_tokens
+    assert relative_error(ours.states[0, :n], ref_states) < 1e-5
+    assert relative_error(ours.log_probs[0, :n], ref_log_probs) < 1e-5
+    # The previous text changes what Whisper writes (else this test would not tell it was read).
+    plain = WhisperTranscriber(dataclasses.replace(cfg, previous_text="")).apply(
+        {"params": params}, features, method=WhisperTranscriber.transcribe)
+    assert not np.allclose(plain.log_probs, ours.log_probs)
 
 
 def test_decoder_matches_hugging_face_teacher_forced(hf_model):

@@ -36,7 +36,7 @@ DECODER_PREFIXES = ("decoder.", "model.decoder.")
 RUNTIME_FIELDS = (
     "language_ids", "task_ids", "max_new_tokens", "trailing_silence_frames", "stop_on_repeated_ngram",
     "llm_vocabulary", "llm_tokens_per_token", "llm_token_rows", "decoder_states", "encoder_rows_every",
-    "whisper_tokenizer", "speeds",
+    "whisper_tokenizer", "speeds", "previous_text", "start_of_previous",
     *(f"encoder.{name}" for name in hf_whisper.RUNTIME_FIELDS), "decoder.dtype", "decoder.param_dtype",
 )
 
@@ -63,8 +63,9 @@ def config_from_hf(config_json: Mapping[str, Any], **overrides) -> WhisperTransc
     fields.update(overrides)
     # The default transcript length, cut to what the decoder's position table holds.
     default = WhisperTranscriberConfig.__dataclass_fields__["max_new_tokens"].default
-    room = decoder.max_target_positions - 2 - len(fields.get("task_ids", WhisperTranscriberConfig.task_ids))
-    fields.setdefault("max_new_tokens", min(default, room))
+    if "max_new_tokens" not in fields:
+        prompt = WhisperTranscriberConfig(**{**fields, "max_new_tokens": 1}).prompt_length
+        fields["max_new_tokens"] = min(default, decoder.max_target_positions - prompt)
     return WhisperTranscriberConfig(**fields)
 
 

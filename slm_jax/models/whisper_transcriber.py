@@ -43,6 +43,7 @@ from slm_jax.models.whisper_encoder import WhisperEncoder, WhisperEncoderConfig,
 # Multilingual Whisper's special tokens (tokenizer.json of every multilingual checkpoint).
 END_OF_TEXT = 50257
 START_OF_TRANSCRIPT = 50258
+START_OF_PREVIOUS = 50361
 ENGLISH, FRENCH = 50259, 50265
 TRANSCRIBE, NO_TIMESTAMPS = 50359, 50363
 
@@ -103,6 +104,13 @@ class WhisperTranscriberConfig:
     # it is unsure, and a slower or faster copy is sometimes heard right (release/README.md).
     # () = the speech as it is, one pass.
     speeds: tuple[float, ...] = ()
+    # Text Whisper reads as if it were the speech before this utterance (<|startofprev|>, its
+    # ``initial_prompt``); Whisper writes in the style of what came before. The shipped config
+    # gives it number words: Whisper-base otherwise writes the corpus's "The code is one nine seven
+    # seven" as "The code is 1977", and the LLM must turn digits back into words (release/README.md).
+    # Tokenized with ``whisper_tokenizer``; '' = no previous text.
+    previous_text: str = ""
+    start_of_previous: int = START_OF_PREVIOUS
 
     def __post_init__(self):
         object.__setattr__(self, "language_ids", tuple(int(i) for i in self.language_ids))
@@ -135,8 +143,15 @@ class WhisperTranscriberConfig:
                              f"decoder's {self.decoder.max_target_positions} positions")
 
     @property
+    def previous_ids(self) -> tuple[int, ...]:
+        """<|startofprev|> and the previous text's tokens; () without previous text."""
+        if not self.previous_text:
+            return ()
+        return (self.start_of_previous, *previous_text_ids(self.whisper_tokenizer, self.previous_text))
+
+    @property
     def prompt_length(self) -> int:
-        return 2 + len(self.task_ids)
+        return len(self.previous_ids) + 2 + len(self.task_ids)
 
     @property
     def front_end(self) -> str:
@@ -243,8 +258,9 @@ def llm_token_table(whisper_tokenizer: str, llm_vocabulary: str, width: int, voc
     return table
 
 
-def whisper_token_texts(whisper_tokenizer: str, end_of_text: int) -> list[str]:
-    """The text of every ordinary Whisper token (ids below ``end_of_text``), in id order."""
+@functools.lru_cache(maxsize=2)
+def _whisper_tokenizer(whisper_tokenizer: str):
+    """A ``tokenizers.Tokenizer`` from a tokenizer.json path, or 'package:whisper-base'."""
     import tokenizers
 
     if whisper_tokenizer != "package:whisper-base":
@@ -253,8 +269,19 @@ def whisper_token_texts(whisper_tokenizer: str, end_of_text: int) -> list[str]:
         from slm_jax import assets
 
         path = str(assets.whisper_base_files()["tokenizer.json"])
-    tokenizer = tokenizers.Tokenizer.from_file(path)
+    return tokenizers.Tokenizer.from_file(path)
+
+
+def whisper_token_texts(whisper_tokenizer: str, end_of_text: int) -> list[str]:
+    """The text of every ordinary Whisper token (ids below ``end_of_text``), in id order."""
+    tokenizer = _whisper_tokenizer(whisper_tokenizer)
     return [tokenizer.decode([i]) for i in range(end_of_text)]
+
+
+@functools.lru_cache(maxsize=8)
+def previous_text_ids(whisper_tokenizer: str, text: str) -> tuple[int, ...]:
+    """Whisper's tokens of ``text`` as a continuation (a space before it, no special tokens)."""
+    return tuple(_whisper_tokenizer(whisper_tokenizer).encode(" " + text.strip(), add_special_tokens=False).ids)
 
 
 def pack_rows(rows: jax.Array, keep: jax.Array, length: int | None = None) -> tuple[jax.Array, jax.Array]:
@@ -396,16 +423,17 @@ class WhisperTranscriber(nn.Module):
         batch = memory.shape[0]
         caches = self.decoder.init_caches(memory, c.prompt_length + c.max_new_tokens)
 
-        # Step 0: <|startoftranscript|> -> the language, among the allowed ones.
-        start = jnp.full((batch, 1), c.start_of_transcript, jnp.int32)
+        # Step 0: [previous text] <|startoftranscript|> -> the language, among the allowed ones.
+        start = jnp.broadcast_to(jnp.asarray((*c.previous_ids, c.start_of_transcript), jnp.int32),
+                                 (batch, len(c.previous_ids) + 1))
         hidden, caches = self.decoder(start, memory, memory_mask, caches, 0)
         languages = jnp.asarray(c.language_ids, jnp.int32)
-        language_logits = self.decoder.logits(hidden[:, 0]).astype(jnp.float32)[:, languages]
+        language_logits = self.decoder.logits(hidden[:, -1]).astype(jnp.float32)[:, languages]
         language = languages[jnp.argmax(language_logits, axis=-1)]
         # The rest of the prompt in one cached call; its last state chooses the first token.
         rest = jnp.concatenate([language[:, None], jnp.broadcast_to(jnp.asarray(c.task_ids, jnp.int32),
                                                                        (batch, len(c.task_ids)))], axis=1)
-        hidden, caches = self.decoder(rest, memory, memory_mask, caches, 1)
+        hidden, caches = self.decoder(rest, memory, memory_mask, caches, start.shape[1])
         first, first_log_prob = self._choose(hidden[:, -1])
 
         n = c.max_new_tokens
