@@ -51,6 +51,11 @@ class TranscriptGuide(NamedTuple):
     lengths: jax.Array  # [B] int32
     bias: jax.Array  # [B, G] float: the bonus for each guide token (0: the guide leaves that token to the model)
     end_bias: jax.Array  # [] float: the bonus for eos once the guide is used up
+    # [B] int32 or None: the most tokens an answer that follows the guide needs. From that step
+    # on, eos gets end_bias more at each step, whether the answer follows the guide or not: an
+    # answer that departed from Whisper's transcript and never found it again ("C8 green keys" ->
+    # "Camelia, I am a British-American writer who ...") would otherwise go on to max_new_tokens.
+    answer_length: jax.Array | None = None
 
 
 # How far ahead of its place a token may be found in the guide and still count as keeping to it
@@ -59,13 +64,18 @@ GUIDE_WINDOW = 16
 
 
 def guide_bonus(guide: TranscriptGuide, position: jax.Array, following: jax.Array, vocab_size: int,
-                eos_id: int | None) -> jax.Array:
-    """[B, V] float32: each following row's bonus for its next guide token (eos at the end)."""
+                eos_id: int | None, written: jax.Array | int = 0) -> jax.Array:
+    """[B, V] float32: each following row's bonus for its next guide token (eos at the end), and
+    eos's growing bonus once ``written`` (tokens so far) reaches the guide's answer_length."""
     at = jnp.minimum(position, guide.tokens.shape[1] - 1)[:, None]
     inside = position < guide.lengths
     target = jnp.where(inside, jnp.take_along_axis(guide.tokens, at, axis=1)[:, 0], -1 if eos_id is None else eos_id)
     bias = jnp.where(inside, jnp.take_along_axis(guide.bias, at, axis=1)[:, 0], guide.end_bias)
-    return jax.nn.one_hot(target, vocab_size, dtype=jnp.float32) * jnp.where(following, bias, 0.0)[:, None]
+    bonus = jax.nn.one_hot(target, vocab_size, dtype=jnp.float32) * jnp.where(following, bias, 0.0)[:, None]
+    if guide.answer_length is not None and eos_id is not None:
+        overrun = jnp.maximum(written + 1 - guide.answer_length, 0).astype(jnp.float32)  # [B]
+        bonus = bonus.at[:, eos_id].add(guide.end_bias * overrun)
+    return bonus
 
 
 def follow_guide(guide: TranscriptGuide, position: jax.Array, token: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -181,7 +191,7 @@ def greedy_search(
         i, tokens_in, state, out, done, lengths, position, following = carry
         logits, state = step_fn(tokens_in, state, i)
         if guide is not None:
-            logits = logits + guide_bonus(guide, position, following, logits.shape[-1], eos_id).astype(logits.dtype)
+            logits = logits + guide_bonus(guide, position, following, logits.shape[-1], eos_id, i).astype(logits.dtype)
         logits = ban_repeated_ngrams(logits, out, i, no_repeat_ngram_size)
         next_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         next_tokens = jnp.where(done, pad_id, next_tokens)

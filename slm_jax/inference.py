@@ -26,6 +26,10 @@ def _bucket(n: int, quantum: int) -> int:
     return max(quantum, -(-n // quantum) * quantum)
 
 
+# Tokens an answer that follows the transcript may write beyond it (closing punctuation Whisper
+# left out); past that, end-of-turn gets a growing bonus (decoding.TranscriptGuide.answer_length).
+GUIDE_END_SLACK = 2
+
 NO_TRANSCRIPT = ("this model's speech front end writes no transcript to follow (a transcriber front end does, "
                  "e.g. gin/whisper_base_transcriber_smollm2.gin)")
 
@@ -128,9 +132,14 @@ class SpeechLanguageModel:
         numbers = np.zeros(tokens.shape, bool)
         for i, row in enumerate(transcripts):
             numbers[i, :len(row)] = number_tokens([self.vocabulary.decode([t]) for t in row])
+        lengths = np.asarray(mask).sum(axis=1).astype(np.int32)
+        # An answer that follows the transcript writes each of its tokens once, a number's digits as
+        # words (" nine" for "9": the digit and its word each take a token, so two per digit token
+        # allows "twenty-one" for "21"), and may close with punctuation Whisper left out.
+        answer_length = lengths + numbers.sum(axis=1).astype(np.int32) + GUIDE_END_SLACK
         return decoding.TranscriptGuide(
-            np.asarray(tokens, np.int32), np.asarray(mask).sum(axis=1).astype(np.int32),
-            np.where(numbers, 0.0, bias).astype(np.float32), np.asarray(bias, np.float32))
+            np.asarray(tokens, np.int32), lengths, np.where(numbers, 0.0, bias).astype(np.float32),
+            np.asarray(bias, np.float32), answer_length)
 
     @functools.partial(jax.jit, static_argnums=(0, 5))
     def _alignment_logits(self, params, audio, audio_mask, token_ids, centered):

@@ -217,6 +217,23 @@ def test_a_transcript_guide_is_followed_where_the_model_is_unsure_and_let_go_whe
     np.testing.assert_array_equal(run(zero).tokens, unguided.tokens)
 
 
+def test_an_answer_that_runs_past_its_guides_answer_length_is_pushed_to_end():
+    eos, pad = 2, 15
+    # Both rows are sure of tokens the guide never has (margin 5 > bonus 2): they depart at once.
+    script = [[5, 6, 7, 8, 9, 10, 11, 12]] * 2
+    guide = decoding.TranscriptGuide(jnp.asarray([[3, 4], [3, 4]], jnp.int32), jnp.asarray([2, 2], jnp.int32),
+                                     jnp.full((2, 2), 2.0), jnp.asarray(2.0), jnp.asarray([3, 5], jnp.int32))
+    out = jax.jit(lambda: decoding.greedy_search(_preferring_step_fn(script, [[5.0] * 8] * 2), jnp.arange(2),
+                                                 jnp.zeros((2,), jnp.int32), 8, eos, pad_id=pad, guide=guide))()
+    # eos gets 2 at the step that reaches answer_length, 4 at the next, 6 at the one after: it
+    # beats the sure margin of 5 on the third step there.
+    np.testing.assert_array_equal(out.tokens, [[5, 6, 7, 8, 9, eos, pad, pad], [5, 6, 7, 8, 9, 10, 11, eos]])
+    unbounded = jax.jit(lambda: decoding.greedy_search(_preferring_step_fn(script, [[5.0] * 8] * 2), jnp.arange(2),
+                                                       jnp.zeros((2,), jnp.int32), 8, eos, pad_id=pad,
+                                                       guide=guide._replace(answer_length=None)))()
+    np.testing.assert_array_equal(unbounded.tokens[0], script[0])  # without it, they run to max_new_tokens
+
+
 def test_follow_guide_moves_past_the_first_match_within_the_window():
     guide = decoding.TranscriptGuide(jnp.asarray([[1, 2, 3, 2] + [4] * 20 + [9]] * 3, jnp.int32),
                                      jnp.asarray([25, 25, 3], jnp.int32), jnp.full((3, 25), 1.0), jnp.asarray(0.5))
