@@ -105,10 +105,10 @@ class WhisperTranscriberConfig:
     # () = the speech as it is, one pass.
     speeds: tuple[float, ...] = ()
     # Text Whisper reads as if it were the speech before this utterance (<|startofprev|>, its
-    # ``initial_prompt``); Whisper writes in the style of what came before. The shipped config
-    # gives it number words: Whisper-base otherwise writes the corpus's "The code is one nine seven
-    # seven" as "The code is 1977", and the LLM must turn digits back into words (release/README.md).
-    # Tokenized with ``whisper_tokenizer``; '' = no previous text.
+    # ``initial_prompt``); Whisper writes in the style of what came before. Given number words,
+    # Whisper-base writes the corpus's "The code is one nine seven seven" as words, not "1977";
+    # but it also changes free-form transcripts, and the shipped config leaves it off
+    # (release/README.md measures both). Tokenized with ``whisper_tokenizer``; '' = none.
     previous_text: str = ""
     start_of_previous: int = START_OF_PREVIOUS
 
