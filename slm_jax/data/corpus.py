@@ -663,7 +663,7 @@ def make_corpus(
 
     start = time.time()
     jobs = [_Job(s, synthesizer, snr_db) for s in specs]
-    if synthesizer == "espeak" and any(s.voice.startswith(KOKORO_PREFIX) for s in specs):
+    if synthesizer == "espeak" and any(voice_family(s) == "kokoro" for s in specs):
         kokoro_voice.model_file()  # joined here once: workers joining it at once break each other
     for spec, pcm in _run_jobs(jobs, workers, progress):
         writers[(spec.task, spec.split)].write(serialize_example(spec, pcm), len(pcm) // 2)
