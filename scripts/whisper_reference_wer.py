@@ -11,6 +11,10 @@ that scripts/wer_by_voice.py breaks down by voice:
 
   .venv/bin/python scripts/whisper_reference_wer.py --corpus_dir=runs/kk/corpus \
       --tasks=asr_en,asr_en_open --out=runs/whisper_alone.json
+
+With --front_end --speeds=1.0,0.9,...: the transcript the speeds config
+(gin/whisper_base_transcriber_speeds_smollm2.gin) hands the adapter, the most confident of
+Whisper's transcripts of the copies played at those speeds.
 """
 
 from __future__ import annotations
@@ -33,7 +37,16 @@ def main(argv=None) -> int:
                         help="transcribe with this project's Flax WhisperTranscriber at its default settings (1 s "
                              "of silence appended, the repeated-4-gram stop): the transcript the transcriber "
                              "front end hands the adapter, rather than transformers' plain greedy decoding")
+    parser.add_argument("--speeds", default="",
+                        help="with --front_end: comma-separated speeds (WhisperTranscriberConfig.speeds, e.g. "
+                             "1.0,0.9,1.1,0.85,1.15,0.8,1.2,0.75); each utterance keeps the most confident copy")
     args = parser.parse_args(argv)
+    try:
+        speeds = tuple(float(v) for v in args.speeds.split(",") if v.strip())
+    except ValueError:
+        parser.error(f"--speeds must be comma-separated numbers, got {args.speeds!r}")
+    if speeds and not args.front_end:
+        parser.error("--speeds needs --front_end: transformers' decoding hears the speech as it is")
     if (args.tsv is None) == (args.corpus_dir is None):
         parser.error("give a TSV or --corpus_dir (one of them)")
 
@@ -48,8 +61,9 @@ def main(argv=None) -> int:
     state, config = ctranslate2.load_whisper_hf(files.model_bin, files.config_json)
     tokenizer = transformers.WhisperTokenizerFast(tokenizer_file=str(files.tokenizer_json))
     if args.front_end:
-        transcribe = _front_end_transcriber(state, config, tokenizer)
-        whisper = "Whisper-base (whole, this project's WhisperTranscriber)"
+        transcribe = _front_end_transcriber(state, config, tokenizer, speeds)
+        whisper = "Whisper-base (whole, this project's WhisperTranscriber" + (
+            f", the most confident of speeds {','.join(map(str, speeds))})" if speeds else ")")
     else:
         model = transformers.WhisperForConditionalGeneration(transformers.WhisperConfig(**config)).eval()
         model.load_state_dict({k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in state.items()},
@@ -109,9 +123,11 @@ def main(argv=None) -> int:
     return 0
 
 
-def _front_end_transcriber(state, config, tokenizer):
+def _front_end_transcriber(state, config, tokenizer, speeds=()):
     """samples -> text, by the transcriber front end's own greedy decoding (jit, bucketed lengths),
-    from the Whisper checkpoint ``state`` and its ``config``."""
+    from the Whisper checkpoint ``state`` and its ``config``, at ``speeds`` (WhisperTranscriberConfig)."""
+    import dataclasses
+
     import jax
     import numpy as np
 
@@ -119,7 +135,7 @@ def _front_end_transcriber(state, config, tokenizer):
     from slm_jax.convert import hf_whisper_transcriber
     from slm_jax.models.whisper_transcriber import WhisperTranscriber
 
-    cfg = hf_whisper_transcriber.config_from_hf(config)
+    cfg = dataclasses.replace(hf_whisper_transcriber.config_from_hf(config), speeds=speeds)
     params = hf_whisper_transcriber.params_from_state_dict(state, cfg)
     # The weights are an argument, not a closed-over constant that XLA would fold into the program.
     run = jax.jit(lambda p, f, m: WhisperTranscriber(cfg).apply({"params": p}, f, m,

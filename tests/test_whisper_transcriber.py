@@ -490,10 +490,11 @@ def test_encoder_rows_cache_script_refuses_a_gated_config(tmp_path, capsys, load
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("front_end", [False, True])
-def test_whisper_reference_wer_transcribes_a_tsv_both_ways_into_a_report(tmp_path, load_script, front_end):
+@pytest.mark.parametrize("front_end,speeds", [(False, ""), (True, ""), (True, "1.0,0.9,1.1")])
+def test_whisper_reference_wer_transcribes_a_tsv_both_ways_into_a_report(tmp_path, load_script, front_end, speeds):
     """scripts/whisper_reference_wer.py: transformers' plain greedy decoding, or this project's
-    transcriber front end (what the SLM reads), on a real recording; the report is slm-eval's shape."""
+    transcriber front end (what the SLM reads), at one speed or several; on a real recording,
+    into a report of slm-eval's shape."""
     from slm_jax import assets, metrics
 
     if not assets.whisper_base_available():
@@ -502,13 +503,22 @@ def test_whisper_reference_wer_transcribes_a_tsv_both_ways_into_a_report(tmp_pat
     tsv = tmp_path / "one.tsv"
     tsv.write_text(f"{os.path.join(root, 'arctic_a0009.wav')}\tHe turned sharply and faced Gregson across the table.\n")
     out = tmp_path / "report.json"
-    assert load_script("whisper_reference_wer").main([str(tsv), f"--out={out}"] + ["--front_end"] * front_end) == 0
+    flags = ["--front_end"] * front_end + [f"--speeds={speeds}"] * bool(speeds)
+    assert load_script("whisper_reference_wer").main([str(tsv), f"--out={out}"] + flags) == 0
     report = json.loads(out.read_text())
     [item] = report["predictions"]["tsv"]
     assert metrics.word_error_rate([item["reference"]], [item["prediction"]]) < 0.3, item["prediction"]
     assert report["tasks"]["tsv"] == {"examples": 1, "wer": metrics.word_error_rate([item["reference"]],
                                                                                       [item["prediction"]])}
     assert ("WhisperTranscriber" in report["decoder"]) == front_end
+    assert ("most confident of speeds 1.0,0.9,1.1" in report["decoder"]) == bool(speeds)
+
+
+def test_whisper_reference_wer_refuses_speeds_without_the_front_end(load_script, capsys):
+    """transformers' decoding has no speed copies: asking for them is an error, not a silent one-speed run."""
+    with pytest.raises(SystemExit):
+        load_script("whisper_reference_wer").main(["some.tsv", "--speeds=1.0,0.9"])
+    assert "--speeds needs --front_end" in capsys.readouterr().err
 
 
 def test_change_speed_moves_a_tones_pitch_and_length_as_playing_it_faster_does():
