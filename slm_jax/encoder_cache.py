@@ -4,9 +4,11 @@ The encoder is frozen, so its output for a clip never changes: an offline pass e
 example once and stores the hidden states keyed by example id; training then reads them and never
 runs the encoder (the trainer accepts ``speech_hidden``/``speech_mask`` in place of audio).
 
-On disk: ``<dir>/hidden-NNNNN.npy`` shards of concatenated [frames, D] float32 rows, and
+On disk: ``<dir>/hidden-<write>-NNNNN.npy`` shards of concatenated [frames, D] float32 rows, and
 ``<dir>/index.json`` (written last, atomically) mapping id -> (shard, offset, frames). A cache
-directory without an index is incomplete and is rebuilt. The index records a fingerprint of
+directory without an index is incomplete and is rebuilt. Every write names its shards anew, so
+a cache can be rewritten with more examples in place (``extend_cache``): until the new index
+replaces the old one, the old index and its shards are untouched. The index records a fingerprint of
 the encoder (its source and config) so a cache is never reused for another encoder.
 """
 
@@ -15,7 +17,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import logging
 import os
+import uuid
 from typing import Any, Iterable, Mapping, Sequence
 
 import jax
@@ -26,6 +30,7 @@ from slm_jax.alignment import transcript_token_ids
 from slm_jax.models.slm import SLM
 
 INDEX = "index.json"
+log = logging.getLogger(__name__)
 
 
 def encoder_fingerprint(encoder_config: Any, source: str, feature_settings: Mapping[str, Any]) -> str:
@@ -90,8 +95,15 @@ def adopt_cache(old_directory: str, directory: str, fingerprint: str, ids: Itera
 def write_cache(directory: str, fingerprint: str, rows: Iterable[tuple[str, np.ndarray]],
                 shard_rows: int = 200_000) -> EncoderCache:
     """Writes (id, [frames, D]) pairs as a cache: shards of about ``shard_rows`` rows, each written
-    whole, then the index (atomically, last), so an interrupted write leaves no index."""
+    whole under a name of this write's own, then the index (atomically, last), so an interrupted
+    write leaves the cache that was there before. The shards of the index it replaced go last."""
     os.makedirs(directory, exist_ok=True)
+    index_path = os.path.join(directory, INDEX)
+    previous: list[str] = []
+    if os.path.exists(index_path):
+        with open(index_path) as f:
+            previous = json.load(f)["shards"]
+    write = uuid.uuid4().hex[:8]
     entries: dict[str, list[int]] = {}
     shards: list[str] = []
     pending: list[np.ndarray] = []
@@ -102,7 +114,7 @@ def write_cache(directory: str, fingerprint: str, rows: Iterable[tuple[str, np.n
         nonlocal pending, pending_rows
         if not pending:
             return
-        name = f"hidden-{len(shards):05d}.npy"
+        name = f"hidden-{write}-{len(shards):05d}.npy"
         tmp = os.path.join(directory, name + ".tmp")
         with open(tmp, "wb") as f:
             np.save(f, np.concatenate(pending, axis=0))
@@ -118,12 +130,75 @@ def write_cache(directory: str, fingerprint: str, rows: Iterable[tuple[str, np.n
         if pending_rows >= shard_rows:
             flush()
     flush()
-    index_path = os.path.join(directory, INDEX)
     tmp = index_path + ".tmp"
     with open(tmp, "w") as f:
         json.dump({"fingerprint": fingerprint, "dim": dim, "shards": shards, "entries": entries}, f)
     os.replace(tmp, index_path)
+    for name in set(previous) - set(shards):
+        try:
+            os.remove(os.path.join(directory, name))
+        except FileNotFoundError:
+            pass
     return EncoderCache(directory)
+
+
+def extend_cache(directory: str, fingerprint: str, rows: Mapping[str, np.ndarray]) -> EncoderCache:
+    """The cache in ``directory`` with ``rows`` (id -> [frames, D]) added, rewritten in place; a
+    cache there of another fingerprint is replaced, as it could never be reused."""
+    kept: dict[str, np.ndarray] = {}
+    if os.path.exists(os.path.join(directory, INDEX)):
+        old = EncoderCache(directory)
+        if old.fingerprint == fingerprint:
+            kept = {i: np.array(old[i]) for i in old._entries if i not in rows}  # off the shards it deletes
+    return write_cache(directory, fingerprint, itertools.chain(kept.items(), rows.items()))
+
+
+class FrontEndMemo:
+    """The frozen front end's outputs for evaluation, kept between runs (``slm-eval
+    --cache_front_end``). The front end is frozen, so a second evaluation of the same examples
+    (another decoding setting, another adapter of the same front end) computes only the answers;
+    for the Whisper transcriber at eight speeds the front end is most of the time.
+
+    A batch the cache holds whole is read from it, its rows padded to the width the front end
+    itself would give (``width``); any other batch runs the front end whole, as without the
+    cache, and its rows are kept. ``save`` adds them to the cache on disk."""
+
+    def __init__(self, directory: str, fingerprint: str):
+        self.directory, self.fingerprint = directory, fingerprint
+        try:
+            self.cache = reusable_cache(directory, fingerprint, ())
+        except (OSError, ValueError, KeyError) as e:  # unreadable: computed again, and rewritten by save()
+            log.warning("front-end cache %s is unreadable (%s); its examples are computed again", directory, e)
+            self.cache = None
+        self.new: dict[str, np.ndarray] = {}
+        self.hits = self.misses = 0
+
+    def _get(self, example_id: str) -> np.ndarray | None:
+        if example_id in self.new:
+            return self.new[example_id]
+        return self.cache[example_id] if self.cache is not None and example_id in self.cache else None
+
+    def rows(self, ids: Sequence[str], compute, width) -> tuple[list[np.ndarray], int]:
+        """([frames, D] per example, the width to pad them to) for the examples ``ids``.
+        ``compute()`` -> the front end's (hidden [B, N, D], mask [B, N]) for the batch;
+        ``width()`` -> N without computing it."""
+        cached = [self._get(i) for i in ids]
+        if all(rows is not None for rows in cached):
+            self.hits += len(ids)
+            return cached, width()
+        hidden, mask = compute()
+        hidden, mask = np.asarray(hidden, np.float32), np.asarray(mask)
+        rows = [hidden[b, : int(mask[b].sum())] for b in range(len(ids))]
+        for example_id, r in zip(ids, rows):
+            if self._get(example_id) is None:
+                self.new[example_id] = r
+                self.misses += 1
+        return rows, hidden.shape[1]
+
+    def save(self) -> None:
+        if self.new:
+            self.cache = extend_cache(self.directory, self.fingerprint, self.new)
+            self.new = {}
 
 
 def build_cache(

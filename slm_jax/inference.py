@@ -113,6 +113,12 @@ class SpeechLanguageModel:
         hidden, mask = self._encode_speech(self.params, audio, audio_mask)
         return np.asarray(hidden), np.asarray(mask)
 
+    def front_end_width(self, features: Sequence[np.ndarray]) -> int:
+        """How many rows ``front_end`` gives these log-mel arrays (padding included), from shapes
+        alone: rows kept from an earlier run, padded to it, read as the front end's own output."""
+        audio, audio_mask = self._pad_frames(features)
+        return int(jax.eval_shape(self._encode_speech, self.params, audio, audio_mask)[0].shape[1])
+
     def front_end_transcripts(self, speech_hidden: np.ndarray) -> list[list[int]]:
         """The LLM token ids of the transcript a transcriber front end wrote into its rows
         [B, N, D] (frozen-encoder outputs), as the LLM's tokenizer spells the whole text: the rows
@@ -166,7 +172,7 @@ class SpeechLanguageModel:
     def generate(
         self, features: Sequence[np.ndarray], instructions: Sequence[str] | str, max_new_tokens: int = 64,
         num_beams: int = 1, precomputed_speech: bool = False, no_repeat_ngram_size: int = 0,
-        stop_on_repeated_ngram: int = 0, transcript_bias: float = 0.0,
+        stop_on_repeated_ngram: int = 0, transcript_bias: float = 0.0, speech_width: int | None = None,
     ) -> list[str]:
         """Answers for a batch of log-mel feature arrays [frames, mels] and their instructions.
 
@@ -175,7 +181,8 @@ class SpeechLanguageModel:
         ``transcript_bias`` b > 0 (greedy only, transcriber front ends): a logit bonus b for
         following the front end's own transcript (``decoding.TranscriptGuide``).
 
-        With ``precomputed_speech=True`` the arrays are the frozen encoder's outputs [frames, D].
+        With ``precomputed_speech=True`` the arrays are the frozen encoder's outputs [frames, D],
+        padded to ``speech_width`` rows when given (``front_end_width``), else to a bucket.
         """
         if isinstance(instructions, str):
             instructions = [instructions] * len(features)
@@ -190,6 +197,8 @@ class SpeechLanguageModel:
         if transcript_bias and not precomputed_speech:  # the front end first: its transcript is the guide
             audio, audio_mask = self.front_end(features)
             precomputed_speech = True
+        elif precomputed_speech and speech_width is not None:
+            audio, audio_mask = batching.pad_frames(features, speech_width)
         else:
             audio, audio_mask = self._pad_frames(features)
         guide = self._transcript_guide(audio, transcript_bias) if transcript_bias else None

@@ -96,6 +96,8 @@ CASES = [
      ("error", "bad gin configuration")),
     ("eval-audio-tsv", "slm-eval", INFER + ["--audio_tsv={F}/own.tsv", "--out={F}/../own_report.json",
                                             "--max_new_tokens=2"], ("ok", "asr_audio_tsv")),
+    ("eval-cache-front-end-audio-tsv", "slm-eval", INFER + ["--audio_tsv={F}/own.tsv", "--out={F}/../r.json",
+                                                            "--cache_front_end"], ("error", "--cache_front_end")),
     ("eval-ctc-without-alignment-steps", "slm-eval",
      INFER + ["--audio_tsv={F}/own.tsv", "--decoder=ctc", "--out={F}/../r.json"],
      ("error", "records no alignment vocabulary")),
@@ -220,3 +222,25 @@ def test_eval_audio_tsv_scores_every_listed_recording(results, fixture):
                                                                 ("rate_8k.wav", "good morning")]
     assert report["tasks"]["asr_audio_tsv"]["examples"] == 2 and report["tasks"]["asr_audio_tsv"]["wer"] >= 0
     assert report["audio_tsv"].endswith("own.tsv")
+
+
+@pytest.mark.slow
+def test_eval_cache_front_end_keeps_the_front_ends_rows_and_reads_them_back(fixture, tmp_path):
+    """slm-eval --cache_front_end: the first run computes the front end and keeps its rows, the
+    second reads every example back and computes none; both answer as the run without the cache."""
+    shutil.copytree(fixture / "corpus", tmp_path / "corpus")
+    infer = [a.replace("{F}", str(fixture)) for a in INFER]
+    runs = [(f"eval-{name}", "slm-eval", infer + [f"--corpus_dir={tmp_path}/corpus", f"--out={tmp_path}/{name}.json",
+                                                  "--batch_size=2"] + flags, None)
+            for name, flags in (("live", []), ("first", ["--cache_front_end"]), ("second", ["--cache_front_end"]))]
+    results = _run_cases(tmp_path, runs, "cache_runs")
+    for case_id, *_ in runs:
+        assert results[case_id]["rc"] == 0, results[case_id]["stderr"][-2000:]
+    reports = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in ("live", "first", "second")}
+    examples = sum(len(p) for p in reports["live"]["predictions"].values())
+    assert examples > 2
+    assert f"0 examples read, {examples} computed" in results["eval-first"]["stdout"]
+    assert f"{examples} examples read, 0 computed" in results["eval-second"]["stdout"]
+    [cache] = glob.glob(str(tmp_path / "corpus" / "encoder_cache" / "*-eval"))
+    assert len(json.loads(open(os.path.join(cache, "index.json")).read())["entries"]) == examples
+    assert reports["second"]["predictions"] == reports["first"]["predictions"] == reports["live"]["predictions"]

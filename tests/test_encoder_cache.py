@@ -1,5 +1,6 @@
 """The frozen-encoder cache: written once, reused only for the same encoder and every example,
-and adopted from the corpus-wide directory older versions wrote it to."""
+adopted from the corpus-wide directory older versions wrote it to, and extended in place by
+evaluation's FrontEndMemo."""
 
 import os
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from slm_jax.encoder_cache import adopt_cache, build_cache, reusable_cache
+from slm_jax.encoder_cache import FrontEndMemo, adopt_cache, build_cache, extend_cache, reusable_cache, write_cache
 from slm_jax.models.slm import SLM
 
 from tiny_models import model_spec
@@ -54,3 +55,54 @@ def test_an_older_corpus_wide_cache_moves_into_its_fingerprint_directory(encoder
     assert not os.path.exists(old / "index.json") and os.path.exists(old / "fp-a" / "index.json")
     for key, value in before.items():
         np.testing.assert_array_equal(moved[key], value)
+
+
+def test_extending_a_cache_keeps_its_rows_adds_the_new_and_leaves_no_old_shard(tmp_path):
+    rows = {i: np.full((n, 3), k, np.float32) for k, (i, n) in enumerate((("a", 2), ("b", 5)))}
+    write_cache(str(tmp_path), "fp", rows.items())
+    old_shards = sorted(p for p in os.listdir(tmp_path) if p.endswith(".npy"))
+    cache = extend_cache(str(tmp_path), "fp", {"c": np.ones((4, 3), np.float32), "a": np.zeros((1, 3), np.float32)})
+    assert sorted(cache._entries) == ["a", "b", "c"]
+    np.testing.assert_array_equal(cache["b"], rows["b"])  # kept
+    assert cache["a"].shape == (1, 3) and cache["c"].shape == (4, 3)  # replaced, added
+    assert not set(old_shards) & set(os.listdir(tmp_path))  # the replaced write's shards are gone
+    # A cache of another front end is never reused: extending replaces it.
+    other = extend_cache(str(tmp_path), "fp-other", {"z": np.ones((2, 3), np.float32)})
+    assert sorted(other._entries) == ["z"] and other.fingerprint == "fp-other"
+
+
+def test_an_interrupted_rewrite_leaves_the_cache_that_was_there(tmp_path, monkeypatch):
+    write_cache(str(tmp_path), "fp", [("a", np.ones((2, 3), np.float32))])
+
+    def rows():
+        yield "b", np.full((2, 3), 7.0, np.float32)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_cache(str(tmp_path), "fp", rows(), shard_rows=1)  # one shard of it written, no index
+    cache = reusable_cache(str(tmp_path), "fp", ["a"])
+    assert cache is not None and sorted(cache._entries) == ["a"]
+    np.testing.assert_array_equal(cache["a"], np.ones((2, 3), np.float32))
+
+
+def test_front_end_memo_computes_a_batch_it_lacks_and_reads_back_one_it_holds(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        hidden = np.arange(2 * 6 * 3, dtype=np.float32).reshape(2, 6, 3)
+        return hidden, np.array([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]])
+
+    memo = FrontEndMemo(str(tmp_path / "eval"), "fp")
+    rows, width = memo.rows(["x", "y"], compute, lambda: 6)
+    assert width == 6 and [r.shape[0] for r in rows] == [3, 5] and len(calls) == 1
+    memo.save()
+    again = FrontEndMemo(str(tmp_path / "eval"), "fp")
+    rows2, width2 = again.rows(["y", "x"], compute, lambda: 6)
+    assert len(calls) == 1 and width2 == 6 and (again.hits, again.misses) == (2, 0)
+    np.testing.assert_array_equal(rows2[0], rows[1])
+    # A batch with one example it lacks runs the front end whole and keeps only the new one.
+    again.rows(["x", "w"], compute, lambda: 6)
+    assert len(calls) == 2 and sorted(again.new) == ["w"] and again.misses == 1
+    # Another front end's cache is not read.
+    assert FrontEndMemo(str(tmp_path / "eval"), "fp-other").cache is None

@@ -17,6 +17,12 @@ per-task metrics and every prediction: WER for ASR (asr_*, biasing), BLEU for sp
 With --audio_tsv, score your own recordings instead: a TSV of "path<TAB>transcript" lines (paths
 relative to the TSV's folder), each transcribed with --instruction and scored by WER.
 
+With --cache_front_end, the frozen front end's outputs for the corpus's examples are kept in
+CORPUS/encoder_cache/<front end fingerprint>-eval and read back by later runs with the same front
+end: a second evaluation (another --transcript_bias, another adapter) computes only the answers.
+A batch the cache does not hold whole runs the front end as without it. Answers match the run
+without the cache (the same rows, padded to the same width).
+
 With --decoder=ctc, the LLM is not run: each utterance is transcribed by the adapter's own CTC
 head (its best path over the alignment sub-vocabulary; adapters trained with alignment steps
 only). A diagnostic of how well the speech is aligned with the LLM's token embeddings; score ASR
@@ -107,11 +113,17 @@ def main(argv=None) -> int:
         common.add_decoding_arguments(parser, max_new_tokens=64)
         parser.add_argument("--audio_tsv", default=None,
                             help="score these recordings (lines 'path<TAB>transcript') instead of a corpus split")
+        parser.add_argument("--cache_front_end", action="store_true",
+                            help="keep the frozen front end's outputs for a corpus's examples on disk "
+                                 "(CORPUS/encoder_cache/<fingerprint>-eval) and reuse them in later runs")
         parser.add_argument("--instruction", default="Transcribe the speech.",
                             help="the prompt for --audio_tsv recordings (default: %(default)s)")
         args = parser.parse_args(rest)
         if not args.gin_file:
             raise common.UserError("give the --gin_file the model was trained with")
+        if args.cache_front_end and (args.audio_tsv or args.decoder == "ctc"):
+            raise common.UserError("--cache_front_end keeps the front end's outputs for a corpus's examples for the "
+                                   "LLM's answers; not with --audio_tsv or --decoder=ctc")
         common.check_decoding_arguments(args)
         out_dir = os.path.dirname(os.path.abspath(args.out))
         if not os.path.isdir(out_dir):
@@ -137,16 +149,36 @@ def main(argv=None) -> int:
             raise common.UserError(f"--decoder=ctc: checkpoint {args.checkpoint} records no alignment vocabulary "
                                    "(trained without train.alignment_steps, or before checkpoints kept it)")
 
+        memo = None
+        if args.cache_front_end:
+            from slm_jax.cached_corpus import front_end_fingerprint
+            from slm_jax.encoder_cache import FrontEndMemo
+
+            fingerprint = front_end_fingerprint(model)
+            memo = FrontEndMemo(os.path.join(source["corpus_dir"], "encoder_cache", f"{fingerprint}-eval"),
+                                fingerprint)
+
         def answer(batch):
+            features = [e["features"] for e in batch]
             if args.decoder == "ctc":
-                return slm.transcribe_ctc([e["features"] for e in batch])
-            return slm.generate([e["features"] for e in batch], [e["instruction"] for e in batch],
+                return slm.transcribe_ctc(features)
+            speech, width = features, None
+            if memo is not None:
+                speech, width = memo.rows([e["id"] for e in batch], lambda: slm.front_end(features),
+                                          lambda: slm.front_end_width(features))
+            return slm.generate(speech, [e["instruction"] for e in batch],
                                 max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
                                 no_repeat_ngram_size=args.no_repeat_ngram_size,
                                 stop_on_repeated_ngram=args.stop_on_repeated_ngram,
-                                transcript_bias=args.transcript_bias)
+                                transcript_bias=args.transcript_bias, precomputed_speech=memo is not None,
+                                speech_width=width)
 
-        report = evaluation.evaluate(examples, answer, batch_size=args.batch_size)
+        try:
+            report = evaluation.evaluate(examples, answer, batch_size=args.batch_size)
+        finally:  # what was computed is kept, even when the run is stopped
+            if memo is not None:
+                memo.save()
+                print(f"front-end cache {memo.directory}: {memo.hits} examples read, {memo.misses} computed")
         report.update({"checkpoint": os.path.abspath(args.checkpoint), "step": step, "split": args.split,
                        **source, "num_beams": args.num_beams, "decoder": args.decoder,
                        "no_repeat_ngram_size": args.no_repeat_ngram_size,
