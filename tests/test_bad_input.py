@@ -227,16 +227,22 @@ def test_eval_audio_tsv_scores_every_listed_recording(results, fixture):
 @pytest.mark.slow
 def test_eval_cache_front_end_keeps_the_front_ends_rows_and_reads_them_back(fixture, tmp_path):
     """slm-eval --cache_front_end: the first run computes the front end and keeps its rows, the
-    second reads every example back and computes none; both answer as the run without the cache."""
+    second reads every example back and computes none; both answer as the run without the cache.
+    Where the cache cannot be written, the run still writes its report."""
     shutil.copytree(fixture / "corpus", tmp_path / "corpus")
+    shutil.copytree(fixture / "corpus", tmp_path / "blocked_corpus")
+    (tmp_path / "blocked_corpus" / "encoder_cache").write_text("a file where the cache directory would go")
     infer = [a.replace("{F}", str(fixture)) for a in INFER]
-    runs = [(f"eval-{name}", "slm-eval", infer + [f"--corpus_dir={tmp_path}/corpus", f"--out={tmp_path}/{name}.json",
+    runs = [(f"eval-{name}", "slm-eval", infer + [f"--corpus_dir={tmp_path}/{corpus}", f"--out={tmp_path}/{name}.json",
                                                   "--batch_size=2"] + flags, None)
-            for name, flags in (("live", []), ("first", ["--cache_front_end"]), ("second", ["--cache_front_end"]))]
+            for name, corpus, flags in (("live", "corpus", []), ("first", "corpus", ["--cache_front_end"]),
+                                        ("second", "corpus", ["--cache_front_end"]),
+                                        ("blocked", "blocked_corpus", ["--cache_front_end"]))]
     results = _run_cases(tmp_path, runs, "cache_runs")
     for case_id, *_ in runs:
         assert results[case_id]["rc"] == 0, results[case_id]["stderr"][-2000:]
-    reports = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in ("live", "first", "second")}
+    reports = {name: json.loads((tmp_path / f"{name}.json").read_text())
+               for name in ("live", "first", "second", "blocked")}
     examples = sum(len(p) for p in reports["live"]["predictions"].values())
     assert examples > 2
     assert f"0 examples read, {examples} computed" in results["eval-first"]["stdout"]
@@ -244,3 +250,6 @@ def test_eval_cache_front_end_keeps_the_front_ends_rows_and_reads_them_back(fixt
     [cache] = glob.glob(str(tmp_path / "corpus" / "encoder_cache" / "*-eval"))
     assert len(json.loads(open(os.path.join(cache, "index.json")).read())["entries"]) == examples
     assert reports["second"]["predictions"] == reports["first"]["predictions"] == reports["live"]["predictions"]
+    # A cache that cannot be written costs a warning, not the report.
+    assert "were not kept" in results["eval-blocked"]["stderr"]
+    assert reports["blocked"]["predictions"] == reports["live"]["predictions"]

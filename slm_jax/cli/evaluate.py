@@ -177,8 +177,12 @@ def main(argv=None) -> int:
             report = evaluation.evaluate(examples, answer, batch_size=args.batch_size)
         finally:  # what was computed is kept, even when the run is stopped
             if memo is not None:
-                memo.save()
-                print(f"front-end cache {memo.directory}: {memo.hits} examples read, {memo.misses} computed")
+                try:
+                    memo.save()
+                    print(f"front-end cache {memo.directory}: {memo.hits} examples read, {memo.misses} computed")
+                except OSError as e:  # a cache that cannot be written must not cost the report
+                    print(f"slm-eval: warning: the front end's outputs were not kept in {memo.directory}: {e}",
+                          file=sys.stderr)
         report.update({"checkpoint": os.path.abspath(args.checkpoint), "step": step, "split": args.split,
                        **source, "num_beams": args.num_beams, "decoder": args.decoder,
                        "no_repeat_ngram_size": args.no_repeat_ngram_size,
