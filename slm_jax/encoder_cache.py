@@ -49,7 +49,11 @@ class EncoderCache:
         self.fingerprint = index["fingerprint"]
         self.dim = index["dim"]
         self._entries = index["entries"]
-        self._shards = [np.load(os.path.join(directory, name), mmap_mode="r") for name in index["shards"]]
+        self.shard_names: list[str] = index["shards"]
+        self._shards = [np.load(os.path.join(directory, name), mmap_mode="r") for name in self.shard_names]
+
+    def ids(self) -> list[str]:
+        return list(self._entries)
 
     def __contains__(self, example_id: str) -> bool:
         return example_id in self._entries
@@ -68,12 +72,22 @@ class EncoderCache:
         return np.asarray(self._shards[shard][offset: offset + frames], np.float32)
 
 
-def reusable_cache(directory: str, fingerprint: str, ids: Iterable[str]) -> EncoderCache | None:
-    """The cache in ``directory`` when it was made by this encoder and holds every id, else None."""
+def existing_cache(directory: str) -> EncoderCache | None:
+    """The cache in ``directory``, of any encoder; None where there is none, or where its index or
+    a shard cannot be read (a damaged cache is written again, like an incomplete one)."""
     if not os.path.exists(os.path.join(directory, INDEX)):
         return None
-    cache = EncoderCache(directory)
-    return cache if cache.fingerprint == fingerprint and all(i in cache for i in ids) else None
+    try:
+        return EncoderCache(directory)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("encoder cache %s cannot be read (%s): it is written again", directory, e)
+        return None
+
+
+def reusable_cache(directory: str, fingerprint: str, ids: Iterable[str]) -> EncoderCache | None:
+    """The cache in ``directory`` when it was made by this encoder and holds every id, else None."""
+    cache = existing_cache(directory)
+    return cache if cache is not None and cache.fingerprint == fingerprint and all(i in cache for i in ids) else None
 
 
 def adopt_cache(old_directory: str, directory: str, fingerprint: str, ids: Iterable[str]) -> EncoderCache | None:
@@ -99,10 +113,8 @@ def write_cache(directory: str, fingerprint: str, rows: Iterable[tuple[str, np.n
     write leaves the cache that was there before. The shards of the index it replaced go last."""
     os.makedirs(directory, exist_ok=True)
     index_path = os.path.join(directory, INDEX)
-    previous: list[str] = []
-    if os.path.exists(index_path):
-        with open(index_path) as f:
-            previous = json.load(f)["shards"]
+    replaced = existing_cache(directory)
+    previous = replaced.shard_names if replaced is not None else []
     write = uuid.uuid4().hex[:8]
     entries: dict[str, list[int]] = {}
     shards: list[str] = []
@@ -145,11 +157,8 @@ def write_cache(directory: str, fingerprint: str, rows: Iterable[tuple[str, np.n
 def extend_cache(directory: str, fingerprint: str, rows: Mapping[str, np.ndarray]) -> EncoderCache:
     """The cache in ``directory`` with ``rows`` (id -> [frames, D]) added, rewritten in place; a
     cache there of another fingerprint is replaced, as it could never be reused."""
-    kept: dict[str, np.ndarray] = {}
-    if os.path.exists(os.path.join(directory, INDEX)):
-        old = EncoderCache(directory)
-        if old.fingerprint == fingerprint:
-            kept = {i: np.array(old[i]) for i in old._entries if i not in rows}  # off the shards it deletes
+    old = reusable_cache(directory, fingerprint, ())
+    kept = {i: np.array(old[i]) for i in old.ids() if i not in rows} if old is not None else {}  # off its shards
     return write_cache(directory, fingerprint, itertools.chain(kept.items(), rows.items()))
 
 
@@ -165,11 +174,7 @@ class FrontEndMemo:
 
     def __init__(self, directory: str, fingerprint: str):
         self.directory, self.fingerprint = directory, fingerprint
-        try:
-            self.cache = reusable_cache(directory, fingerprint, ())
-        except (OSError, ValueError, KeyError) as e:  # unreadable: computed again, and rewritten by save()
-            log.warning("front-end cache %s is unreadable (%s); its examples are computed again", directory, e)
-            self.cache = None
+        self.cache = reusable_cache(directory, fingerprint, ())  # None where damaged: save() writes it again
         self.new: dict[str, np.ndarray] = {}
         self.hits = self.misses = 0
 

@@ -62,16 +62,16 @@ def test_extending_a_cache_keeps_its_rows_adds_the_new_and_leaves_no_old_shard(t
     write_cache(str(tmp_path), "fp", rows.items())
     old_shards = sorted(p for p in os.listdir(tmp_path) if p.endswith(".npy"))
     cache = extend_cache(str(tmp_path), "fp", {"c": np.ones((4, 3), np.float32), "a": np.zeros((1, 3), np.float32)})
-    assert sorted(cache._entries) == ["a", "b", "c"]
+    assert sorted(cache.ids()) == ["a", "b", "c"]
     np.testing.assert_array_equal(cache["b"], rows["b"])  # kept
     assert cache["a"].shape == (1, 3) and cache["c"].shape == (4, 3)  # replaced, added
     assert not set(old_shards) & set(os.listdir(tmp_path))  # the replaced write's shards are gone
     # A cache of another front end is never reused: extending replaces it.
     other = extend_cache(str(tmp_path), "fp-other", {"z": np.ones((2, 3), np.float32)})
-    assert sorted(other._entries) == ["z"] and other.fingerprint == "fp-other"
+    assert other.ids() == ["z"] and other.fingerprint == "fp-other"
 
 
-def test_an_interrupted_rewrite_leaves_the_cache_that_was_there(tmp_path, monkeypatch):
+def test_an_interrupted_rewrite_leaves_the_cache_that_was_there(tmp_path):
     write_cache(str(tmp_path), "fp", [("a", np.ones((2, 3), np.float32))])
 
     def rows():
@@ -81,7 +81,7 @@ def test_an_interrupted_rewrite_leaves_the_cache_that_was_there(tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         write_cache(str(tmp_path), "fp", rows(), shard_rows=1)  # one shard of it written, no index
     cache = reusable_cache(str(tmp_path), "fp", ["a"])
-    assert cache is not None and sorted(cache._entries) == ["a"]
+    assert cache is not None and cache.ids() == ["a"]
     np.testing.assert_array_equal(cache["a"], np.ones((2, 3), np.float32))
 
 
@@ -106,3 +106,17 @@ def test_front_end_memo_computes_a_batch_it_lacks_and_reads_back_one_it_holds(tm
     assert len(calls) == 2 and sorted(again.new) == ["w"] and again.misses == 1
     # Another front end's cache is not read.
     assert FrontEndMemo(str(tmp_path / "eval"), "fp-other").cache is None
+
+
+def test_a_damaged_cache_is_not_read_and_is_written_again(tmp_path):
+    """An index that is not JSON (a damaged disk, a hand edit) counts as no cache: nothing is read
+    from it, and the memo's save writes a whole new one instead of failing."""
+    directory = tmp_path / "eval"
+    write_cache(str(directory), "fp", [("a", np.ones((2, 3), np.float32))])
+    (directory / "index.json").write_text("{not json")
+    assert reusable_cache(str(directory), "fp", ()) is None
+    memo = FrontEndMemo(str(directory), "fp")
+    assert memo.cache is None
+    memo.rows(["b"], lambda: (np.ones((1, 4, 3), np.float32), np.array([[1, 1, 0, 0]])), lambda: 4)
+    memo.save()
+    assert reusable_cache(str(directory), "fp", ["b"]).ids() == ["b"]
