@@ -175,6 +175,51 @@ def test_make_corpus_cli_rejects_bad_input(tmp_path, capsys, args, message):
     assert not (tmp_path / "c" / "manifest.json").exists()
 
 
+def test_a_subset_holds_the_whole_corpus_examples_of_its_tasks_and_splits_and_nothing_else(tmp_path, capsys):
+    common = ["--size=60", "--workers=1", "--synthesizer=tones", "--languages=en,fr", "--quiet", "--open_asr=40",
+              "--augment_share=0.5", "--vocab_size=0"]
+    assert make_corpus_cli.main([f"--out={tmp_path / 'whole'}"] + common) == 0
+    assert make_corpus_cli.main([f"--out={tmp_path / 'part'}", "--tasks=asr_en,asr_en_open",
+                                 "--splits=validation,test"] + common) == 0
+    whole, part = corpus.load_manifest(str(tmp_path / "whole")), corpus.load_manifest(str(tmp_path / "part"))
+    assert set(part["tasks"]) == {"asr_en", "asr_en_open"}
+    assert part["subset"]["tasks"] == ["asr_en", "asr_en_open"] and part["subset"]["splits"] == ["validation", "test"]
+    assert whole["subset"] is None and part["config"] == whole["config"]
+    kept = 0
+    for task in ("asr_en", "asr_en_open"):
+        assert set(part["tasks"][task]["splits"]) == {"validation", "test"}
+        for split in ("validation", "test"):
+            read = {}
+            for name, manifest in (("whole", whole), ("part", part)):
+                root = str(tmp_path / name)
+                read[name] = {ex["id"]: (ex["text"], ex["audio"].tobytes())
+                              for path in corpus.shard_paths(root, manifest, task, split)
+                              for ex in corpus.read_examples(path)}
+            assert read["part"] == read["whole"]  # same ids, text and audio (tones are deterministic)
+            kept += len(read["part"])
+    assert kept == part["subset"]["examples"] > 0
+    # The plan re-made from the manifest still knows every example's voice and acoustics.
+    assert corpus.planned_examples(part).keys() == corpus.planned_examples(whole).keys()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--tasks=asr_xx"], "tasks ['asr_xx'] are not in this corpus's plan"),
+    (["--splits=dev"], "unknown splits ['dev']"),
+    (["--tasks=asr_en_open"], "tasks ['asr_en_open'] are not in this corpus's plan"),  # needs --open_asr
+    (["--tasks=zeroshot_which_colour", "--splits=train"], "no example of tasks ['zeroshot_which_colour']"),
+])
+def test_a_bad_subset_is_refused_and_an_existing_corpus_is_left_whole(tmp_path, capsys, args, message):
+    out = tmp_path / "c"
+    base = [f"--out={out}", "--size=40", "--synthesizer=tones", "--quiet", "--vocab_size=0", "--languages=en"]
+    assert make_corpus_cli.main(base) == 0
+    before = (out / "manifest.json").read_text()
+    capsys.readouterr()
+    assert make_corpus_cli.main(base + ["--overwrite"] + args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("slm-make-corpus: error:") and message in err, err
+    assert (out / "manifest.json").read_text() == before
+
+
 def test_make_corpus_help_lists_the_tasks(capsys):
     with pytest.raises(SystemExit) as e:
         make_corpus_cli.main(["--help"])

@@ -623,6 +623,8 @@ def make_corpus(
     augment_share: float = 0.0,
     piper_share: float = 0.0,
     kokoro_share: float = 0.0,
+    only_tasks: Sequence[str] | None = None,
+    only_splits: Sequence[str] | None = None,
 ) -> dict:
     """Generates a corpus into ``out_dir``; returns its manifest (also written as manifest.json).
 
@@ -631,6 +633,9 @@ def make_corpus(
     ``augment_share``: about that share of all utterances with a speed change, a room and a band limit.
     ``piper_share``: about that share of the English utterances spoken by Piper's neural voice.
     ``kokoro_share``: about that share of the English utterances spoken by Kokoro's neural voices.
+    ``only_tasks`` / ``only_splits``: synthesise just these tasks / splits of the plan, each example
+    as the whole corpus would have it (the plan is made whole, then filtered), so that the held-out
+    splits of a large corpus can be remade in minutes. The manifest lists only what was written.
     """
     if synthesizer not in SYNTHESIZERS:
         raise ValueError(f"unknown synthesizer {synthesizer!r}; expected one of {sorted(SYNTHESIZERS)}")
@@ -643,13 +648,15 @@ def make_corpus(
         if share > 0 and synthesizer == "espeak" and not available():
             raise DataError(f"{what} is not installed ({install}); it speaks the --{family}_share={share} "
                             "of English utterances")
+    # Planned before anything is removed: a bad argument leaves an existing corpus whole.
+    planned = plan_corpus(size, seed, languages, open_asr=open_asr, augment_share=augment_share,
+                          **{f"{family}_share": share for family, share in voice_shares.items()})
+    specs, subset = _subset_of_plan(planned, only_tasks, only_splits)
     manifest_path = os.path.join(out_dir, MANIFEST)
     if os.path.exists(manifest_path):
         if not overwrite:
             raise DataError(f"{out_dir} already holds a corpus ({MANIFEST} exists); pass --overwrite to replace it")
         os.remove(manifest_path)  # first: the directory is not a complete corpus while rewriting
-    specs = plan_corpus(size, seed, languages, open_asr=open_asr, augment_share=augment_share,
-                        **{f"{family}_share": share for family, share in voice_shares.items()})
     task_names = sorted({s.task for s in specs})
     os.makedirs(out_dir, exist_ok=True)
     for name in task_names:  # stale shards of an older corpus must not linger next to new ones
@@ -658,8 +665,9 @@ def make_corpus(
     totals: dict[tuple[str, str], int] = {}
     for s in specs:
         totals[(s.task, s.split)] = totals.get((s.task, s.split), 0) + 1
+    splits = [sp for sp in SPLITS if only_splits is None or sp in only_splits]
     writers = {(t, sp): _ShardedWriter(out_dir, t, sp, totals.get((t, sp), 0), examples_per_shard)
-               for t in task_names for sp in SPLITS if not (ALL_TASKS[t].zero_shot and sp != "test")}
+               for t in task_names for sp in splits if not (ALL_TASKS[t].zero_shot and sp != "test")}
 
     start = time.time()
     jobs = [_Job(s, synthesizer, snr_db) for s in specs]
@@ -671,7 +679,7 @@ def make_corpus(
         w.finish()
     elapsed = time.time() - start
 
-    vocab_lines = _vocab_text_lines(specs)
+    vocab_lines = _vocab_text_lines(planned)  # the whole plan's: a subset gets the whole corpus's vocabulary
     with open(os.path.join(out_dir, VOCAB_TEXT), "w", encoding="utf-8") as f:
         f.write("\n".join(vocab_lines) + "\n")
     spm_model = None
@@ -688,6 +696,7 @@ def make_corpus(
                    "synthesizer": synthesizer, "espeak": espeak_version() if synthesizer == "espeak" else None,
                    "examples_per_shard": examples_per_shard, "open_asr": open_asr, "flite_share": flite_share,
                    "augment_share": augment_share, "piper_share": piper_share, "kokoro_share": kokoro_share},
+        "subset": subset,
         "generation_seconds": round(elapsed, 2),
         "vocab_text": VOCAB_TEXT,
         "spm_model": spm_model,
@@ -707,6 +716,29 @@ def make_corpus(
         json.dump(manifest, f, indent=1, ensure_ascii=False)
     os.replace(tmp, manifest_path)
     return manifest
+
+
+def _subset_of_plan(specs: list[ExampleSpec], only_tasks: Sequence[str] | None,
+                    only_splits: Sequence[str] | None) -> tuple[list[ExampleSpec], dict | None]:
+    """The planned examples of ``only_tasks`` and ``only_splits`` (None: all), and the manifest's
+    record of the subset (None when it is the whole plan)."""
+    if only_tasks is None and only_splits is None:
+        return specs, None
+    planned = sorted({s.task for s in specs})
+    unknown = sorted(set(only_tasks or ()) - set(planned))
+    if unknown:
+        raise DataError(f"tasks {unknown} are not in this corpus's plan; it has {planned}")
+    unknown = sorted(set(only_splits or ()) - set(SPLITS))
+    if unknown:
+        raise DataError(f"unknown splits {unknown}; a corpus has {list(SPLITS)}")
+    kept = [s for s in specs if (only_tasks is None or s.task in only_tasks)
+            and (only_splits is None or s.split in only_splits)]
+    if not kept:
+        raise DataError(f"the plan has no example of tasks {list(only_tasks or planned)} "
+                        f"in splits {list(only_splits or SPLITS)}")
+    return kept, {"tasks": sorted(only_tasks) if only_tasks is not None else None,
+                  "splits": [sp for sp in SPLITS if sp in only_splits] if only_splits is not None else None,
+                  "examples": len(kept), "of_planned": len(specs)}
 
 
 def _run_jobs(jobs: list[_Job], workers: int, progress: bool) -> Iterator[tuple[ExampleSpec, bytes]]:
