@@ -1,6 +1,6 @@
 """WER of `slm-eval` reports on a generated corpus, broken down by what spoke each utterance:
-its voice family (espeak-ng, flite, Piper, Kokoro) and whether the acoustics were augmented
-(speed, room, band limit: `--augment_share`). The shards do not store voices; the corpus's
+its voice family (espeak-ng, flite, Piper, Kokoro) and what augmentation changed in its acoustics
+(`--augment_share`: a speed change, and for some a room and/or a band limit). The shards do not store voices; the corpus's
 manifest re-plans them (`corpus.planned_examples`).
 
   slm-eval ... --tasks=asr_en,asr_en_open --out=runs/eval.json
@@ -26,7 +26,16 @@ def groups_of(spec, synthesizer: str) -> tuple[str, str]:
     from slm_jax.data import corpus
 
     family = corpus.voice_family(spec) if synthesizer == "espeak" else synthesizer
-    return family, ("augmented" if spec.acoustics is not None else "as synthesised")
+    return family, acoustics_group(spec.acoustics)
+
+
+def acoustics_group(acoustics) -> str:
+    """'as synthesised', or what the augmentation did: every augmented utterance has its speed
+    changed, and some also a room and/or a band limit (corpus.Acoustics)."""
+    if acoustics is None:
+        return "as synthesised"
+    return " + ".join(["speed"] + (["room"] if acoustics.rt60_s > 0 else [])
+                      + (["band limit"] if acoustics.low_hz > 0 else []))
 
 
 def breakdown(report: dict, specs: dict, synthesizer: str) -> Iterable[tuple[str, str, int, float]]:
@@ -83,7 +92,7 @@ def main(argv=None) -> int:
         with open(args.baseline) as f:
             baseline = json.load(f)
     planned: dict[str, tuple[dict, str]] = {}
-    print(f"{'report':32s} {'task':14s} {'group':16s} {'utterances':>10s} {'WER':>7s}")
+    print(f"{'report':32s} {'task':14s} {'group':26s} {'utterances':>10s} {'WER':>7s}")
     for path in args.reports:
         with open(path) as f:
             report = json.load(f)
@@ -95,7 +104,7 @@ def main(argv=None) -> int:
             planned[corpus_dir] = (corpus.planned_examples(manifest), manifest["config"]["synthesizer"])
         specs, synthesizer = planned[corpus_dir]
         for task, group, count, wer in breakdown(report, specs, synthesizer):
-            print(f"{os.path.basename(path):32s} {task:14s} {group:16s} {count:10d} {100 * wer:6.1f}%")
+            print(f"{os.path.basename(path):32s} {task:14s} {group:26s} {count:10d} {100 * wer:6.1f}%")
         if baseline is not None:
             for task, worse, extra, better, saved in against_baseline(report, baseline):
                 print(f"{os.path.basename(path):32s} {task:14s} against {os.path.basename(args.baseline)}: worse on "

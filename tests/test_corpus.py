@@ -493,6 +493,13 @@ def test_a_manifest_re_plans_each_examples_voice_and_wer_by_voice_groups_by_it(l
     baseline = {"predictions": {"asr_en": [dict(p, prediction="one two") for p in predictions]}}
     baseline["predictions"]["asr_en"][1]["prediction"] = "one"
     assert list(script.against_baseline(report, baseline)) == [("asr_en", 1, 2, 1, 1)]
+    # The acoustics groups name what the augmentation did, and every kind occurs in this plan.
+    kinds = {script.acoustics_group(s.acoustics) for s in specs.values()}
+    assert kinds == {"as synthesised", "speed", "speed + room", "speed + band limit", "speed + room + band limit"}
+    for s in specs.values():
+        group = script.acoustics_group(s.acoustics)
+        assert ("room" in group) == bool(s.acoustics and s.acoustics.rt60_s > 0)
+        assert ("band limit" in group) == bool(s.acoustics and s.acoustics.low_hz > 0)
     foreign = {"tasks": {"asr_en": {"wer": 0.0}},
                "predictions": {"asr_en": [{"id": "nope", "reference": "a", "prediction": "a"}]}}
     with pytest.raises(SystemExit, match="not examples of this corpus"):
