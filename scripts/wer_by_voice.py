@@ -1,7 +1,7 @@
 """WER of `slm-eval` reports on a generated corpus, broken down by what spoke each utterance:
 its voice family (espeak-ng, flite, Piper, Kokoro) and what augmentation changed in its acoustics
-(`--augment_share`: a speed change, and for some a room and/or a band limit). The shards do not store voices; the corpus's
-manifest re-plans them (`corpus.planned_examples`).
+(`--augment_share`: a speed change, and for some a room and/or a band limit). The shards do not
+store voices; the corpus's manifest re-plans them (`corpus.planned_examples`).
 
   slm-eval ... --tasks=asr_en,asr_en_open --out=runs/eval.json
   .venv/bin/python scripts/wer_by_voice.py runs/eval.json [more reports of the same corpus ...]

@@ -175,7 +175,7 @@ def test_make_corpus_cli_rejects_bad_input(tmp_path, capsys, args, message):
     assert not (tmp_path / "c" / "manifest.json").exists()
 
 
-def test_a_subset_holds_the_whole_corpus_examples_of_its_tasks_and_splits_and_nothing_else(tmp_path, capsys):
+def test_a_subset_holds_the_whole_corpus_examples_of_its_tasks_and_splits_and_nothing_else(tmp_path):
     common = ["--size=60", "--workers=1", "--synthesizer=tones", "--languages=en,fr", "--quiet", "--open_asr=40",
               "--augment_share=0.5", "--vocab_size=0"]
     assert make_corpus_cli.main([f"--out={tmp_path / 'whole'}"] + common) == 0

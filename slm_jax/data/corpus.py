@@ -724,17 +724,17 @@ def _subset_of_plan(specs: list[ExampleSpec], only_tasks: Sequence[str] | None,
     record of the subset (None when it is the whole plan)."""
     if only_tasks is None and only_splits is None:
         return specs, None
-    planned = sorted({s.task for s in specs})
-    unknown = sorted(set(only_tasks or ()) - set(planned))
+    planned_tasks = sorted({s.task for s in specs})
+    unknown = sorted(set(only_tasks or ()) - set(planned_tasks))
     if unknown:
-        raise DataError(f"tasks {unknown} are not in this corpus's plan; it has {planned}")
+        raise DataError(f"tasks {unknown} are not in this corpus's plan; it has {planned_tasks}")
     unknown = sorted(set(only_splits or ()) - set(SPLITS))
     if unknown:
         raise DataError(f"unknown splits {unknown}; a corpus has {list(SPLITS)}")
     kept = [s for s in specs if (only_tasks is None or s.task in only_tasks)
             and (only_splits is None or s.split in only_splits)]
     if not kept:
-        raise DataError(f"the plan has no example of tasks {list(only_tasks or planned)} "
+        raise DataError(f"the plan has no example of tasks {list(only_tasks or planned_tasks)} "
                         f"in splits {list(only_splits or SPLITS)}")
     return kept, {"tasks": sorted(only_tasks) if only_tasks is not None else None,
                   "splits": [sp for sp in SPLITS if sp in only_splits] if only_splits is not None else None,
