@@ -37,9 +37,15 @@ def load_vocabulary(spec: str) -> Any:
 
 def front_end_fingerprint(model_spec: Any) -> str:
     """The key of a corpus's cache for this model's frozen front end (CORPUS/encoder_cache/<it>):
-    its config, its weights' source and the log-mel features it reads."""
-    return encoder_fingerprint(model_spec.speech_encoder, model_spec.speech_encoder_source,
-                               {"mel": 80, "normalization": "whisper"})
+    its config, its weights' source (and the content of a decoder LoRA's file, whose path alone
+    would not change when it is trained again) and the log-mel features it reads."""
+    settings = {"mel": 80, "normalization": "whisper"}
+    lora_file = getattr(model_spec.speech_encoder, "decoder_lora", "")
+    if lora_file:
+        from slm_jax.models import lora
+
+        settings["decoder_lora_sha256"] = lora.file_sha256(lora_file)
+    return encoder_fingerprint(model_spec.speech_encoder, model_spec.speech_encoder_source, settings)
 
 
 def read_corpus(corpus_dir: str, splits: Sequence[str], tasks: Iterable[str] | None = None,

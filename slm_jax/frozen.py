@@ -82,7 +82,21 @@ def load_on_host(config: Any, source: str) -> Any:
     scheme, _, arg = source.partition(":")
     if scheme not in _SCHEMES or not arg:
         raise FrozenSourceError(f"bad source {source!r}: load_on_host reads hf:DIR, package:NAME or gguf:PATH")
-    return _SCHEMES[scheme](config, arg, lambda path, x: jnp.asarray(x))
+    return with_trained_factors(config, _SCHEMES[scheme](config, arg, lambda path, x: jnp.asarray(x)))
+
+
+def with_trained_factors(config: Any, params: Any) -> Any:
+    """A frozen model's weights as it runs them: a transcriber front end with a decoder LoRA gets its
+    factors merged into Whisper's decoder (a new tree; the loaded weights are not changed)."""
+    if not getattr(config, "decoder_lora", ""):
+        return params
+    from slm_jax.models import lora
+    from slm_jax.models.whisper_transcriber import apply_decoder_lora
+
+    try:
+        return apply_decoder_lora(config, params)
+    except lora.LoraError as e:
+        raise FrozenSourceError(f"the speech front end's decoder_lora: {e}") from None
 
 
 def _shapes(tree: Any) -> dict[str, tuple]:
@@ -150,14 +164,14 @@ def load_frozen_params(trainer, model: ModelSpec, example: Mapping[str, Any]) ->
         if scheme == "random":
             if not arg.isdigit():
                 raise FrozenSourceError(f"bad source {source!r} for {name}: expected 'random:SEED'")
-            frozen[name] = trainer.init_frozen_randomly(name, int(arg), example)
-            continue
-        if scheme == "converted" and arg:
+            loaded = trainer.init_frozen_randomly(name, int(arg), example)
+        elif scheme == "converted" and arg:
             loaded = _from_converted(name, source, configs[name], arg, abstract[name], shardings[name])
         elif scheme in _SCHEMES and arg:
             loaded = _SCHEMES[scheme](configs[name], arg, _placer(name, source, abstract[name], shardings[name]))
         else:
             raise FrozenSourceError(f"bad source {source!r} for {name}: expected one of {_KNOWN}")
         _check_tree(name, source, loaded, abstract[name])  # nothing missing
-        frozen[name] = loaded
+        trained = with_trained_factors(configs[name], loaded)
+        frozen[name] = loaded if trained is loaded else jax.device_put(trained, shardings[name])
     return frozen

@@ -83,6 +83,18 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
             raise UserError(f"bad gin configuration: {first}") from None
 
 
+def comma_separated(example: str) -> Callable[[str], list[str]]:
+    """An argparse type: a non-empty comma-separated list, e.g. ``example``."""
+
+    def parse(value: str) -> list[str]:
+        names = [v.strip() for v in value.split(",") if v.strip()]
+        if not names:
+            raise argparse.ArgumentTypeError(f"give at least one, e.g. {example}")
+        return names
+
+    return parse
+
+
 def gin_macro(name: str, default: Any) -> Any:
     """The value of gin macro ``%name`` in the parsed config, or ``default`` when it has none."""
     import gin
@@ -181,6 +193,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
         ("slm_jax.convert.errors", "ConversionError"),
         ("slm_jax.assets", "AssetError"),
         ("slm_jax.data.errors", "DataError"),
+        ("slm_jax.models.lora", "LoraError"),
     ):
         try:
             types.append(getattr(__import__(module, fromlist=[name]), name))

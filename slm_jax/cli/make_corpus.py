@@ -58,18 +58,6 @@ VOICE_SHARES = {
 }
 
 
-def _comma_separated(example: str):
-    """An argparse type: a non-empty comma-separated list, e.g. ``example``."""
-
-    def parse(value: str) -> list[str]:
-        names = [v.strip() for v in value.split(",") if v.strip()]
-        if not names:
-            raise argparse.ArgumentTypeError(f"give at least one, e.g. {example}")
-        return names
-
-    return parse
-
-
 def summary_lines(manifest: dict, out_dir: str) -> list[str]:
     """A per-task table of examples and hours, then the totals."""
     lines = [f"{'task':<28s} {'train':>6s} {'valid':>6s} {'test':>6s} {'hours':>8s}"]
@@ -101,7 +89,7 @@ def main(argv=None) -> int:
         parser.add_argument("--out", required=True, help="the corpus directory to write")
         parser.add_argument("--size", type=int, required=True, help="number of utterances over all tasks")
         parser.add_argument("--seed", type=int, default=0, help="same seed and size: same corpus (default 0)")
-        parser.add_argument("--languages", type=_comma_separated("en,fr"), default=list(grammar.LANGUAGES),
+        parser.add_argument("--languages", type=common.comma_separated("en,fr"), default=list(grammar.LANGUAGES),
                             help=f"comma-separated subset of {','.join(grammar.LANGUAGES)} (default: all)")
         parser.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 1),
                             help="synthesis processes (default: one per CPU core)")
@@ -122,9 +110,9 @@ def main(argv=None) -> int:
         parser.add_argument("--augment_share", type=float, default=0.0, metavar="F",
                             help="share (0..1) of utterances given a speed change, a room and a band "
                                  "limit after synthesis (default 0)")
-        parser.add_argument("--tasks", type=_comma_separated("asr_en,asr_en_open"), default=None, metavar="T1,T2",
+        parser.add_argument("--tasks", type=common.comma_separated("asr_en,asr_en_open"), default=None, metavar="T1,T2",
                             help="synthesise only these tasks of the plan (default: all)")
-        parser.add_argument("--splits", type=_comma_separated("validation,test"), default=None, metavar="S1,S2",
+        parser.add_argument("--splits", type=common.comma_separated("validation,test"), default=None, metavar="S1,S2",
                             help="synthesise only these splits: train, validation, test (default: all)")
         parser.add_argument("--overwrite", action="store_true", help="replace an existing corpus in --out")
         parser.add_argument("--quiet", action="store_true", help="no progress bar")

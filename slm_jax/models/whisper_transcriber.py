@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -111,6 +111,12 @@ class WhisperTranscriberConfig:
     # (release/README.md measures both). Tokenized with ``whisper_tokenizer``; '' = none.
     previous_text: str = ""
     start_of_previous: int = START_OF_PREVIOUS
+    # A low-rank adapter on Whisper's decoder (a file of slm-tune-whisper, slm_jax/whisper_tuning.py):
+    # its factors are merged into the frozen decoder's kernels when the front end's weights load
+    # (apply_decoder_lora). Whisper-base mishears the corpus's synthetic voices and rooms, and no
+    # adapter behind it has those words back; trained on the corpus's transcripts, it hears them.
+    # '' = Whisper as released.
+    decoder_lora: str = ""
 
     def __post_init__(self):
         object.__setattr__(self, "language_ids", tuple(int(i) for i in self.language_ids))
@@ -177,6 +183,17 @@ class WhisperTranscriberConfig:
     @property
     def num_mel_bins(self) -> int:
         return self.encoder.num_mel_bins
+
+
+def apply_decoder_lora(config: WhisperTranscriberConfig, params: Any) -> Any:
+    """The front end's params with ``config.decoder_lora``'s factors merged into Whisper's decoder
+    (``params`` itself without one). The frozen kernels are not changed; a new tree is returned."""
+    if not config.decoder_lora:
+        return params
+    from slm_jax.models import lora
+
+    factors, scale, _ = lora.load(config.decoder_lora)
+    return dict(params, decoder=lora.merge(params["decoder"], factors, scale))
 
 
 def append_silence(features: jax.Array, mask: jax.Array, frames: int, max_frames: int) -> tuple[jax.Array, jax.Array]:
