@@ -40,11 +40,11 @@ def front_end_fingerprint(model_spec: Any) -> str:
     its config, its weights' source (and the content of a decoder LoRA's file, whose path alone
     would not change when it is trained again) and the log-mel features it reads."""
     settings = {"mel": 80, "normalization": "whisper"}
-    lora_file = getattr(model_spec.speech_encoder, "decoder_lora", "")
-    if lora_file:
+    if getattr(model_spec.speech_encoder, "decoder_lora", ""):
         from slm_jax.models import lora
+        from slm_jax.models.whisper_transcriber import decoder_lora_file
 
-        settings["decoder_lora_sha256"] = lora.file_sha256(lora_file)
+        settings["decoder_lora_sha256"] = lora.file_sha256(decoder_lora_file(model_spec.speech_encoder))
     return encoder_fingerprint(model_spec.speech_encoder, model_spec.speech_encoder_source, settings)
 
 

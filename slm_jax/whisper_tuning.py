@@ -122,6 +122,37 @@ def encode_examples(config: wt.WhisperTranscriberConfig, params: Any, examples: 
     return out
 
 
+def save_examples(path: str, examples: Sequence[TuningExample], key: str) -> None:
+    """The encoded examples in one .npz (written atomically), tagged with ``key``: what made them."""
+    import os
+    import tempfile
+
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".encoded-", suffix=".npz")
+    with os.fdopen(fd, "wb") as f:
+        np.savez(f, key=np.array(key), memory=np.concatenate([e.memory for e in examples]),
+                 frames=np.array([len(e.memory) for e in examples]), tokens=np.concatenate([e.inputs for e in examples]),
+                 lengths=np.array([len(e.inputs) for e in examples]),
+                 last=np.array([e.targets[-1] for e in examples], np.int32))
+    os.replace(tmp, path)
+
+
+def load_examples(path: str, key: str) -> list[TuningExample]:
+    """Examples written by ``save_examples`` with the same ``key``; a file made otherwise is refused."""
+    with np.load(path, allow_pickle=False) as z:
+        if str(z["key"]) != key:
+            raise ValueError(f"{path} holds examples encoded for another front end, corpus or selection "
+                             f"({str(z['key'])[:80]}...); remove it or name another file")
+        frames, lengths = np.cumsum(z["frames"]), np.cumsum(z["lengths"])
+        memory, tokens, last = z["memory"], z["tokens"], z["last"]
+    out = []
+    for i in range(len(frames)):
+        inputs = tokens[(lengths[i - 1] if i else 0):lengths[i]]
+        out.append(TuningExample(memory[(frames[i - 1] if i else 0):frames[i]], inputs,
+                                 np.append(inputs[1:], last[i]).astype(np.int32)))
+    return out
+
+
 def batches(examples: Sequence[TuningExample], batch_size: int, seed: int) -> Iterator[dict[str, np.ndarray]]:
     """Endless length-grouped batches in a shuffled order (padding to multiples of FRAME_QUANTUM
     frames and TOKEN_QUANTUM tokens keeps the number of compiled step shapes small)."""

@@ -478,7 +478,8 @@ def test_transcriber_gin_files_differ_only_in_the_encoder_rows_and_the_speeds():
     assert dataclasses.replace(gated, encoder_rows_below_confidence=None) == rows
     speeds = front_end("whisper_base_transcriber_speeds_smollm2.gin")  # the release adapter serves it too
     assert speeds.speeds[0] == 1.0 and len(speeds.speeds) > 1 and speeds.front_end == tokens.front_end
-    assert dataclasses.replace(speeds, speeds=()) == tokens
+    assert dataclasses.replace(speeds, speeds=(), decoder_lora="") == tokens
+    assert speeds.decoder_lora and os.path.exists(speeds.decoder_lora)  # the release's Whisper LoRA ships
 
 
 def test_encoder_rows_cache_script_refuses_a_gated_config(tmp_path, capsys, load_script):

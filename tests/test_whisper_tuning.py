@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -108,6 +109,9 @@ def test_factors_save_and_load_and_bad_files_are_refused_by_name(tokenizer_json,
     factors = lora.init(params, paths, 3, jax.random.PRNGKey(0))
     sha = lora.save(tmp_path / "f.npz", factors, 2.0, {"steps": "7"})
     assert sha == lora.file_sha256(tmp_path / "f.npz")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "f.npz").stat().st_mode & 0o777 == 0o666 & ~umask  # not the temporary file's 0600
     loaded, scale, meta = lora.load(tmp_path / "f.npz")
     assert scale == 2.0 and meta["steps"] == "7" and sorted(loaded) == sorted(paths)
     for path in paths:
@@ -143,6 +147,12 @@ def test_tuning_teaches_a_frozen_decoder_the_transcripts_and_the_front_end_write
     assert len(encoded) == 4  # each utterance as it is and at one other speed
     assert encoded[0].inputs.tolist() == [SOT, ENGLISH, TRANSCRIBE, 7, 21, 3]
     assert encoded[0].targets.tolist() == [ENGLISH, TRANSCRIBE, 7, 21, 3, EOT]
+    whisper_tuning.save_examples(str(tmp_path / "encoded.npz"), encoded, key="this run")
+    for again, first in zip(whisper_tuning.load_examples(str(tmp_path / "encoded.npz"), key="this run"), encoded):
+        for x, y in zip(again, first):
+            np.testing.assert_array_equal(x, y)
+    with pytest.raises(ValueError, match="encoded for another front end"):
+        whisper_tuning.load_examples(str(tmp_path / "encoded.npz"), key="another run")
     frozen_before = jax.device_get(params)
     losses = []
     factors = whisper_tuning.train(cfg, params, encoded, tuning, on_step=lambda step, loss: losses.append(loss))

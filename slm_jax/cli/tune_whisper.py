@@ -48,6 +48,10 @@ def main(argv=None) -> int:
                             help="extra copies of each utterance at speeds drawn from the config's speeds "
                                  "(default %(default)s; none when the config has no speeds)")
         parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--encoded", default=None, metavar="PATH",
+                            help="keep the frozen encoder's outputs in PATH (.npz) and read them back in a "
+                                 "later run with the same config, corpus, tasks, splits, --speed_copies and "
+                                 "--seed (another run's file is refused)")
         parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
         parser.add_argument("--quiet", action="store_true", help="no progress bars")
         args = parser.parse_args(rest)
@@ -91,10 +95,19 @@ def main(argv=None) -> int:
             raise common.UserError(f"no {','.join(args.splits)} examples of {','.join(tasks)} in {args.corpus_dir}")
 
         params = frozen.load_on_host(whisper_tuning.frozen_transcriber(config), model.speech_encoder_source)
+        key = json.dumps({"front_end": repr(whisper_tuning.frozen_transcriber(config)),
+                          "source": model.speech_encoder_source, "corpus": os.path.abspath(args.corpus_dir),
+                          "manifest_seconds": manifest.get("generation_seconds"), "splits": args.splits,
+                          "tasks": tasks, "speed_copies": args.speed_copies, "seed": args.seed}, sort_keys=True)
         try:
-            encoded = whisper_tuning.encode_examples(
-                config, params, examples, tuning,
-                progress=iter if args.quiet else (lambda it: _tqdm(it, desc="encoding", unit="utt")))
+            if args.encoded and os.path.exists(args.encoded):
+                encoded = whisper_tuning.load_examples(args.encoded, key)
+            else:
+                encoded = whisper_tuning.encode_examples(
+                    config, params, examples, tuning,
+                    progress=iter if args.quiet else (lambda it: _tqdm(it, desc="encoding", unit="utt")))
+                if args.encoded:
+                    whisper_tuning.save_examples(args.encoded, encoded, key)
         except ValueError as e:
             raise common.UserError(str(e)) from None
         losses = []

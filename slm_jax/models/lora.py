@@ -114,8 +114,15 @@ def save(path: str | os.PathLike, factors: Factors, scale: float, metadata: Mapp
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".lora-", suffix=".npz")
     with os.fdopen(fd, "wb") as f:
         f.write(data)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a saved file reads as any other
     os.replace(tmp, path)
     return hashlib.sha256(data).hexdigest()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def load(path: str | os.PathLike) -> tuple[Factors, float, dict[str, str]]:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -185,6 +186,16 @@ class WhisperTranscriberConfig:
         return self.encoder.num_mel_bins
 
 
+def decoder_lora_file(config: WhisperTranscriberConfig) -> str:
+    """``config.decoder_lora`` as a path: as given where it exists, else relative to the repository
+    (a gin file's 'release/...' then works from any directory, as gin files themselves do)."""
+    path = config.decoder_lora
+    if not path or os.path.isabs(path) or os.path.exists(path):
+        return path
+    in_repo = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), path)
+    return in_repo if os.path.exists(in_repo) else path
+
+
 def apply_decoder_lora(config: WhisperTranscriberConfig, params: Any) -> Any:
     """The front end's params with ``config.decoder_lora``'s factors merged into Whisper's decoder
     (``params`` itself without one). The frozen kernels are not changed; a new tree is returned."""
@@ -192,7 +203,7 @@ def apply_decoder_lora(config: WhisperTranscriberConfig, params: Any) -> Any:
         return params
     from slm_jax.models import lora
 
-    factors, scale, _ = lora.load(config.decoder_lora)
+    factors, scale, _ = lora.load(decoder_lora_file(config))
     return dict(params, decoder=lora.merge(params["decoder"], factors, scale))
 
 
