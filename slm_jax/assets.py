@@ -203,6 +203,12 @@ def _atomic_copy(sources: Sequence[pathlib.Path], dest: pathlib.Path, expected_s
         raise
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_output(dest: str | os.PathLike, suffix: str = ".tmp") -> Iterator[pathlib.Path]:
     """Yield a temp path next to ``dest``; on success it is renamed to ``dest``, else deleted.
@@ -215,6 +221,7 @@ def atomic_output(dest: str | os.PathLike, suffix: str = ".tmp") -> Iterator[pat
     os.close(fd)
     try:
         yield pathlib.Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; the result reads as any other
         os.replace(tmp, dest)
     except BaseException:
         if os.path.exists(tmp):

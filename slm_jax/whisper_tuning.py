@@ -18,7 +18,6 @@ also learns the copies the front end will choose among), then trains the factors
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
 
@@ -28,11 +27,10 @@ import numpy as np
 import optax
 
 from slm_jax import audio, batching
+from slm_jax.assets import atomic_output
 from slm_jax.models import lora
 from slm_jax.models import whisper_transcriber as wt
 from slm_jax.models.whisper_decoder import WhisperDecoder
-
-log = logging.getLogger(__name__)
 
 ATTENTION = tuple(f"{block}/{proj}" for block in ("self_attn", "encoder_attn") for proj in ("query", "key", "value", "out"))
 
@@ -124,17 +122,11 @@ def encode_examples(config: wt.WhisperTranscriberConfig, params: Any, examples: 
 
 def save_examples(path: str, examples: Sequence[TuningExample], key: str) -> None:
     """The encoded examples in one .npz (written atomically), tagged with ``key``: what made them."""
-    import os
-    import tempfile
-
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".encoded-", suffix=".npz")
-    with os.fdopen(fd, "wb") as f:
+    with atomic_output(path, suffix=".npz") as tmp, open(tmp, "wb") as f:
         np.savez(f, key=np.array(key), memory=np.concatenate([e.memory for e in examples]),
                  frames=np.array([len(e.memory) for e in examples]), tokens=np.concatenate([e.inputs for e in examples]),
                  lengths=np.array([len(e.inputs) for e in examples]),
                  last=np.array([e.targets[-1] for e in examples], np.int32))
-    os.replace(tmp, path)
 
 
 def load_examples(path: str, key: str) -> list[TuningExample]:

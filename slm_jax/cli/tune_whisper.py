@@ -94,8 +94,9 @@ def main(argv=None) -> int:
         if not examples:
             raise common.UserError(f"no {','.join(args.splits)} examples of {','.join(tasks)} in {args.corpus_dir}")
 
-        params = frozen.load_on_host(whisper_tuning.frozen_transcriber(config), model.speech_encoder_source)
-        key = json.dumps({"front_end": repr(whisper_tuning.frozen_transcriber(config)),
+        plain = whisper_tuning.frozen_transcriber(config)  # trained on Whisper as released, not on an earlier LoRA
+        params = frozen.load_on_host(plain, model.speech_encoder_source)
+        key = json.dumps({"front_end": repr(plain),
                           "source": model.speech_encoder_source, "corpus": os.path.abspath(args.corpus_dir),
                           "manifest_seconds": manifest.get("generation_seconds"), "splits": args.splits,
                           "tasks": tasks, "speed_copies": args.speed_copies, "seed": args.seed}, sort_keys=True)

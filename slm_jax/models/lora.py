@@ -11,16 +11,16 @@ Used for Whisper's decoder in the transcriber front end (slm_jax/whisper_tuning.
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 import os
-import tempfile
 import zipfile
 from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from slm_jax.assets import atomic_output
 
 Factors = dict[str, dict[str, Any]]  # "layers_0/self_attn/query" -> {"a": [in, r], "b": [r, out]}
 FORMAT = "slm-jax-lora/1"
@@ -84,7 +84,7 @@ def init(params: Mapping[str, Any], paths: Sequence[str], rank: int, key: jax.Ar
 
 def merge(params: Mapping[str, Any], factors: Factors, scale: float) -> dict[str, Any]:
     """A copy of ``params`` whose target kernels carry ``scale * A @ B`` (differentiable in the factors)."""
-    out = jax.tree_util.tree_map(lambda x: x, dict(params))  # new containers, same leaves
+    out = dict(params)  # new containers along each target's path below; the leaves are shared
     for path, ab in factors.items():
         kernel = _kernel(params, path)
         a, b = ab["a"], ab["b"]
@@ -106,23 +106,10 @@ def save(path: str | os.PathLike, factors: Factors, scale: float, metadata: Mapp
     """Writes the factors to ``path`` (.npz) atomically; returns its SHA-256."""
     arrays = {f"{name}|{x}": np.asarray(ab[x], np.float32) for name, ab in factors.items() for x in ("a", "b")}
     meta = {"format": FORMAT, **(metadata or {})}
-    buffer = io.BytesIO()
-    np.savez(buffer, __scale__=np.float32(scale), __meta__=np.array(sorted(meta.items()), dtype=str), **arrays)
-    data = buffer.getvalue()
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".lora-", suffix=".npz")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a saved file reads as any other
-    os.replace(tmp, path)
-    return hashlib.sha256(data).hexdigest()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    with atomic_output(path, suffix=".npz") as tmp:
+        with open(tmp, "wb") as f:  # an open file: np.savez would add .npz to a path
+            np.savez(f, __scale__=np.float32(scale), __meta__=np.array(sorted(meta.items()), dtype=str), **arrays)
+    return file_sha256(path)
 
 
 def load(path: str | os.PathLike) -> tuple[Factors, float, dict[str, str]]:
