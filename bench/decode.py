@@ -1,4 +1,4 @@
-"""Decoding benchmark: ``slm_jax.decoding.generate`` (one jitted loop, preallocated KV cache)
+"""Decoding benchmark: ``slm_jax.inference.decoding.generate`` (one jitted loop, preallocated KV cache)
 against ``transformers`` ``generate`` on the same frozen LLM, the same prompt, timed interleaved.
 
 The prompt stands for an SLM prompt (text + adapted speech): ``prompt_tokens`` random token ids
@@ -32,7 +32,7 @@ def _jax_generate(weights_name: str, ids: np.ndarray, new_tokens: int, num_beams
     import jax
     import jax.numpy as jnp
 
-    from slm_jax import decoding
+    from slm_jax.inference import decoding
 
     js = common.jax_side(weights_name)
     llm, params = js.llm, js.frozen["llm"]

@@ -81,7 +81,7 @@ def _reference_spec(spec: Any) -> Any:
 
 
 def _trainer(spec: Any, mesh: Any):
-    from slm_jax.trainer import Trainer, make_optimizer
+    from slm_jax.training.step import Trainer, make_optimizer
 
     optimizer, schedule = make_optimizer()
     return Trainer(spec.build(), optimizer, schedule, mesh)
@@ -92,10 +92,10 @@ def measure(spec: Any, batch_size: int, feature_lengths: Mapping[str, int], *, r
     """Step time, model FLOPs, measured peak and MFU for ``spec`` (a ModelSpec) at this batch."""
     import jax
 
-    from slm_jax import partitioning
-    from slm_jax.experiment import sample_batch
+    from slm_jax.parallel import partitioning
+    from slm_jax.models.spec import sample_batch
     from slm_jax.models import registry
-    from slm_jax.synthetic_data import SyntheticData
+    from slm_jax.data.synthetic import SyntheticData
 
     if batch_size % len(jax.devices()):
         raise ValueError(f"batch size {batch_size} must be a multiple of the {len(jax.devices())} devices "

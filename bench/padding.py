@@ -1,7 +1,7 @@
 """Padding: the training step on length-grouped, bucketed batches vs fixed padding to the
 corpus maximum (the same step without the optimization), on a demo-style corpus.
 
-The lengths are real: the demo corpus's utterances (``slm_jax.data.corpus.plan_corpus``) spoken
+The lengths are real: the demo corpus's utterances (``slm_jax.data.corpus.builder.plan_corpus``) spoken
 by espeak-ng give the encoder-frame counts, and the default config's tokenizer and chat template
 give the prompt and target lengths. Encoder outputs are random of those lengths (step time
 depends on shapes alone), so no encoder runs here. Both sides draw the same examples
@@ -39,9 +39,9 @@ class _LengthOnlyCache:
 def corpus_examples(size: int, seed: int = 0) -> tuple[list[dict], dict[str, int]]:
     """Training examples of a demo corpus (en + fr, zero-shot tasks left out) and each one's
     Whisper encoder frames, from the espeak-ng audio's duration."""
-    from slm_jax import audio as audio_lib
-    from slm_jax.data import corpus
-    from slm_jax.models.whisper_encoder import WhisperEncoderConfig
+    from slm_jax.data import audio as audio_lib
+    from slm_jax.data.corpus import builder as corpus
+    from slm_jax.models.encoders.whisper import WhisperEncoderConfig
 
     specs = [s for s in corpus.plan_corpus(size, seed=seed, languages=("en", "fr"))
              if s.split == "train" and not s.task.startswith("zeroshot")]
@@ -56,10 +56,10 @@ def corpus_examples(size: int, seed: int = 0) -> tuple[list[dict], dict[str, int
 
 def _sources(ws: common.WeightSet, examples: list[dict], frames: dict[str, int]):
     """(fixed, bucketed) data sources over the same examples, with the default prompt layout."""
-    from slm_jax.cached_corpus import corpus_lengths
-    from slm_jax.encoder_cache import CachedSpeechData
-    from slm_jax.prompting import PromptFormat
-    from slm_jax.tokenizers import GgufBpeVocabulary
+    from slm_jax.data.cached.corpus_data import corpus_lengths
+    from slm_jax.data.cached.encoder_cache import CachedSpeechData
+    from slm_jax.data.prompting import PromptFormat
+    from slm_jax.weights.tokenizers import GgufBpeVocabulary
 
     vocabulary = GgufBpeVocabulary.from_smollm2()
     chat = PromptFormat(before_speech="<|im_start|>user\n", after_speech="<|im_end|>\n<|im_start|>assistant\n",

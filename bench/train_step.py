@@ -60,8 +60,8 @@ class JaxStep:
     def __init__(self, weights_name: str, example: Mapping[str, np.ndarray], **llm_overrides):
         import jax
 
-        from slm_jax import partitioning
-        from slm_jax.trainer import Trainer, make_optimizer
+        from slm_jax.parallel import partitioning
+        from slm_jax.training.step import Trainer, make_optimizer
 
         js = common.jax_side(weights_name, **llm_overrides)
         self.js = js
@@ -82,12 +82,12 @@ class JaxStep:
         return loss
 
     def optimizer_state_bytes(self) -> int:
-        from slm_jax.trainer import tree_bytes
+        from slm_jax.training.step import tree_bytes
 
         return tree_bytes(self.state.opt_state)
 
     def param_bytes(self) -> dict[str, int]:
-        from slm_jax.trainer import tree_bytes
+        from slm_jax.training.step import tree_bytes
 
         return {"adapter": tree_bytes(self.state.adapter_params), "frozen": tree_bytes(self.frozen)}
 
@@ -95,7 +95,7 @@ class JaxStep:
 def cached_speech_batch(batch: Mapping[str, np.ndarray], cache: Any, ids: list[str], frames: int) -> dict:
     """The training batch as the cached pipeline builds it: encoder outputs read from disk and
     padded to ``frames``, in place of the audio."""
-    from slm_jax import batching
+    from slm_jax.data import batching
 
     hidden, mask = batching.pad_frames([cache[i] for i in ids], frames, "encoder output")
     text = {k: v for k, v in batch.items() if k not in AUDIO_KEYS}
@@ -190,7 +190,7 @@ def end_to_end(weights_name: str, case: Case, repeats: int) -> dict[str, Any]:
     """Training examples/s including the speech encoder (see the module docstring)."""
     import jax
 
-    from slm_jax import encoder_cache
+    from slm_jax.data.cached import encoder_cache
 
     ws = common.weights(weights_name)
     audio_batch = common.example_batch(ws, case.batch_size, case.frames, case.lengths())

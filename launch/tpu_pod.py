@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from slm_jax.launching import tpu_pod_commands  # noqa: E402
+from slm_jax.parallel.launching import tpu_pod_commands  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -33,11 +33,12 @@ def main(argv=None) -> int:
     import numpy as np
     from tqdm import tqdm
 
-    from slm_jax import audio as audio_lib, batching, frozen
-    from slm_jax.cached_corpus import front_end_fingerprint, read_corpus
+    from slm_jax.data import audio as audio_lib, batching
+    from slm_jax.weights import frozen
+    from slm_jax.data.cached.corpus_data import front_end_fingerprint, read_corpus
     from slm_jax.cli import common
-    from slm_jax.encoder_cache import EncoderCache, write_cache
-    from slm_jax.models.whisper_transcriber import WhisperTranscriber, encoder_rows_before
+    from slm_jax.data.cached.encoder_cache import EncoderCache, write_cache
+    from slm_jax.contrib.whisper_cascade.front_end import WhisperTranscriber, encoder_rows_before
 
     common.parse_gin([args.gin_file], [f"CORPUS_DIR={args.corpus_dir!r}"])
     import gin

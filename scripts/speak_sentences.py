@@ -7,7 +7,7 @@ scripts/whisper_reference_wer.py this measures how intelligible each synthesiser
 
 A voice is written as in a corpus example: an espeak-ng voice ('en-us+m3'), or a prefixed one
 ('flite:awb', 'piper:joe', 'kokoro:jf_alpha+jm_kumo'). Speech is made by the corpus's own
-synthesis (slm_jax/data/corpus.py) at the typical speed, without noise or augmentation.
+synthesis (slm_jax/data/corpus/builder.py) at the typical speed, without noise or augmentation.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def main(argv=None) -> int:
 
     import soundfile
 
-    from slm_jax.data import corpus
+    from slm_jax.data.corpus import builder as corpus
 
     with open(args.sentences, encoding="utf-8") as f:
         sentences = [line.strip() for line in f if line.strip()]

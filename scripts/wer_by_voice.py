@@ -23,7 +23,7 @@ from typing import Iterable
 
 def groups_of(spec, synthesizer: str) -> tuple[str, str]:
     """The voice family and acoustics group an utterance is counted in."""
-    from slm_jax.data import corpus
+    from slm_jax.data.corpus import builder as corpus
 
     family = corpus.voice_family(spec) if synthesizer == "espeak" else synthesizer
     return family, acoustics_group(spec.acoustics)
@@ -40,7 +40,7 @@ def acoustics_group(acoustics) -> str:
 
 def breakdown(report: dict, specs: dict, synthesizer: str) -> Iterable[tuple[str, str, int, float]]:
     """(task, group, utterances, WER) for every ASR task of ``report``: all, then each group."""
-    from slm_jax import metrics
+    from slm_jax.inference import metrics
 
     for task, predictions in sorted(report["predictions"].items()):
         if "wer" not in report["tasks"].get(task, {}):
@@ -62,7 +62,7 @@ def breakdown(report: dict, specs: dict, synthesizer: str) -> Iterable[tuple[str
 def against_baseline(report: dict, baseline: dict) -> Iterable[tuple[str, int, int, int, int]]:
     """(task, utterances worse than the baseline, their extra word edits, utterances better, the edits
     they save) for every task the two reports share, matched by example id."""
-    from slm_jax import metrics
+    from slm_jax.inference import metrics
 
     def edits(p):
         return metrics.edit_distance(metrics.normalize_text(p["reference"]).split(),
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
                              "task, on how many utterances it made more / fewer word edits, and how many")
     args = parser.parse_args(argv)
 
-    from slm_jax.data import corpus
+    from slm_jax.data.corpus import builder as corpus
 
     baseline = None
     if args.baseline:

@@ -54,8 +54,10 @@ def main(argv=None) -> int:
     import torch
     import transformers
 
-    from slm_jax import assets, audio, metrics
-    from slm_jax.convert import ctranslate2
+    from slm_jax.weights import assets
+    from slm_jax.data import audio
+    from slm_jax.inference import metrics
+    from slm_jax.weights.convert import ctranslate2
 
     files = assets.whisper_base_files()
     state, config = ctranslate2.load_whisper_hf(files.model_bin, files.config_json)
@@ -100,7 +102,7 @@ def main(argv=None) -> int:
             rows = [line.rstrip("\n").split("\t", 1) for line in f if line.strip() and not line.startswith("#")]
         utterances = [("tsv", path, reference, audio.load_audio(os.path.join(base, path))) for path, reference in rows]
     else:
-        from slm_jax.cached_corpus import read_corpus
+        from slm_jax.data.cached.corpus_data import read_corpus
 
         tasks = args.tasks.split(",")
         examples = read_corpus(args.corpus_dir, [args.split], tasks)
@@ -131,9 +133,9 @@ def _front_end_transcriber(state, config, tokenizer, speeds=()):
     import jax
     import numpy as np
 
-    from slm_jax import audio, batching
-    from slm_jax.convert import hf_whisper_transcriber
-    from slm_jax.models.whisper_transcriber import WhisperTranscriber
+    from slm_jax.data import audio, batching
+    from slm_jax.contrib.whisper_cascade import convert as hf_whisper_transcriber
+    from slm_jax.contrib.whisper_cascade.front_end import WhisperTranscriber
 
     cfg = dataclasses.replace(hf_whisper_transcriber.config_from_hf(config), speeds=speeds)
     params = hf_whisper_transcriber.params_from_state_dict(state, cfg)

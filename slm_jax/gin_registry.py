@@ -10,7 +10,10 @@ import importlib
 
 import gin
 
-from slm_jax import augment, cached_corpus, experiment, prompting, synthetic_data, train  # noqa: F401
+from slm_jax.training import augment, loop as train  # noqa: F401
+from slm_jax.data.cached import corpus_data as cached_corpus
+from slm_jax.models import spec as experiment
+from slm_jax.data import prompting, synthetic as synthetic_data
 from slm_jax.models import adapter
 
 _REGISTERED = False
@@ -25,20 +28,20 @@ def register_all() -> None:
     if _REGISTERED:
         return
     _REGISTERED = True
-    _register(experiment.ModelSpec, "slm_jax.experiment")
+    _register(experiment.ModelSpec, "slm_jax.models.spec")
     _register(adapter.AdapterConfig, "slm_jax.models.adapter")
-    _register(augment.SpeechMasking, "slm_jax.augment")
-    _register(synthetic_data.SyntheticData, "slm_jax.synthetic_data")
-    _register(cached_corpus.CachedCorpusData, "slm_jax.cached_corpus")
-    _register(prompting.PromptFormat, "slm_jax.prompting")
+    _register(augment.SpeechMasking, "slm_jax.training.augment")
+    _register(synthetic_data.SyntheticData, "slm_jax.data.synthetic")
+    _register(cached_corpus.CachedCorpusData, "slm_jax.data.cached.corpus_data")
+    _register(prompting.PromptFormat, "slm_jax.data.prompting")
     # Model configs: gin files spell out every dimension (configs as data, T5X style).
     for module_name, names in {
-        "slm_jax.models.whisper_encoder": ["WhisperEncoderConfig"],
-        "slm_jax.models.whisper_decoder": ["WhisperDecoderConfig"],
-        "slm_jax.models.whisper_transcriber": ["WhisperTranscriberConfig"],
-        "slm_jax.models.conformer": ["ConformerConfig"],
-        "slm_jax.models.t5": ["T5Config"],
-        "slm_jax.models.llama": ["LlamaConfig"],
+        "slm_jax.models.encoders.whisper": ["WhisperEncoderConfig"],
+        "slm_jax.contrib.whisper_cascade.whisper_decoder": ["WhisperDecoderConfig"],
+        "slm_jax.contrib.whisper_cascade.front_end": ["WhisperTranscriberConfig"],
+        "slm_jax.models.encoders.conformer": ["ConformerConfig"],
+        "slm_jax.models.llms.t5": ["T5Config"],
+        "slm_jax.models.llms.llama": ["LlamaConfig"],
     }.items():
         module = importlib.import_module(module_name)
         for name in names:
@@ -50,9 +53,9 @@ def register_all() -> None:
     if data_spec is not None:
         _register(data_spec.CorpusData, "slm_jax.data.spec")
     # The SeqIO DataSource (light to import: TensorFlow/SeqIO load when data is first read).
-    from slm_jax.data import seqio_data
+    from slm_jax.data.seqio import source as seqio_data
 
-    _register(seqio_data.SeqioData, "slm_jax.data.seqio_data")
+    _register(seqio_data.SeqioData, "slm_jax.data.seqio.source")
 
 
 register_all()

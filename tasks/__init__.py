@@ -19,7 +19,7 @@ from slm_jax.tasks.real_corpora import real_task_names, register_real_corpus_tas
 
 def register_all(corpus_dir=None, vocabulary=None, prompt_format=None) -> None:
     """(Re)registers every task and mixture with one vocabulary and prompt layout."""
-    from slm_jax.prompting import T5_PROMPT
+    from slm_jax.data.prompting import T5_PROMPT
 
     prompt_format = prompt_format or T5_PROMPT
     register_corpus_tasks(corpus_dir, vocabulary, prompt_format)

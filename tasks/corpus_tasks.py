@@ -31,10 +31,10 @@ from typing import Any, Optional, Sequence
 import seqio
 import tensorflow as tf
 
-from slm_jax.data import corpus
-from slm_jax.data import preprocessors as prep
+from slm_jax.data.corpus import builder as corpus
+from slm_jax.data.seqio import preprocessors as prep
 from slm_jax.data.errors import DataError, DataNotPreparedError
-from slm_jax.prompting import T5_PROMPT, PromptFormat
+from slm_jax.data.prompting import T5_PROMPT, PromptFormat
 
 DEFAULT_CORPUS_DIR = "data/corpus"
 CORPUS_DIR_ENV = "SLM_CORPUS_DIR"

@@ -24,10 +24,10 @@ from typing import Callable, Optional, Sequence
 import seqio
 import tensorflow as tf
 
-from slm_jax import audio as audio_lib
-from slm_jax.data import preprocessors as prep
+from slm_jax.data import audio as audio_lib
+from slm_jax.data.seqio import preprocessors as prep
 from slm_jax.data.errors import DataNotPreparedError
-from slm_jax.prompting import T5_PROMPT, PromptFormat
+from slm_jax.data.prompting import T5_PROMPT, PromptFormat
 
 LANGUAGE_NAMES = {"en": "English", "fr": "French", "de": "German", "es": "Spanish"}
 FLEURS_LOCALES = {"en": "en_us", "fr": "fr_fr", "de": "de_de", "es": "es_419"}

@@ -17,7 +17,7 @@ SIZE = 60
 
 @functools.lru_cache(maxsize=None)
 def small_corpus() -> str:
-    from slm_jax.data import corpus
+    from slm_jax.data.corpus import builder as corpus
 
     root = tempfile.mkdtemp(prefix="slm_corpus_")
     atexit.register(shutil.rmtree, root, True)

@@ -19,10 +19,10 @@ if num_processes > 1:
     )
 
 sys.path.insert(0, os.path.dirname(__file__))
-from slm_jax import partitioning  # noqa: E402
-from slm_jax.frozen import load_frozen_params  # noqa: E402
-from slm_jax.synthetic_data import SyntheticData  # noqa: E402
-from slm_jax.trainer import Trainer, make_optimizer  # noqa: E402
+from slm_jax.parallel import partitioning  # noqa: E402
+from slm_jax.weights.frozen import load_frozen_params  # noqa: E402
+from slm_jax.data.synthetic import SyntheticData  # noqa: E402
+from slm_jax.training.step import Trainer, make_optimizer  # noqa: E402
 from tiny_models import FEATURE_LENGTHS, VOCAB, model_spec  # noqa: E402
 
 GLOBAL_BATCH = 8

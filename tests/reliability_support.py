@@ -156,8 +156,8 @@ class ByteVocabulary:
 def _prompted_synthetic_data():
     import gin
 
-    from slm_jax.prompting import PromptFormat
-    from slm_jax.synthetic_data import SyntheticData
+    from slm_jax.data.prompting import PromptFormat
+    from slm_jax.data.synthetic import SyntheticData
 
     class PromptedSyntheticData(SyntheticData):
         vocabulary = ByteVocabulary()

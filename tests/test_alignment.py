@@ -6,11 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from slm_jax import alignment, partitioning
+from slm_jax.training import alignment
+from slm_jax.parallel import partitioning
 from slm_jax.models.slm import SLM
 from slm_jax.errors import UserError
-from slm_jax.train import train
-from slm_jax.trainer import Trainer, make_optimizer
+from slm_jax.training.loop import train
+from slm_jax.training.step import Trainer, make_optimizer
 
 from tiny_models import model_spec
 from toy_cached_data import WORDS, toy_source
@@ -63,7 +64,7 @@ def _trainer(data, llm="llama", alignment_weight=0.0):
 
 @pytest.mark.parametrize("llm", ["llama", "t5"])
 def test_alignment_steps_learn_the_transcript_and_leave_frozen_weights_alone(llm):
-    from slm_jax.experiment import sample_batch
+    from slm_jax.models.spec import sample_batch
 
     data = toy_source()
     trainer, spec = _trainer(data, llm)
@@ -101,7 +102,7 @@ def test_next_token_batches_carry_no_transcripts():
 def test_joint_next_token_step_adds_the_weighted_ctc_loss():
     """alignment_weight w: a next-token step's loss and gradients are the next-token ones plus w
     times the alignment step's, on the same batch and parameters."""
-    from slm_jax.experiment import sample_batch
+    from slm_jax.models.spec import sample_batch
 
     data = toy_source()
     joint, _ = _trainer(data, alignment_weight=0.5)
@@ -147,7 +148,7 @@ def test_train_runs_the_alignment_steps_first_then_the_next_token_loss(tmp_path,
     assert objectives == ["alignment"] * 3 + ["next_token"] * 2
     assert result["step"] == 5 and np.isfinite(result["loss"])
     # The checkpoint records the sub-vocabulary, so its CTC head can be read without the corpus.
-    from slm_jax import checkpointing
+    from slm_jax.training import checkpointing
 
     metadata = checkpointing.read_metadata(str(tmp_path / "run"), 5)
     assert metadata["alignment_token_ids"] == sorted({b + 3 for w in WORDS for b in w.encode()})
@@ -196,7 +197,7 @@ def test_schedule_restarts_after_alignment():
 
 
 def test_train_restarts_the_schedule_after_alignment_when_asked(tmp_path, monkeypatch):
-    from slm_jax import train as train_module
+    from slm_jax.training import loop as train_module
 
     restarts = []
     original = train_module.make_optimizer
@@ -240,7 +241,7 @@ def test_expected_token_embeddings_mix_the_tokens_by_their_posterior_without_the
 def test_compressed_prompt_is_the_llm_reading_only_the_kept_runs(mode):
     """With ctc_compression the next-token logits are those of a prompt whose speech block holds
     only the CTC runs (the padding after them is invisible to the LLM)."""
-    from slm_jax.experiment import sample_batch
+    from slm_jax.models.spec import sample_batch
     from slm_jax.models.slm import SLM
 
     data = toy_source()
@@ -285,7 +286,7 @@ def test_compressed_prompt_is_the_llm_reading_only_the_kept_runs(mode):
 
 
 def test_train_with_ctc_compression_records_it_in_the_checkpoint(tmp_path):
-    from slm_jax import checkpointing
+    from slm_jax.training import checkpointing
 
     result = train(str(tmp_path / "run"), model=model_spec(llm="llama"), data=toy_source(), steps=3, batch_size=8,
                    alignment_steps=1, ctc_compression="tokens", eval_every=0, log_every=1, checkpoint_every=0,
@@ -301,7 +302,7 @@ def test_train_with_ctc_compression_records_it_in_the_checkpoint(tmp_path):
 
 
 def test_one_rule_names_a_bad_compression_mode():
-    from slm_jax.alignment import compression_problem
+    from slm_jax.training.alignment import compression_problem
 
     assert compression_problem("", "train.ctc_compression") is None
     assert compression_problem("tokens", "compression", off_allowed=False) is None
@@ -312,7 +313,7 @@ def test_one_rule_names_a_bad_compression_mode():
 
 
 class _TranscriberRowsConfig:
-    """What SLM reads of a transcriber front end's config (slm_jax/models/whisper_transcriber.py)."""
+    """What SLM reads of a transcriber front end's config (slm_jax/contrib/whisper_cascade/front_end.py)."""
 
     def __init__(self, encoder_rows_every):
         self.llm_token_channels = 1

@@ -6,7 +6,7 @@ import pathlib
 
 import pytest
 
-from slm_jax import assets
+from slm_jax.weights import assets
 
 needs_whisper = pytest.mark.skipif(
     not assets.whisper_base_available(),

@@ -1,4 +1,4 @@
-"""Properties of the audio front end (slm_jax/audio.py) over generated inputs (hypothesis)."""
+"""Properties of the audio front end (slm_jax/data/audio.py) over generated inputs (hypothesis)."""
 
 import math
 
@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from slm_jax import audio
+from slm_jax.data import audio
 
 RATES = [8000, 11025, 16000, 22050, 44100, 48000]
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -1,14 +1,14 @@
-"""Masking of the encoder output in training (slm_jax/augment.py) and its place in the train step."""
+"""Masking of the encoder output in training (slm_jax/training/augment.py) and its place in the train step."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from slm_jax.augment import SpeechMasking, mask_speech
-from slm_jax.experiment import sample_batch
-from slm_jax.trainer import Trainer, make_optimizer
-from slm_jax import partitioning
+from slm_jax.training.augment import SpeechMasking, mask_speech
+from slm_jax.models.spec import sample_batch
+from slm_jax.training.step import Trainer, make_optimizer
+from slm_jax.parallel import partitioning
 
 from tiny_models import model_spec
 from toy_cached_data import toy_source

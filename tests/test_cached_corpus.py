@@ -2,8 +2,8 @@
 
 import pytest
 
-from slm_jax.cached_corpus import CachedCorpusData
-from slm_jax.prompting import PromptFormat
+from slm_jax.data.cached.corpus_data import CachedCorpusData
+from slm_jax.data.prompting import PromptFormat
 
 
 def _data(**kwargs):

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from slm_jax import checkpointing
+from slm_jax.training import checkpointing
 
 
 def _state():

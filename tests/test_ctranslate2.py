@@ -14,8 +14,8 @@ import subprocess
 import numpy as np
 import pytest
 
-from slm_jax import assets
-from slm_jax.convert import ctranslate2 as ct2
+from slm_jax.weights import assets
+from slm_jax.weights.convert import ctranslate2 as ct2
 
 needs_whisper = pytest.mark.skipif(
     not assets.whisper_base_available(),

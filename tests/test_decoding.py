@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from slm_jax import decoding
-from slm_jax.models import llama, t5
-from slm_jax.models.llama import Llama
-from slm_jax.models.t5 import T5
+from slm_jax.inference import decoding
+from slm_jax.models.llms import llama, t5
+from slm_jax.models.llms.llama import Llama
+from slm_jax.models.llms.t5 import T5
 
 # --- a hand-made model: a random next-token distribution at every node of a prefix tree -------
 #
@@ -247,7 +247,7 @@ def test_follow_guide_moves_past_the_first_match_within_the_window():
 
 
 def test_the_guide_leaves_numbers_and_the_space_before_them_to_the_model():
-    from slm_jax.inference import number_tokens
+    from slm_jax.inference.model import number_tokens
 
     pieces = ["The", " code", " is", " ", "1", "9", "7", "7", ".", " ", "Then", " 5", " o", " ", "x"]
     assert [p for p, n in zip(pieces, number_tokens(pieces)) if n] == [" ", "1", "9", "7", "7", " 5"]

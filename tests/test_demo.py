@@ -13,7 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from slm_jax import demo, evaluation
+from slm_jax.apps import demo
+from slm_jax.inference import evaluation
 from slm_jax.cli import demo as demo_cli
 
 TINY_GIN = """
@@ -99,7 +100,7 @@ def test_cli_rejects_bad_flags(capsys):
 
 
 def test_corpus_is_reused_only_with_the_same_free_form_sentence_count(tmp_path, monkeypatch):
-    from slm_jax.data import corpus
+    from slm_jax.data.corpus import builder as corpus
 
     made = []
     # A manifest written before --open_asr existed has no such key: it means none.
@@ -158,8 +159,9 @@ def test_demo_end_to_end_on_a_tiny_model(tmp_path, capsys):
     assert "tone sequences standing in for speech" in printed  # says what the audio was
 
     # The small release export of that run reads back as the same adapter (float16 rounding).
-    from slm_jax import inference, release
+    from slm_jax.inference import model as inference
 
+    from slm_jax.weights import release
     model = gin.query_parameter("train.model").scoped_configurable_fn()
     data = gin.query_parameter("train.data").scoped_configurable_fn()
     release.export_release(str(out / "train"), str(out / "release"), model, data, note="test")
@@ -184,8 +186,8 @@ def test_demo_end_to_end_on_a_tiny_model(tmp_path, capsys):
 
 
 def test_cascade_puts_the_transcript_in_the_speech_slot(tmp_path):
-    from slm_jax.cascade import TextAnswerer
-    from slm_jax.prompting import CHATML_PROMPT
+    from slm_jax.contrib.whisper_cascade.text_cascade import TextAnswerer
+    from slm_jax.data.prompting import CHATML_PROMPT
 
     class Words:  # a toy vocabulary: one id per word
         eos_id = 1

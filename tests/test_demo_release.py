@@ -20,10 +20,11 @@ def test_release_fits_the_default_config():
     import gin
     import jax
 
-    from slm_jax import checkpointing, partitioning
+    from slm_jax.training import checkpointing
+    from slm_jax.parallel import partitioning
     from slm_jax.cli import common
-    from slm_jax.experiment import sample_batch
-    from slm_jax.trainer import Trainer, make_optimizer
+    from slm_jax.models.spec import sample_batch
+    from slm_jax.training.step import Trainer, make_optimizer
 
     gin.clear_config()
     common.parse_gin(["whisper_base_smollm2.gin"], [])
@@ -50,8 +51,8 @@ HELD_OUT_WER_BOUND = 0.35
 
 
 def _release_models_available() -> bool:
-    from slm_jax import assets
-    from slm_jax.data import corpus
+    from slm_jax.weights import assets
+    from slm_jax.data.corpus import builder as corpus
 
     return assets.whisper_base_available() and assets.smollm2_available() and corpus.espeak_available()
 
@@ -73,7 +74,7 @@ def configured(gin_file: str):
 
 def load_release(gin_file: str, release: pathlib.Path):
     """The SpeechLanguageModel of `slm-infer --gin_file=GIN --checkpoint=RELEASE`."""
-    from slm_jax import inference
+    from slm_jax.inference import model as inference
 
     return inference.load_trained(str(release), *configured(gin_file))[0]
 
@@ -86,8 +87,9 @@ def transcribe_with_release(gin_file: str, release: pathlib.Path, features, max_
 @pytest.mark.slow
 @pytest.mark.skipif(not _release_models_available(), reason="needs Whisper-base, SmolLM2 and espeak-ng")
 def test_release_adapter_transcribes_held_out_synthetic_english():
-    from slm_jax import audio, metrics
-    from slm_jax.data import corpus
+    from slm_jax.data import audio
+    from slm_jax.inference import metrics
+    from slm_jax.data.corpus import builder as corpus
 
     specs = [s for s in corpus.plan_corpus(1500, seed=0, languages=("en", "fr"))
              if s.task == "asr_en" and s.split == "test"][:8]
@@ -112,8 +114,9 @@ REAL_SPEECH_WER_BOUND = 0.25  # measured 10.1% when released (release/README.md)
 @pytest.mark.skipif(not TRANSCRIBER_RELEASE.is_dir(), reason="no transcriber release in this checkout")
 @pytest.mark.skipif(not _release_models_available(), reason="needs Whisper-base, SmolLM2 and espeak-ng")
 def test_transcriber_release_transcribes_real_speech():
-    from slm_jax import audio, metrics
+    from slm_jax.data import audio
 
+    from slm_jax.inference import metrics
     rows = [line.rstrip("\n").split("\t", 1) for line in (REAL_SPEECH / "transcripts.tsv").read_text().splitlines()
             if line.strip() and not line.startswith("#")]
     features = [audio.log_mel_spectrogram(audio.load_audio(str(REAL_SPEECH / path))) for path, _ in rows]
@@ -131,8 +134,9 @@ def test_transcript_bias_follows_whispers_own_transcript():
     """--transcript_bias: a bonus large enough makes the answer Whisper's transcript exactly (the
     guide is the front end's own text, re-spelled whole in SmolLM2's tokens). The paper design's
     front end writes no transcript (slm-infer refuses the flag for it: tests/test_bad_input.py)."""
-    from slm_jax import audio, inference
+    from slm_jax.data import audio
 
+    from slm_jax.inference import model as inference
     rows = [line.split("\t", 1)[0] for line in (REAL_SPEECH / "transcripts.tsv").read_text().splitlines()
             if line.strip() and not line.startswith("#")][:3]
     features = [audio.log_mel_spectrogram(audio.load_audio(str(REAL_SPEECH / path))) for path in rows]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from slm_jax.encoder_cache import FrontEndMemo, adopt_cache, build_cache, extend_cache, reusable_cache, write_cache
+from slm_jax.data.cached.encoder_cache import FrontEndMemo, adopt_cache, build_cache, extend_cache, reusable_cache, write_cache
 from slm_jax.models.slm import SLM
 
 from tiny_models import model_spec

@@ -1,4 +1,4 @@
-"""Properties of the SeqIO feature converter (slm_jax/data/feature_converter.py) over generated
+"""Properties of the SeqIO feature converter (slm_jax/data/seqio/feature_converter.py) over generated
 examples (hypothesis): whatever the lengths and values, the model batch holds the example
 unchanged at the front of each block, masks count exactly the real positions, padding is zero,
 and the decoder input is the target shifted right behind the start token."""
@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from slm_jax.data.feature_converter import SpeechFeatureConverter, task_feature_lengths
+from slm_jax.data.seqio.feature_converter import SpeechFeatureConverter, task_feature_lengths
 
 LENGTHS = {"audio_frames": 24, "prefix": 6, "suffix": 5, "targets": 7}
 MELS = 80

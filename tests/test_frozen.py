@@ -4,10 +4,10 @@ import jax
 import numpy as np
 import pytest
 
-from slm_jax import partitioning
-from slm_jax.frozen import load_frozen_params
-from slm_jax.synthetic_data import SyntheticData
-from slm_jax.trainer import Trainer, count_params, make_optimizer, tree_bytes
+from slm_jax.parallel import partitioning
+from slm_jax.weights.frozen import load_frozen_params
+from slm_jax.data.synthetic import SyntheticData
+from slm_jax.training.step import Trainer, count_params, make_optimizer, tree_bytes
 from tiny_models import FEATURE_LENGTHS, VOCAB, model_spec
 
 

@@ -11,8 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from slm_jax import assets
-from slm_jax.convert import gguf as g
+from slm_jax.weights import assets
+from slm_jax.weights.convert import gguf as g
 
 gguf_lib = pytest.importorskip("gguf")
 Q = gguf_lib.GGMLQuantizationType

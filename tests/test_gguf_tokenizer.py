@@ -8,7 +8,7 @@ import pickle
 
 import pytest
 
-from slm_jax import assets
+from slm_jax.weights import assets
 
 pytestmark = pytest.mark.skipif(
     not assets.smollm2_available(),
@@ -46,14 +46,14 @@ CONVERSATIONS = [
 
 @pytest.fixture(scope="module")
 def vocab():
-    from slm_jax.tokenizers.gguf_bpe import GgufBpeVocabulary
+    from slm_jax.weights.tokenizers.gguf_bpe import GgufBpeVocabulary
 
     return GgufBpeVocabulary.from_smollm2()
 
 
 @pytest.fixture(scope="module")
 def chat(vocab):
-    from slm_jax.tokenizers.chat_template import ChatMLTemplate
+    from slm_jax.weights.tokenizers.chat_template import ChatMLTemplate
 
     return ChatMLTemplate.from_vocabulary(vocab)
 

@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import seqio
 
-from slm_jax import partitioning
-from slm_jax.frozen import load_frozen_params
-from slm_jax.inference import SpeechLanguageModel
-from slm_jax.prompting import CHATML_PROMPT, T5_PROMPT
-from slm_jax.synthetic_data import SyntheticData
-from slm_jax.trainer import Trainer, make_optimizer
+from slm_jax.parallel import partitioning
+from slm_jax.weights.frozen import load_frozen_params
+from slm_jax.inference.model import SpeechLanguageModel
+from slm_jax.data.prompting import CHATML_PROMPT, T5_PROMPT
+from slm_jax.data.synthetic import SyntheticData
+from slm_jax.training.step import Trainer, make_optimizer
 from tiny_models import FEATURE_LENGTHS, model_spec
 
 VOCAB = seqio.ByteVocabulary()  # a real vocabulary that needs no training; the LLM table is widened to fit
@@ -67,7 +67,7 @@ def test_ctc_transcript_is_the_adapters_best_path_and_needs_an_alignment_vocabul
 def _check_ctc_transcript(slm, centered):
     import jax.numpy as jnp
 
-    from slm_jax import alignment
+    from slm_jax.training import alignment
     from slm_jax.models.slm import SLM
 
     rng = np.random.default_rng(1)

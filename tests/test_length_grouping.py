@@ -5,10 +5,10 @@ import itertools
 import numpy as np
 import pytest
 
-from slm_jax import batching
-from slm_jax.data.vocab import load_vocabulary
-from slm_jax.encoder_cache import CachedSpeechData
-from slm_jax.prompting import PromptFormat
+from slm_jax.data import batching
+from slm_jax.data.corpus.vocab import load_vocabulary
+from slm_jax.data.cached.encoder_cache import CachedSpeechData
+from slm_jax.data.prompting import PromptFormat
 
 
 class _FakeCache:

@@ -15,11 +15,11 @@ import torch
 import transformers
 
 from hf_reference import mid_sequence_token, pad_generated, perturb_vectors, relative_error
-from slm_jax import decoding
-from slm_jax.convert import hf_llama
-from slm_jax.convert.errors import ConversionError
-from slm_jax.models import llama
-from slm_jax.models.llama import Llama, LlamaConfig
+from slm_jax.inference import decoding
+from slm_jax.weights.convert import hf_llama
+from slm_jax.weights.convert.errors import ConversionError
+from slm_jax.models.llms import llama
+from slm_jax.models.llms.llama import Llama, LlamaConfig
 
 VOCAB = 128
 _SIZES = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

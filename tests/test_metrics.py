@@ -1,6 +1,6 @@
 import pytest
 
-from slm_jax import metrics
+from slm_jax.inference import metrics
 
 
 def test_wer_counts_substitutions_insertions_deletions():

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 
 import reliability_support as rs
-from slm_jax import faults, partitioning
-from slm_jax.experiment import sample_batch
-from slm_jax.synthetic_data import SyntheticData
-from slm_jax.trainer import Trainer, make_optimizer
+from slm_jax.training import faults
+from slm_jax.parallel import partitioning
+from slm_jax.models.spec import sample_batch
+from slm_jax.data.synthetic import SyntheticData
+from slm_jax.training.step import Trainer, make_optimizer
 from tiny_models import FEATURE_LENGTHS, VOCAB, model_spec
 
 
@@ -54,7 +55,7 @@ def test_a_non_finite_step_leaves_parameters_and_optimizer_state_untouched():
 
 
 NAN_CONFIG = """
-import slm_jax.faults
+import slm_jax.training.faults
 TRAIN_STEPS = 8
 CHECKPOINT_EVERY = 2
 train.max_nonfinite_streak = 3

@@ -10,9 +10,9 @@ import re
 import numpy as np
 import pytest
 
-from slm_jax import evaluation
+from slm_jax.inference import evaluation
 from slm_jax.cli import make_corpus as make_corpus_cli
-from slm_jax.data import corpus, open_text
+from slm_jax.data.corpus import builder as corpus, open_text
 
 pytest.importorskip("essential_generators")
 

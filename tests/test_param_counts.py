@@ -8,11 +8,12 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from slm_jax import partitioning
+from slm_jax.parallel import partitioning
 from slm_jax.cli import common
-from slm_jax.experiment import sample_batch
-from slm_jax.models import llama, t5, whisper_encoder
-from slm_jax.trainer import Trainer, count_params, make_optimizer, tree_bytes
+from slm_jax.models.spec import sample_batch
+from slm_jax.models.llms import llama, t5
+from slm_jax.models.encoders import whisper as whisper_encoder
+from slm_jax.training.step import Trainer, count_params, make_optimizer, tree_bytes
 
 LENGTHS = {"audio_frames": 3000, "prefix": 16, "suffix": 16, "targets": 128}
 

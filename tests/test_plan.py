@@ -9,7 +9,7 @@ import sys
 import jax
 import pytest
 
-from slm_jax import planning
+from slm_jax.parallel import planning
 from slm_jax.cli import plan as plan_cli
 from tiny_models import FEATURE_LENGTHS, model_spec
 

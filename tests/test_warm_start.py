@@ -4,9 +4,9 @@ import jax
 import numpy as np
 import pytest
 
-from slm_jax import checkpointing
-from slm_jax.train import train
-from slm_jax.trainer import Trainer
+from slm_jax.training import checkpointing
+from slm_jax.training.loop import train
+from slm_jax.training.step import Trainer
 
 from tiny_models import model_spec
 from toy_cached_data import toy_source
@@ -81,7 +81,7 @@ def test_an_adapter_of_another_front_end_may_initialise_a_run_but_not_resume_one
     """A warm start is only an initialisation: an adapter that read another front end's outputs
     (e.g. Whisper's LLM tokens laid out per Whisper token) may start a run on this one, with a
     warning; resuming it as if nothing changed is refused."""
-    from slm_jax.experiment import ModelSpec
+    from slm_jax.models.spec import ModelSpec
 
     source = str(tmp_path / "source")
     train(source, model=model_spec(llm="llama"), data=toy_source(), steps=1, alignment_steps=1, checkpoint_every=1,

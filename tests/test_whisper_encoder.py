@@ -11,14 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from slm_jax.convert.hf_whisper import (
+from slm_jax.weights.convert.hf_whisper import (
     ConversionError,
     config_from_hf,
     load_params,
     load_whisper_encoder,
     params_from_state_dict,
 )
-from slm_jax.models.whisper_encoder import WHISPER_PRESETS, WhisperEncoder, WhisperEncoderConfig
+from slm_jax.models.encoders.whisper import WHISPER_PRESETS, WhisperEncoder, WhisperEncoderConfig
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

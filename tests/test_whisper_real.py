@@ -14,16 +14,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from slm_jax.convert.hf_whisper import config_from_hf, params_from_state_dict
-from slm_jax.models.whisper_encoder import WhisperEncoder, whisper_base
+from slm_jax.weights.convert.hf_whisper import config_from_hf, params_from_state_dict
+from slm_jax.models.encoders.whisper import WhisperEncoder, whisper_base
 
-assets = pytest.importorskip("slm_jax.assets")
+assets = pytest.importorskip("slm_jax.weights.assets")
 if not assets.whisper_base_available():
     pytest.skip(
         f"the Whisper-base weight packages {assets.WHISPER_BASE_DISTRIBUTIONS} are not installed",
         allow_module_level=True,
     )
-ctranslate2 = pytest.importorskip("slm_jax.convert.ctranslate2")
+ctranslate2 = pytest.importorskip("slm_jax.weights.convert.ctranslate2")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 

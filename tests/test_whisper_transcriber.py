@@ -14,16 +14,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from slm_jax.convert import hf_whisper_transcriber
-from slm_jax.convert.errors import ConversionError
-from slm_jax.models.whisper_decoder import WhisperDecoderConfig
-from slm_jax.models.whisper_transcriber import (
+from slm_jax.contrib.whisper_cascade import convert as hf_whisper_transcriber
+from slm_jax.weights.convert.errors import ConversionError
+from slm_jax.contrib.whisper_cascade.whisper_decoder import WhisperDecoderConfig
+from slm_jax.contrib.whisper_cascade.front_end import (
     WhisperTranscriber,
     WhisperTranscriberConfig,
     append_silence,
     change_speed,
 )
-from slm_jax.decoding import repeats_an_earlier_ngram
+from slm_jax.inference.decoding import repeats_an_earlier_ngram
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -187,7 +187,7 @@ def test_batch_rows_transcribe_as_they_do_alone(hf_model):
 
 def test_without_decoder_states_the_output_keeps_only_the_transcripts_mask(hf_model):
     """decoder_states=False (the shipped config): the same LLM-token channels and mask, states zeroed."""
-    from slm_jax import assets
+    from slm_jax.weights import assets
 
     if not (assets.whisper_base_available() and assets.smollm2_available()):
         pytest.skip("the LLM-token table needs the Whisper-base and SmolLM2 packages")
@@ -232,11 +232,13 @@ def test_converter_refuses_a_decoder_shape_the_config_does_not_have(hf_model):
 
 def test_packaged_whisper_base_transcribes_a_real_recording():
     """Smoke test on the real weights: a CMU Arctic recording of a real speaker."""
-    from slm_jax import assets, audio, metrics
+    from slm_jax.weights import assets
 
+    from slm_jax.data import audio
+    from slm_jax.inference import metrics
     if not assets.whisper_base_available():
         pytest.skip("the Whisper-base weight packages are not installed")
-    from slm_jax.convert import ctranslate2
+    from slm_jax.weights.convert import ctranslate2
 
     state, config = ctranslate2.load_whisper_hf(assets.whisper_base_files()["model.bin"])
     cfg = hf_whisper_transcriber.config_from_hf(config)
@@ -252,7 +254,7 @@ def test_packaged_whisper_base_transcribes_a_real_recording():
 
     # One row per SmolLM2 token: the id channel spells exactly the text Whisper wrote.
     if assets.smollm2_available():
-        from slm_jax.tokenizers import GgufBpeVocabulary
+        from slm_jax.weights.tokenizers import GgufBpeVocabulary
 
         rows_cfg = dataclasses.replace(cfg, llm_vocabulary="package:smollm2-135m-instruct", llm_token_rows=48)
         rows, rows_mask = WhisperTranscriber(rows_cfg).apply({"params": params}, features[None])
@@ -334,7 +336,7 @@ def test_llm_token_channels_become_the_llms_own_embeddings():
 
 
 def test_spelled_out_rows_hold_each_llm_token_once_in_transcript_order():
-    from slm_jax.models.whisper_transcriber import spell_out_rows
+    from slm_jax.contrib.whisper_cascade.front_end import spell_out_rows
 
     rng = np.random.default_rng(3)
     states = rng.normal(size=(2, 5, 6)).astype(np.float32)
@@ -371,7 +373,7 @@ def test_spelled_out_rows_hold_each_llm_token_once_in_transcript_order():
 
 
 def test_encoder_rows_come_before_the_transcript_rows_every_nth_frame():
-    from slm_jax.models.whisper_transcriber import encoder_rows_before
+    from slm_jax.contrib.whisper_cascade.front_end import encoder_rows_before
 
     rng = np.random.default_rng(5)
     memory = rng.normal(size=(2, 10, 3)).astype(np.float32)
@@ -394,7 +396,7 @@ def test_encoder_rows_come_before_the_transcript_rows_every_nth_frame():
 
 
 def test_encoder_rows_go_only_to_the_utterances_whisper_was_unsure_of(hf_model):
-    from slm_jax import assets
+    from slm_jax.weights import assets
 
     if not (assets.whisper_base_available() and assets.smollm2_available()):
         pytest.skip("the LLM-token table needs the Whisper-base and SmolLM2 packages")
@@ -426,9 +428,9 @@ def test_encoder_rows_go_only_to_the_utterances_whisper_was_unsure_of(hf_model):
 
 
 def test_llm_token_table_spells_whisper_tokens_in_smollm2_tokens():
-    from slm_jax import assets
-    from slm_jax.models.whisper_transcriber import llm_token_table, whisper_token_texts
-    from slm_jax.tokenizers import GgufBpeVocabulary
+    from slm_jax.weights import assets
+    from slm_jax.contrib.whisper_cascade.front_end import llm_token_table, whisper_token_texts
+    from slm_jax.weights.tokenizers import GgufBpeVocabulary
 
     if not (assets.whisper_base_available() and assets.smollm2_available()):
         pytest.skip("the Whisper-base and SmolLM2 weight packages are not installed")
@@ -496,8 +498,9 @@ def test_whisper_reference_wer_transcribes_a_tsv_both_ways_into_a_report(tmp_pat
     """scripts/whisper_reference_wer.py: transformers' plain greedy decoding, or this project's
     transcriber front end (what the SLM reads), at one speed or several; on a real recording,
     into a report of slm-eval's shape."""
-    from slm_jax import assets, metrics
+    from slm_jax.weights import assets
 
+    from slm_jax.inference import metrics
     if not assets.whisper_base_available():
         pytest.skip("the Whisper-base weight packages are not installed")
     root = os.path.join(os.path.dirname(__file__), "..", "release", "real_speech")
@@ -525,7 +528,7 @@ def test_whisper_reference_wer_refuses_speeds_without_the_front_end(load_script,
 def test_change_speed_moves_a_tones_pitch_and_length_as_playing_it_faster_does():
     """The log-mel speed change against audio.change_speed (the audio resampled, then its log-mel):
     the same number of frames and the tone in the same mel bin."""
-    from slm_jax import audio
+    from slm_jax.data import audio
 
     time = np.arange(16000) / 16000
     tone = (0.5 * np.sin(2 * np.pi * 1500 * time)).astype(np.float32)

@@ -12,11 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from slm_jax import frozen, whisper_tuning
-from slm_jax.models import lora
-from slm_jax.models.whisper_decoder import WhisperDecoderConfig
-from slm_jax.models.whisper_encoder import WhisperEncoderConfig
-from slm_jax.models.whisper_transcriber import WhisperTranscriber, WhisperTranscriberConfig
+from slm_jax.weights import frozen
+from slm_jax.contrib.whisper_cascade import tuning as whisper_tuning
+from slm_jax.contrib.whisper_cascade import lora
+from slm_jax.contrib.whisper_cascade.whisper_decoder import WhisperDecoderConfig
+from slm_jax.models.encoders.whisper import WhisperEncoderConfig
+from slm_jax.contrib.whisper_cascade.front_end import WhisperTranscriber, WhisperTranscriberConfig
 
 VOCAB = 64
 EOT, SOT, ENGLISH, TRANSCRIBE = VOCAB - 4, VOCAB - 3, VOCAB - 2, VOCAB - 1
@@ -63,7 +64,7 @@ def utterance(seed, seconds=0.8):
 
 
 def greedy_tokens(cfg, params, audio_samples):
-    from slm_jax import audio
+    from slm_jax.data import audio
 
     features = audio.log_mel_spectrogram(audio_samples)[None]
     t = WhisperTranscriber(cfg).apply({"params": params}, features, method=WhisperTranscriber.transcribe)
@@ -180,7 +181,7 @@ def test_a_transcript_too_long_for_the_decoder_and_an_unknown_language_are_refus
 def test_the_front_end_cache_key_follows_the_lora_files_content(tokenizer_json, tmp_path):
     from types import SimpleNamespace
 
-    from slm_jax.cached_corpus import front_end_fingerprint
+    from slm_jax.data.cached.corpus_data import front_end_fingerprint
 
     cfg = tiny_config(tokenizer_json)
     params = init_params(cfg)["decoder"]
@@ -207,7 +208,7 @@ def tones_corpus():
 
 
 def test_tune_whisper_refuses_a_front_end_without_a_whisper_decoder(tmp_path, capsys, tones_corpus):
-    from slm_jax.cli import tune_whisper
+    from slm_jax.contrib.whisper_cascade import tune_cli as tune_whisper
 
     code = tune_whisper.main(["--gin_file=tiny.gin", f"--corpus_dir={tones_corpus}", f"--out={tmp_path / 'l.npz'}"])
     assert code == 2
@@ -216,7 +217,7 @@ def test_tune_whisper_refuses_a_front_end_without_a_whisper_decoder(tmp_path, ca
 
 
 def test_tune_whisper_keeps_an_existing_file_and_names_an_unknown_task(tmp_path, capsys, tones_corpus):
-    from slm_jax.cli import tune_whisper
+    from slm_jax.contrib.whisper_cascade import tune_cli as tune_whisper
 
     out = tmp_path / "l.npz"
     out.write_bytes(b"an earlier run's factors")

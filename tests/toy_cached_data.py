@@ -4,9 +4,9 @@ Shared by tests/test_alignment.py and tests/test_warm_start.py."""
 
 import numpy as np
 
-from slm_jax.data.vocab import load_vocabulary
-from slm_jax.encoder_cache import CachedSpeechData
-from slm_jax.prompting import PromptFormat
+from slm_jax.data.corpus.vocab import load_vocabulary
+from slm_jax.data.cached.encoder_cache import CachedSpeechData
+from slm_jax.data.prompting import PromptFormat
 
 # Byte tokens: one per character, so each must fit 6 encoder frames -> 1.5 adapter frames.
 WORDS = ["red cup", "blue box", "green hat", "a pen", "the lamp"]

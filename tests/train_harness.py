@@ -27,7 +27,7 @@ def _install() -> None:
     import jax
     import numpy as np
 
-    from slm_jax.trainer import Trainer
+    from slm_jax.training.step import Trainer
 
     record = os.environ.get("SLM_HARNESS_RECORD")
     pause = float(os.environ.get("SLM_HARNESS_STEP_SECONDS", "0") or 0)
@@ -55,7 +55,7 @@ def _install() -> None:
     if free:
         import shutil
 
-        from slm_jax import checkpointing
+        from slm_jax.training import checkpointing
 
         real = shutil.disk_usage
         checkpointing.shutil = type("FullDisk", (), {

@@ -144,7 +144,7 @@ def check_decoding_arguments(args: argparse.Namespace) -> None:
 
 def check_transcript_bias(args: argparse.Namespace, model: Any) -> None:
     """--transcript_bias needs a front end that writes a transcript (checked before loading weights)."""
-    from slm_jax import inference
+    from slm_jax.inference import model as inference
 
     if args.transcript_bias and not inference.writes_transcript(model):
         raise UserError(f"--transcript_bias: {inference.NO_TRANSCRIPT}")
@@ -183,17 +183,17 @@ def setup_logging(verbose: bool = False) -> None:
 
 def user_error_types() -> tuple[type[BaseException], ...]:
     """Errors that mean 'the input or configuration is wrong', not 'the program is broken'."""
-    from slm_jax.checkpointing import CheckpointError
-    from slm_jax.frozen import FrozenSourceError
+    from slm_jax.training.checkpointing import CheckpointError
+    from slm_jax.weights.frozen import FrozenSourceError
 
     types: list[type[BaseException]] = [UserError, CheckpointError, FrozenSourceError, FileNotFoundError]
     for module, name in (
-        ("slm_jax.audio", "AudioError"),
-        ("slm_jax.train", "TrainingStopped"),
-        ("slm_jax.convert.errors", "ConversionError"),
-        ("slm_jax.assets", "AssetError"),
+        ("slm_jax.data.audio", "AudioError"),
+        ("slm_jax.training.loop", "TrainingStopped"),
+        ("slm_jax.weights.convert.errors", "ConversionError"),
+        ("slm_jax.weights.assets", "AssetError"),
         ("slm_jax.data.errors", "DataError"),
-        ("slm_jax.models.lora", "LoraError"),
+        ("slm_jax.contrib.whisper_cascade.lora", "LoraError"),
     ):
         try:
             types.append(getattr(__import__(module, fromlist=[name]), name))

@@ -52,8 +52,8 @@ def main(argv=None) -> int:
         import ml_dtypes
         import numpy as np
 
-        from slm_jax.convert import converted, hf_families
-        from slm_jax.convert.hf_checkpoint import HFCheckpoint
+        from slm_jax.weights.convert import converted, hf_families
+        from slm_jax.weights.convert.hf_checkpoint import HFCheckpoint
 
         checkpoint = HFCheckpoint(args.hf_dir)
         family = hf_families.family_of_hf_config(checkpoint.config())

@@ -67,13 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def common_defaults():
-    from slm_jax.demo import DemoSettings
+    from slm_jax.apps.demo import DemoSettings
 
     return DemoSettings()
 
 
 def settings_from_args(args: argparse.Namespace):
-    from slm_jax.demo import QUICK, DemoSettings
+    from slm_jax.apps.demo import QUICK, DemoSettings
 
     values = dict(QUICK) if args.quick else {}
     for name in ("minutes", "steps", "corpus_size", "eval_per_task", "checkpoint_every", "alignment_steps"):
@@ -87,7 +87,7 @@ def settings_from_args(args: argparse.Namespace):
         if value is not None and value <= 0:
             raise common.UserError(f"--{name} must be positive, got {value}")
     languages = tuple(l.strip() for l in args.languages.split(",") if l.strip())
-    from slm_jax.data import grammar
+    from slm_jax.data.corpus import grammar
 
     unknown = sorted(set(languages) - set(grammar.LANGUAGES))
     if unknown or "en" not in languages:
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
         settings = settings_from_args(args)
         settings = dataclasses.replace(settings, gin_bindings=tuple(args.gin_bindings + overrides))
         common.setup_logging()
-        from slm_jax import demo
+        from slm_jax.apps import demo
 
         demo.run_demo(settings)
         return 0

@@ -43,7 +43,7 @@ TSV_TASK = "asr_audio_tsv"  # an asr_* name: scored by WER
 
 def _tsv_examples(tsv: str, instruction: str) -> list[dict]:
     """Examples from 'path<TAB>transcript' lines; '#' comments and blank lines are skipped."""
-    from slm_jax import audio
+    from slm_jax.data import audio
 
     if not os.path.isfile(tsv):
         raise common.UserError(f"--audio_tsv {tsv}: no such file")
@@ -66,8 +66,8 @@ def _tsv_examples(tsv: str, instruction: str) -> list[dict]:
 
 def _corpus_examples(args, data) -> tuple[list[dict], dict]:
     """The chosen split and tasks of a generated corpus (default: the gin config's)."""
-    from slm_jax.cached_corpus import read_corpus
-    from slm_jax.data import corpus
+    from slm_jax.data.cached.corpus_data import read_corpus
+    from slm_jax.data.corpus import builder as corpus
 
     corpus_dir = args.corpus_dir or getattr(data, "corpus_dir", None)
     if not corpus_dir:
@@ -132,8 +132,9 @@ def main(argv=None) -> int:
         common.parse_gin(args.gin_file, args.gin_bindings + overrides)
         import gin
 
-        from slm_jax import audio, evaluation, inference
+        from slm_jax.data import audio
 
+        from slm_jax.inference import evaluation, model as inference
         data = gin.query_parameter("train.data").scoped_configurable_fn()
         if args.audio_tsv:
             examples, source = _tsv_examples(args.audio_tsv, args.instruction), {"audio_tsv": args.audio_tsv}
@@ -151,8 +152,8 @@ def main(argv=None) -> int:
 
         memo = None
         if args.cache_front_end:
-            from slm_jax.cached_corpus import front_end_fingerprint
-            from slm_jax.encoder_cache import FrontEndMemo
+            from slm_jax.data.cached.corpus_data import front_end_fingerprint
+            from slm_jax.data.cached.encoder_cache import FrontEndMemo
 
             fingerprint = front_end_fingerprint(model)
             memo = FrontEndMemo(os.path.join(source["corpus_dir"], "encoder_cache", f"{fingerprint}-eval"),

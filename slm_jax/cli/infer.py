@@ -40,8 +40,9 @@ def main(argv=None) -> int:
         common.parse_gin(args.gin_file, args.gin_bindings + overrides)
         import gin
 
-        from slm_jax import audio, inference
+        from slm_jax.data import audio
 
+        from slm_jax.inference import model as inference
         data = gin.query_parameter("train.data").scoped_configurable_fn()
         # Read and check every file before loading any model: a bad file fails in a second.
         max_seconds = getattr(data, "max_audio_seconds", None)

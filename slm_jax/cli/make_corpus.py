@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
 
     def run():
-        from slm_jax.data import grammar
+        from slm_jax.data.corpus import grammar
 
         parser = argparse.ArgumentParser(prog="slm-make-corpus", description=DESCRIPTION,
                                          formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
             raise common.UserError(f"unknown --languages {','.join(unknown)}; the grammar speaks "
                                    f"{','.join(grammar.LANGUAGES)}")
         common.setup_logging()
-        from slm_jax.data import corpus
+        from slm_jax.data.corpus import builder as corpus
 
         manifest = corpus.make_corpus(
             args.out, args.size, seed=args.seed, workers=args.workers, snr_db=args.snr_db,

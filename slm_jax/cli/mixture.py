@@ -48,7 +48,7 @@ def _list(args) -> int:
         if name in real:
             kind = f"real corpus ({type(task.source).__name__})"
         else:
-            from slm_jax.data import corpus
+            from slm_jax.data.corpus import builder as corpus
 
             info = corpus.ALL_TASKS.get(name)
             kind = info.description if info else type(task.source).__name__
@@ -73,7 +73,7 @@ def _inspect(args) -> int:
     import seqio
     from tqdm import tqdm
 
-    from slm_jax.data.seqio_data import corrupt_shard_error, get_provider, iterate_numpy
+    from slm_jax.data.seqio.source import corrupt_shard_error, get_provider, iterate_numpy
 
     _register(args.corpus_dir)
     provider = get_provider(args.name)
@@ -174,7 +174,7 @@ def _write_wavs(out_dir: str, tasks, split: str, per_task: int) -> int:
     """The first ``per_task`` clips of each task, as the front end sees them (16 kHz mono)."""
     import soundfile
 
-    from slm_jax.data.seqio_data import corrupt_shard_error, iterate_numpy
+    from slm_jax.data.seqio.source import corrupt_shard_error, iterate_numpy
 
     os.makedirs(out_dir, exist_ok=True)
     written = 0

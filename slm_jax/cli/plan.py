@@ -27,7 +27,7 @@ def main(argv=None) -> int:
 
     def run():
         rest, overrides = common.split_gin_overrides(argv)
-        from slm_jax.planning import MESH_PRESETS
+        from slm_jax.parallel.planning import MESH_PRESETS
 
         parser = common.gin_argument_parser("slm-plan", DESCRIPTION)
         parser.add_argument("--mesh", action="append", default=[],
@@ -42,7 +42,7 @@ def main(argv=None) -> int:
         if not args.gin_file:
             raise common.UserError("give a --gin_file")
         meshes = args.mesh or ["8xh100"]
-        from slm_jax.planning import mesh_from_spec
+        from slm_jax.parallel.planning import mesh_from_spec
 
         try:
             shapes = [mesh_from_spec(m) for m in meshes]
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
         common.setup_logging()
         common.parse_gin(args.gin_file, args.gin_bindings + overrides)
-        from slm_jax import planning
+        from slm_jax.parallel import planning
 
         model, batch, lengths = common.configured_step_shape(args.batch_size, args.audio_frames, args.prompt_tokens,
                                                              args.target_tokens)

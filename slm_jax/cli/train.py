@@ -50,7 +50,7 @@ def main(argv=None) -> int:
                 coordinator_address=args.coordinator_address, num_processes=args.num_processes,
                 process_id=args.process_id,
             )
-        from slm_jax import train
+        from slm_jax.training import loop as train
 
         metrics = train.train(args.model_dir)
         if "loss" in metrics:

@@ -10,11 +10,11 @@ import flax.linen as nn
 
 # config class name -> (module path, module class name)
 _MODULES = {
-    "WhisperEncoderConfig": ("slm_jax.models.whisper_encoder", "WhisperEncoder"),
-    "WhisperTranscriberConfig": ("slm_jax.models.whisper_transcriber", "WhisperTranscriber"),
-    "ConformerConfig": ("slm_jax.models.conformer", "Conformer"),
-    "T5Config": ("slm_jax.models.t5", "T5"),
-    "LlamaConfig": ("slm_jax.models.llama", "Llama"),
+    "WhisperEncoderConfig": ("slm_jax.models.encoders.whisper", "WhisperEncoder"),
+    "WhisperTranscriberConfig": ("slm_jax.contrib.whisper_cascade.front_end", "WhisperTranscriber"),
+    "ConformerConfig": ("slm_jax.models.encoders.conformer", "Conformer"),
+    "T5Config": ("slm_jax.models.llms.t5", "T5"),
+    "LlamaConfig": ("slm_jax.models.llms.llama", "Llama"),
 }
 
 

@@ -6,7 +6,7 @@ parts out of gradients, optimizer state and checkpoints:
   params['adapter']         trained
   params['llm']             frozen
 
-Prompt layout (built by the data pipeline, see slm_jax/data/feature_converter.py):
+Prompt layout (built by the data pipeline, see slm_jax/data/seqio/feature_converter.py):
   [prefix text | adapted speech | suffix text]  -> encoder input (encoder-decoder LLM)
   [prefix text | adapted speech | suffix text | decoder input] -> one sequence (decoder-only)
 Each block is right-padded; positions come from the combined mask so the padding between
@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from slm_jax import alignment
+from slm_jax.training import alignment
 from slm_jax.layers.embeddings import positions_from_mask
 from slm_jax.models.adapter import Adapter, AdapterConfig
 
@@ -50,7 +50,7 @@ class SLM(nn.Module):
         """Adapter outputs in the LLM's embedding space. With ``ctc_token_ids`` (the alignment
         sub-vocabulary [V]) they are CTC-compressed: one embedding per token of the adapter's
         own CTC best path, its outputs' mean or its expected token embedding by ``compression``
-        (slm_jax/alignment.py)."""
+        (slm_jax/training/alignment.py)."""
         channels = getattr(self.speech_encoder.config, "llm_token_channels", 0)
         if channels:
             speech_hidden = self.embed_llm_token_channels(speech_hidden, channels)
@@ -123,7 +123,7 @@ class SLM(nn.Module):
         self, speech_hidden: jax.Array, speech_mask: jax.Array, token_ids: jax.Array, centered: bool = False
     ) -> tuple[jax.Array, jax.Array]:
         """CTC logits of the adapter's outputs against the LLM's embeddings of ``token_ids`` [V]
-        (slm_jax/alignment.py): [B, T', 1 + V] and the frame mask. No LLM layer runs.
+        (slm_jax/training/alignment.py): [B, T', 1 + V] and the frame mask. No LLM layer runs.
 
         A front end whose rows carry the LLM's tokens (Whisper's transcript, whisper_transcriber.py)
         is aligned on its encoder rows alone: the token rows spell the transcript, and CTC over
