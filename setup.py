@@ -31,6 +31,7 @@ setup(
             "slm-infer=slm_jax.cli.infer:main",
             "slm-eval=slm_jax.cli.evaluate:main",
             "slm-make-corpus=slm_jax.cli.make_corpus:main",
+            "slm-import-speech=slm_jax.cli.import_speech:main",
             "slm-mixture=slm_jax.cli.mixture:main",
             "slm-convert=slm_jax.cli.convert:main",
             "slm-plan=slm_jax.cli.plan:main",
