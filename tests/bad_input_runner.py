@@ -26,6 +26,7 @@ ENTRY_POINTS = {
     "slm-make-corpus": "slm_jax.cli.make_corpus",
     "slm-mixture": "slm_jax.cli.mixture",
     "slm-convert": "slm_jax.cli.convert",
+    "slm-plan": "slm_jax.cli.plan",
 }
 
 

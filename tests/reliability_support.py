@@ -56,6 +56,8 @@ def subprocess_env(**extra: str) -> dict[str, str]:
                TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=XLA_CACHE,
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     env.update(extra)
+    # The slm_jax of this tree, also where another copy is installed (editable or not).
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH", "")) if p)
     return env
 
 

@@ -77,6 +77,7 @@ def test_killed_and_preempted_runs_resume_to_the_uninterrupted_losses(tmp_path, 
     assert proc.returncode == 0, output[-3000:]
     assert "from step 4 (4 batches consumed)" in output
     assert "SIGTERM: saved checkpoint at step 5" in output and "Traceback" not in output
+    assert "stopped at step 5 by SIGTERM; checkpoint saved" in output and "finished at step" not in output
     assert rs.step_dirs(model_dir) == [2, 4, 5]
 
     # 4. And once more, to the end.

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import difflib
 import logging
 import os
 import pathlib
+import re
 import sys
-from typing import Any, Callable, Sequence
+import tempfile
+from typing import Any, Callable, Iterator, Sequence
 
 from slm_jax.errors import UserError  # re-exported: the CLIs raise common.UserError
 
@@ -29,6 +33,8 @@ def gin_argument_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument(
         "--gin_bindings", action="append", default=[], help="a gin binding 'NAME=VALUE' (same as --gin.NAME=VALUE)"
     )
+    parser.add_argument("--verbose", action="store_true",
+                        help="debug logging, and the native start-up lines of TensorFlow/XLA")
     return parser
 
 
@@ -57,7 +63,8 @@ def split_gin_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 def parse_gin(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
     import gin
 
-    from slm_jax import gin_registry  # noqa: F401  (registers every configurable)
+    with quiet_native_stderr():  # the first import of JAX (and of TensorFlow, where a module needs it)
+        from slm_jax import gin_registry  # noqa: F401  (registers every configurable)
 
     gin.add_config_file_search_path(str(REPO_GIN_DIR))
     gin.add_config_file_search_path(os.getcwd())
@@ -68,8 +75,8 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
     for attempt in range(2):
         try:
             gin.parse_config_files_and_bindings(files, list(bindings), finalize_config=False)
-            return
-        except (ValueError, KeyError, SyntaxError, IOError, SystemError) as e:
+            break
+        except (ValueError, KeyError, SyntaxError, IOError, SystemError, ImportError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             # CPython 3.11.0-3.11.7 share one AST recursion counter between threads (gh-106905,
             # fixed in 3.11.8): gin's literal parsing can fail spuriously while another thread
@@ -81,6 +88,47 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
             if isinstance(e, SystemError):
                 raise
             raise UserError(f"bad gin configuration: {first}") from None
+    check_gin_macros()
+
+
+def _macro_uses(value: Any, found: list[str]) -> None:
+    """The names of the macros (``%NAME``) referenced anywhere inside one bound value."""
+    from gin import config as gin_config
+
+    if isinstance(value, gin_config.ConfigurableReference):
+        if value.selector == "gin.macro":
+            found.append("/".join(value.scopes))
+    elif isinstance(value, dict):
+        for item in list(value.keys()) + list(value.values()):
+            _macro_uses(item, found)
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        for item in value:
+            _macro_uses(item, found)
+
+
+def check_gin_macros() -> None:
+    """Refuses a macro that is used (``train.learning_rate = %LEARNING_RATEE``) but never defined:
+    gin itself only notices when the configurable is called, with a TypeError from inside it."""
+    from gin import config as gin_config
+
+    config = getattr(gin_config, "_CONFIG", None)
+    if not isinstance(config, dict):  # another gin version: its own error, later
+        return
+    defined = {scope for (scope, selector), params in config.items()
+               if selector == "gin.macro" and "value" in params}
+    for (scope, selector), params in config.items():
+        for param, value in params.items():
+            used: list[str] = []
+            _macro_uses(value, used)
+            for name in used:
+                if name in defined:
+                    continue
+                where = f"{scope + '/' if scope else ''}{selector.rsplit('.', 1)[-1]}.{param}"
+                if selector == "gin.macro":
+                    where = f"macro {scope}"
+                close = difflib.get_close_matches(name, sorted(defined), n=1)
+                hint = f"; did you mean %{close[0]}?" if close else ""
+                raise UserError(f"bad gin configuration: macro %{name} (used by {where}) is never defined{hint}")
 
 
 def comma_separated(example: str) -> Callable[[str], list[str]]:
@@ -167,7 +215,7 @@ def configured_step_shape(batch_size: int | None, audio_frames: int | None, prom
 
 
 def setup_logging(verbose: bool = False) -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    set_verbose(verbose)
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -179,6 +227,87 @@ def setup_logging(verbose: bool = False) -> None:
     # when a later search path has the file; keep those out of the console.
     for handler in logging.getLogger().handlers:
         handler.addFilter(lambda r: not str(r.msg).startswith(("Path not found", "system_path_file_exists")))
+    if not verbose:  # Orbax's notes on every read-only restore (what slm-infer and slm-eval always do)
+        logging.getLogger("absl").addFilter(lambda r: not str(r.msg).startswith(_ORBAX_READ_ONLY_NOTES))
+
+
+_ORBAX_READ_ONLY_NOTES = ("CheckpointManagerOptions.read_only=True", "Given directory is read only")
+
+# Native (C++) start-up lines of TensorFlow, XLA and the CUDA plugin on a machine without a GPU:
+# logged through absl before its InitializeLog, which no environment variable silences.
+_NATIVE_NOISE = re.compile(
+    r"^(WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
+    r"|[IW]\d{4} \d\d:\d\d:\d+\.\d+\s+\d+ \S+:\d+\] .*"
+    r"|E\d{4} \d\d:\d\d:\d+\.\d+\s+\d+ \S+:\d+\] .*(failed call to cuInit|Unable to register cu\w+ factory).*"
+    r"|.*TF-TRT Warning: Could not find TensorRT.*)$")
+_VERBOSE = False
+
+
+def set_verbose(verbose: bool) -> None:
+    """``--verbose``: keep every native start-up line (``quiet_native_stderr`` passes them all)."""
+    global _VERBOSE
+    _VERBOSE = bool(verbose)
+    if not verbose:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@contextlib.contextmanager
+def quiet_native_stderr() -> Iterator[None]:
+    """Drops the native start-up chatter (oneDNN, 'Could not find cuda drivers', 'failed call to
+    cuInit' on a CPU machine) written straight to file descriptor 2 while the block runs (imports
+    of TensorFlow and JAX, JAX's backend start); every other line is written to stderr afterwards.
+    Nothing is changed about which platform JAX uses. Off with --verbose."""
+    if _VERBOSE:
+        yield
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield
+        return
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            try:
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            kept = [line for line in capture.read().decode("utf-8", "replace").splitlines(keepends=True)
+                    if not _NATIVE_NOISE.match(line.rstrip("\n"))]
+            if kept:
+                os.write(2, "".join(kept).encode("utf-8"))
+
+
+def start_backend_quietly(tensorflow: bool = False) -> None:
+    """Starts JAX's backend (and imports TensorFlow when ``tensorflow``) inside
+    ``quiet_native_stderr``: their start-up lines are printed then, or never."""
+    with quiet_native_stderr():
+        if tensorflow:
+            try:
+                import tensorflow  # noqa: F401
+            except ImportError:
+                pass
+        import jax
+
+        jax.devices()
+
+
+def data_needs_tensorflow() -> bool:
+    """Whether the parsed config's data source reads through TensorFlow (SeqIO)."""
+    import gin
+
+    try:
+        reference = gin.query_parameter("train.data")
+    except ValueError:
+        return False
+    wrapped = getattr(getattr(reference, "configurable", None), "wrapped", None)
+    return "seqio" in getattr(wrapped, "__module__", "")
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
@@ -211,7 +340,195 @@ def run_main(prog: str, main: Callable[[], int | None]) -> int:
         return 130
     except Exception as e:  # noqa: BLE001 - filtered just below
         if isinstance(e, user_error_types()):
-            message = " ".join(str(e).split()) or type(e).__name__
-            print(f"{prog}: error: {message}", file=sys.stderr)
+            print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+            return 2
+        macro = _undefined_macro(e)
+        if macro:
+            print(f"{prog}: error: bad gin configuration: macro %{macro} is used but never defined", file=sys.stderr)
             return 2
         raise
+
+
+# What gin appends to an exception raised inside a configurable: "In call to configurable 'train'
+# (<function train at 0x7f...>)" and the lists of bound values, one line each.
+_GIN_SUFFIX = re.compile(r"^\s*(In call to configurable |No values supplied by Gin|Gin had values bound for|"
+                         r"Caller supplied values for)")
+
+
+def one_line(error: BaseException) -> str:
+    """An error's message as one line, without what gin appends to it."""
+    lines = [line for line in str(error).splitlines() if not _GIN_SUFFIX.match(line)]
+    return " ".join(" ".join(lines).split()) or type(error).__name__
+
+
+def _undefined_macro(error: BaseException) -> str | None:
+    """gin's error for a macro used but never defined (found when its configurable is called)."""
+    text = str(error)
+    if isinstance(error, TypeError) and "In call to configurable 'macro'" in text:
+        found = re.search(r"in scope '([^']+)'", text)
+        return found.group(1) if found else "?"
+    return None
+
+
+def check_utf8(flag: str, value: str | None) -> None:
+    """Undecodable command-line bytes reach Python as lone surrogates."""
+    if value is None:
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"{flag} is not valid UTF-8 text") from None
+
+
+def check_output_path(flag: str, path: str) -> None:
+    """Refuses, without writing anything, an output path that is a directory, lies in a folder
+    that does not exist or in one this process may not write."""
+    target = os.path.abspath(path)
+    folder = os.path.dirname(target)
+    if os.path.isdir(target):
+        raise UserError(f"cannot write {flag} {path}: it is a directory")
+    if not os.path.isdir(folder):
+        raise UserError(f"cannot write {flag} {path}: directory {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"cannot write {flag} {path}: directory {folder} is not writable")
+
+
+def check_output_file(flag: str, path: str) -> None:
+    """``check_output_path``, then a real write next to ``path`` (a read-only file system, a full
+    disk): call it once the cheap checks of a command passed, before its long work. Leaves no
+    file behind."""
+    check_output_path(flag, path)
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".probe") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise UserError(f"cannot write {flag} {path}: {e.strerror or e}") from None
+
+
+def write_text_atomically(path: str, text: str) -> None:
+    """Writes ``text`` to a temporary file next to ``path`` and renames it over ``path``; the
+    temporary file is removed when anything fails (a full disk)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# --------------------------------------------------------------------------------------------
+# Audio length, from the file's header: before any sample is read
+# --------------------------------------------------------------------------------------------
+def max_audio_seconds(model: Any, data: Any) -> tuple[float | None, str]:
+    """The longest audio this model takes, in seconds, and where that limit comes from: the speech
+    encoder's positions (Whisper: 30 s), the data source's ``max_audio_seconds``, else the frames
+    it was trained on (``feature_lengths['audio_frames']``, 10 ms each)."""
+    from slm_jax.data import audio
+
+    frames_per_second = audio.SAMPLE_RATE / audio.HOP_LENGTH
+    limits = []
+    encoder = getattr(model, "speech_encoder", None)
+    for cfg in (encoder, getattr(encoder, "encoder", None)):
+        max_frames = getattr(cfg, "max_frames", None) if cfg is not None else None
+        if isinstance(max_frames, int) and max_frames > 0:
+            limits.append((max_frames / frames_per_second, f"the speech encoder takes at most {max_frames} frames"))
+            break
+    data_max = getattr(data, "max_audio_seconds", None)
+    if isinstance(data_max, (int, float)) and data_max > 0:
+        limits.append((float(data_max), "the data source's max_audio_seconds"))
+    if not limits:
+        frames = (getattr(data, "feature_lengths", None) or {}).get("audio_frames")
+        if frames:
+            limits.append((frames / frames_per_second, f"the model was trained on at most {frames} audio frames"))
+    if not limits:
+        return None, ""
+    return min(limits)
+
+
+def check_audio_file(path: str, max_seconds: float | None, why: str = "", prog: str = "") -> None:
+    """Reads only the header of ``path``: refuses audio longer than ``max_seconds`` before its
+    samples are read, and warns (one line) about a WAV whose header promises more samples than
+    the file holds. Unreadable files are left to ``audio.load_audio`` (which names the problem)."""
+    import soundfile
+
+    from slm_jax.data.audio import AudioError
+
+    if not os.path.isfile(path):
+        return
+    try:
+        info = soundfile.info(path)
+    except Exception:  # noqa: BLE001 - load_audio reports it
+        return
+    claimed = _wav_claimed_frames(path)
+    frames = info.frames
+    if claimed is not None and claimed > frames:
+        print(f"{prog or 'warning'}: warning: {path}: its header claims {claimed} samples "
+              f"({claimed / info.samplerate:.2f} s) but the file holds {frames} "
+              f"({frames / info.samplerate:.2f} s); it is cut short, using what it holds", file=sys.stderr)
+    if max_seconds is not None and info.samplerate > 0:
+        seconds = max(frames, claimed or 0) / info.samplerate
+        if seconds > max_seconds:
+            because = f" ({why})" if why else ""
+            raise AudioError(f"{path}: audio is {seconds:.2f} s long, longer than the maximum of "
+                             f"{max_seconds:g} s{because}; split it into shorter files")
+
+
+def _wav_claimed_frames(path: str) -> int | None:
+    """Frames a RIFF/WAVE file's 'data' chunk header claims (None: not a WAV, or unreadable)."""
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+            if len(head) < 12 or head[:4] not in (b"RIFF", b"RF64") or head[8:12] != b"WAVE":
+                return None
+            block_align = None
+            while True:
+                chunk = f.read(8)
+                if len(chunk) < 8:
+                    return None
+                name, size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+                if name == b"fmt ":
+                    fmt = f.read(size)
+                    if len(fmt) >= 14:
+                        block_align = struct.unpack("<H", fmt[12:14])[0]
+                    if size % 2:
+                        f.read(1)
+                elif name == b"data":
+                    if not block_align or size == 0xFFFFFFFF:  # RF64 keeps the size elsewhere
+                        return None
+                    return size // block_align
+                else:
+                    f.seek(size + (size % 2), os.SEEK_CUR)
+    except OSError:
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# A checkpoint's frozen models, checked before any weight is loaded
+# --------------------------------------------------------------------------------------------
+def check_checkpoint_matches_model(checkpoint: str, model: Any) -> None:
+    """Refuses, before loading anything, a checkpoint written for frozen models of another shape
+    (e.g. --gin.T5Config.num_layers=3 for an adapter trained with 2 layers of the same
+    'random:1' LLM). Checkpoints from before the record existed pass."""
+    from slm_jax.training import checkpointing
+
+    directory, step = checkpointing.find_checkpoint_dir(checkpoint)
+    saved = checkpointing.read_metadata(directory, step)
+    checkpointing.check_frozen_configs(saved, checkpointing.frozen_configs(model), directory)

@@ -37,7 +37,73 @@ def _parse(argv) -> argparse.Namespace:
     parser.add_argument("--hf_dir", required=True, help="a local Hugging Face checkpoint directory")
     parser.add_argument("--out", required=True, help="new directory for the converted checkpoint")
     parser.add_argument("--dtype", default="float32", choices=DTYPES, help="dtype of the stored parameters")
+    parser.add_argument("--verbose", action="store_true", help="the native start-up lines of TensorFlow/XLA")
     return parser.parse_args(argv)
+
+
+def _check_out(out: str, probe: bool = True) -> None:
+    """--out must be a new directory, or an empty one, in a writable place: never a file, a
+    training run's model directory or any other folder with something in it. ``probe``: also
+    write (and remove) a file where the first write will go (a read-only location)."""
+    import tempfile
+
+    target = os.path.abspath(out)
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise common.UserError(f"--out {out} is a file; give a new directory")
+    if os.path.isdir(target):
+        entries = os.listdir(target)
+        if os.path.exists(os.path.join(target, "config.gin")) or os.path.isdir(os.path.join(target, "checkpoints")) \
+                or any(e.isdigit() for e in entries):
+            raise common.UserError(f"--out {out} is a training run's model directory; give a new directory")
+        if entries:
+            raise common.UserError(f"--out {out} already exists and is not empty; give a new directory")
+    if not probe:
+        return
+    parent = target
+    while not os.path.isdir(parent):  # the nearest folder that exists: where the first write goes
+        parent = os.path.dirname(parent)
+    try:
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".slm-convert-probe-"):
+            pass
+    except OSError as e:
+        raise common.UserError(f"cannot write --out {out}: {parent} is not writable ({e.strerror or e})") from None
+
+
+def _check_safetensors(hf_dir: str) -> None:
+    """Reads the header of every safetensors file the checkpoint names: a file that is not
+    safetensors, or shorter than its header says (a cut-off download), is refused by name."""
+    import json
+    import struct
+
+    index = os.path.join(hf_dir, "model.safetensors.index.json")
+    files = [os.path.join(hf_dir, "model.safetensors")]
+    if os.path.exists(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                files = sorted({os.path.join(hf_dir, name) for name in json.load(f)["weight_map"].values()})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise common.UserError(f"{index} is not a safetensors index ({type(e).__name__}: {e})") from None
+    for path in files:
+        if not os.path.exists(path):
+            continue  # HFCheckpoint names what is missing
+        size = os.path.getsize(path)
+        try:
+            with open(path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise ValueError(f"{size} bytes, shorter than a safetensors header")
+                length = struct.unpack("<Q", head)[0]
+                if length > size - 8:
+                    raise ValueError(f"its header claims {length} bytes, more than the file's {size}")
+                header = json.loads(f.read(length).decode("utf-8"))
+            if not isinstance(header, dict):
+                raise ValueError("its header is not a JSON object")
+            end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as e:
+            raise common.UserError(f"{path} is not a safetensors file ({e})") from None
+        if 8 + length + end > size:
+            raise common.UserError(f"{path} is truncated: its tensors need {8 + length + end} bytes, the file has "
+                                   f"{size} (an interrupted download?)")
 
 
 def main(argv=None) -> int:
@@ -47,7 +113,10 @@ def main(argv=None) -> int:
         args = _parse(argv)
         if not os.path.isdir(args.hf_dir):
             raise common.UserError(f"--hf_dir {args.hf_dir} is not a directory")
-        common.setup_logging()
+        _check_out(args.out, probe=False)
+        _check_safetensors(args.hf_dir)
+        common.setup_logging(args.verbose)
+        common.start_backend_quietly()
         import jax
         import ml_dtypes
         import numpy as np
@@ -55,12 +124,20 @@ def main(argv=None) -> int:
         from slm_jax.weights.convert import converted, hf_families
         from slm_jax.weights.convert.hf_checkpoint import HFCheckpoint
 
-        checkpoint = HFCheckpoint(args.hf_dir)
-        family = hf_families.family_of_hf_config(checkpoint.config())
-        module = hf_families.converter(family)
-        cfg = module.config_from_hf(checkpoint.config())
-        dtype = np.float32 if args.dtype == "float32" else ml_dtypes.bfloat16
-        params = module.convert_tensors(checkpoint.names(), checkpoint.get, cfg, dtype)
+        try:
+            checkpoint = HFCheckpoint(args.hf_dir)
+            family = hf_families.family_of_hf_config(checkpoint.config())
+            module = hf_families.converter(family)
+            cfg = module.config_from_hf(checkpoint.config())
+            _check_out(args.out)  # a real write, once the checkpoint looks convertible: before the long part
+            dtype = np.float32 if args.dtype == "float32" else ml_dtypes.bfloat16
+            params = module.convert_tensors(checkpoint.names(), checkpoint.get, cfg, dtype)
+        except UnicodeDecodeError as e:
+            raise common.UserError(f"{args.hf_dir}: a file is not UTF-8 text ({e})") from None
+        except Exception as e:  # noqa: BLE001 - safetensors' own error type: a damaged file
+            if type(e).__name__ != "SafetensorError":
+                raise
+            raise common.UserError(f"{args.hf_dir}: damaged safetensors file ({e})") from None
         converted.save(args.out, family, cfg, params, source=os.path.abspath(args.hf_dir))
         count = sum(x.size for x in jax.tree.leaves(params))
         slot = "speech_encoder_source" if family == "whisper" else "llm_source"

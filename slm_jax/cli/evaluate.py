@@ -41,27 +41,37 @@ examples:
 TSV_TASK = "asr_audio_tsv"  # an asr_* name: scored by WER
 
 
-def _tsv_examples(tsv: str, instruction: str) -> list[dict]:
-    """Examples from 'path<TAB>transcript' lines; '#' comments and blank lines are skipped."""
+def _tsv_examples(tsv: str, instruction: str, max_seconds: float | None = None, why: str = "") -> list[dict]:
+    """Examples from 'path<TAB>transcript' lines; '#' comments and blank lines are skipped. Every
+    listed file's length is checked from its header (against ``max_seconds``) before any is read."""
     from slm_jax.data import audio
 
     if not os.path.isfile(tsv):
         raise common.UserError(f"--audio_tsv {tsv}: no such file")
     base = os.path.dirname(os.path.abspath(tsv))
-    examples = []
-    with open(tsv, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            line = line.rstrip("\n")
-            if not line.strip() or line.startswith("#"):
-                continue
-            path, tab, transcript = line.partition("\t")
-            if not tab or not transcript.strip():
-                raise common.UserError(f"{tsv}:{number}: expected 'path<TAB>transcript', got {line!r}")
-            examples.append({"id": path, "task": TSV_TASK, "instruction": instruction, "target": transcript.strip(),
-                             "audio": audio.load_audio(os.path.join(base, path))})
-    if not examples:
+    rows = []
+    with open(tsv, "rb") as f:
+        raw_lines = f.read().splitlines()
+    for number, raw in enumerate(raw_lines, 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise common.UserError(f"{tsv}:{number}: not UTF-8 text (byte {raw[e.start]:#04x} at column "
+                                   f"{e.start + 1}); save the file as UTF-8") from None
+        line = line.rstrip("\r")
+        if not line.strip() or line.startswith("#"):
+            continue
+        path, tab, transcript = line.partition("\t")
+        if not tab or not transcript.strip():
+            raise common.UserError(f"{tsv}:{number}: expected 'path<TAB>transcript', got {line!r}")
+        rows.append((path, transcript.strip()))
+    if not rows:
         raise common.UserError(f"{tsv} lists no recordings")
-    return examples
+    for path, _ in rows:
+        common.check_audio_file(os.path.join(base, path), max_seconds, why, prog="slm-eval")
+    return [{"id": path, "task": TSV_TASK, "instruction": instruction, "target": transcript,
+             "audio": audio.load_audio(os.path.join(base, path), max_seconds=max_seconds)}
+            for path, transcript in rows]
 
 
 def _corpus_examples(args, data) -> tuple[list[dict], dict]:
@@ -125,26 +135,38 @@ def main(argv=None) -> int:
             raise common.UserError("--cache_front_end keeps the front end's outputs for a corpus's examples for the "
                                    "LLM's answers; not with --audio_tsv or --decoder=ctc")
         common.check_decoding_arguments(args)
-        out_dir = os.path.dirname(os.path.abspath(args.out))
-        if not os.path.isdir(out_dir):
-            raise common.UserError(f"cannot write {args.out}: directory {out_dir} does not exist")
-        common.setup_logging()
+        if args.batch_size < 1:
+            raise common.UserError(f"--batch_size must be >= 1, got {args.batch_size}")
+        if args.max_examples_per_task is not None and args.max_examples_per_task < 1:
+            raise common.UserError(f"--max_examples_per_task must be >= 1, got {args.max_examples_per_task} "
+                                   "(leave it out for every example)")
+        common.check_utf8("--instruction", args.instruction)
+        common.check_utf8("--audio_tsv", args.audio_tsv)
+        common.check_utf8("--out", args.out)
+        common.check_output_path("--out", args.out)
+        common.setup_logging(args.verbose)
         common.parse_gin(args.gin_file, args.gin_bindings + overrides)
         import gin
 
         from slm_jax.data import audio
 
-        from slm_jax.inference import evaluation, model as inference
         data = gin.query_parameter("train.data").scoped_configurable_fn()
+        model = gin.query_parameter("train.model").scoped_configurable_fn()
         if args.audio_tsv:
-            examples, source = _tsv_examples(args.audio_tsv, args.instruction), {"audio_tsv": args.audio_tsv}
+            max_seconds, why = common.max_audio_seconds(model, data)
+            examples = _tsv_examples(args.audio_tsv, args.instruction, max_seconds, why)
+            source = {"audio_tsv": args.audio_tsv}
         else:
             examples, source = _corpus_examples(args, data)
         for ex in examples:
             if "features" not in ex:
                 ex["features"] = audio.log_mel_spectrogram(ex["audio"])
-        model = gin.query_parameter("train.model").scoped_configurable_fn()
         common.check_transcript_bias(args, model)
+        common.check_checkpoint_matches_model(args.checkpoint, model)
+        common.check_output_file("--out", args.out)  # a real write (full disk), before the evaluation
+        common.start_backend_quietly(tensorflow=common.data_needs_tensorflow())
+        from slm_jax.inference import evaluation, model as inference
+
         slm, step = inference.load_trained(args.checkpoint, model, data)
         if args.decoder == "ctc" and slm.alignment_vocabulary is None:
             raise common.UserError(f"--decoder=ctc: checkpoint {args.checkpoint} records no alignment vocabulary "
@@ -189,10 +211,10 @@ def main(argv=None) -> int:
                        "no_repeat_ngram_size": args.no_repeat_ngram_size,
                        "stop_on_repeated_ngram": args.stop_on_repeated_ngram,
                        "transcript_bias": args.transcript_bias})
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=1, ensure_ascii=False)
-        os.replace(tmp, args.out)
+        try:
+            common.write_text_atomically(args.out, json.dumps(report, indent=1, ensure_ascii=False))
+        except OSError as e:  # e.g. the disk filled up during the evaluation
+            raise common.UserError(f"cannot write --out {args.out}: {e.strerror or e}") from None
         for task, scores in report["tasks"].items():
             metric, value = evaluation.headline(scores)
             print(f"{task:<28} {metric:>8} {value:8.3f}  ({scores['examples']} examples)")

@@ -31,24 +31,26 @@ def main(argv=None) -> int:
         args = parser.parse_args(rest)
         if not args.gin_file:
             raise common.UserError("give the --gin_file the model was trained with")
-        try:
-            args.instruction.encode("utf-8")
-        except UnicodeEncodeError:  # undecodable argv bytes arrive as lone surrogates
-            raise common.UserError("--instruction is not valid UTF-8 text") from None
+        common.check_utf8("--instruction", args.instruction)
         common.check_decoding_arguments(args)
-        common.setup_logging()
+        common.setup_logging(args.verbose)
         common.parse_gin(args.gin_file, args.gin_bindings + overrides)
         import gin
 
         from slm_jax.data import audio
 
-        from slm_jax.inference import model as inference
         data = gin.query_parameter("train.data").scoped_configurable_fn()
-        # Read and check every file before loading any model: a bad file fails in a second.
-        max_seconds = getattr(data, "max_audio_seconds", None)
-        features = [audio.log_mel_spectrogram(audio.load_audio(p, max_seconds=max_seconds)) for p in args.audio]
         model = gin.query_parameter("train.model").scoped_configurable_fn()
+        # Check every file's length from its header before reading any samples or loading any model.
+        max_seconds, why = common.max_audio_seconds(model, data)
+        for p in args.audio:
+            common.check_audio_file(p, max_seconds, why, prog="slm-infer")
+        features = [audio.log_mel_spectrogram(audio.load_audio(p, max_seconds=max_seconds)) for p in args.audio]
         common.check_transcript_bias(args, model)
+        common.check_checkpoint_matches_model(args.checkpoint, model)
+        common.start_backend_quietly(tensorflow=common.data_needs_tensorflow())
+        from slm_jax.inference import model as inference
+
         slm, step = inference.load_trained(args.checkpoint, model, data)
         answers = slm.generate(features, args.instruction, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
                                no_repeat_ngram_size=args.no_repeat_ngram_size,

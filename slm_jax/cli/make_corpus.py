@@ -116,6 +116,7 @@ def main(argv=None) -> int:
                             help="synthesise only these splits: train, validation, test (default: all)")
         parser.add_argument("--overwrite", action="store_true", help="replace an existing corpus in --out")
         parser.add_argument("--quiet", action="store_true", help="no progress bar")
+        parser.add_argument("--verbose", action="store_true", help="the native start-up lines of TensorFlow")
         args = parser.parse_args(argv)
         if args.size < 1:
             raise common.UserError(f"--size must be positive, got {args.size}")
@@ -134,8 +135,14 @@ def main(argv=None) -> int:
         if unknown:
             raise common.UserError(f"unknown --languages {','.join(unknown)}; the grammar speaks "
                                    f"{','.join(grammar.LANGUAGES)}")
-        common.setup_logging()
-        from slm_jax.data.corpus import builder as corpus
+        common.setup_logging(args.verbose)
+        with common.quiet_native_stderr():  # TensorFlow writes the shards
+            from slm_jax.data.corpus import builder as corpus
+
+            try:
+                import tensorflow  # noqa: F401
+            except ImportError:
+                pass
 
         manifest = corpus.make_corpus(
             args.out, args.size, seed=args.seed, workers=args.workers, snr_db=args.snr_db,

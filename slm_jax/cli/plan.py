@@ -41,29 +41,38 @@ def main(argv=None) -> int:
         args = parser.parse_args(rest)
         if not args.gin_file:
             raise common.UserError("give a --gin_file")
+        for flag in ("batch_size", "audio_frames", "target_tokens", "prompt_tokens"):
+            value = getattr(args, flag)
+            if value is not None and value < (0 if flag == "prompt_tokens" else 1):
+                raise common.UserError(f"--{flag} must be >= {0 if flag == 'prompt_tokens' else 1}, got {value}")
+        if args.device_memory_gib is not None and not args.device_memory_gib > 0:  # also refuses nan
+            raise common.UserError(f"--device_memory_gib must be > 0, got {args.device_memory_gib}")
         meshes = args.mesh or ["8xh100"]
-        from slm_jax.parallel.planning import mesh_from_spec
+        from slm_jax.parallel.planning import check_batch, mesh_from_spec
 
         try:
             shapes = [mesh_from_spec(m) for m in meshes]
+            if args.batch_size is not None:
+                for shape in shapes:
+                    check_batch(shape, args.batch_size)
         except ValueError as e:
             raise common.UserError(str(e)) from None
         # Fake host devices must be requested before jax initialises its backend.
         needed = max(math.prod(s.values()) for s in shapes)
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={needed}").strip()
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
-        common.setup_logging()
+        common.setup_logging(args.verbose)
         common.parse_gin(args.gin_file, args.gin_bindings + overrides)
         from slm_jax.parallel import planning
 
+        common.start_backend_quietly()
         model, batch, lengths = common.configured_step_shape(args.batch_size, args.audio_frames, args.prompt_tokens,
                                                              args.target_tokens)
         print(f"global batch {batch}, feature lengths {lengths}")
         plans = []
         for shape in shapes:
-            if shape.get("data", 1) == -1:
-                raise common.UserError("give every mesh axis explicitly for planning (no -1)")
             try:
+                planning.check_batch(shape, batch)
                 p = planning.plan(model, shape, batch, lengths, compile_step=not args.no_compile)
             except planning.PlanningError as e:
                 raise common.UserError(str(e)) from None
@@ -71,6 +80,9 @@ def main(argv=None) -> int:
                 print(f"compiled the train step for {shape} in {p.compile_seconds:.1f} s")
             plans.append(p)
         print(planning.format_plans(plans, args.device_memory_gib))
+        if args.no_compile and args.device_memory_gib:
+            print("--no_compile: activations and workspace were not counted; plan without it to know whether "
+                  "a train step fits")
         return 0
 
     return common.run_main("slm-plan", run)

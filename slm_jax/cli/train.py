@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from slm_jax.cli import common
@@ -24,6 +25,31 @@ examples:
 """
 
 
+def _check_corpus() -> None:
+    """A corpus-backed data source whose corpus directory is missing or unfinished: one line now,
+    not a TensorFlow NotFoundError from inside the input pipeline."""
+    import gin
+
+    from slm_jax.data.corpus.builder import MANIFEST
+
+    try:
+        reference = gin.query_parameter("train.data")
+    except ValueError:
+        return
+    if not hasattr(reference, "scoped_configurable_fn"):
+        return
+    data = reference.scoped_configurable_fn()
+    corpus_dir = getattr(data, "corpus_dir", None)
+    if not isinstance(corpus_dir, str) or not corpus_dir:
+        return
+    if not os.path.isdir(corpus_dir):
+        raise common.UserError(f"corpus directory {corpus_dir} does not exist (CORPUS_DIR); make it with "
+                               f"slm-make-corpus --out={corpus_dir} --size=2000, or pass --gin.CORPUS_DIR=\"'DIR'\"")
+    if not os.path.exists(os.path.join(corpus_dir, MANIFEST)):
+        raise common.UserError(f"{corpus_dir} is not a finished corpus: it has no {MANIFEST} (its generation was "
+                               f"interrupted, or it is another folder); make it with slm-make-corpus --out={corpus_dir}")
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
 
@@ -31,7 +57,6 @@ def main(argv=None) -> int:
         rest, overrides = common.split_gin_overrides(argv)
         parser = common.gin_argument_parser("slm-train", DESCRIPTION)
         parser.add_argument("--model_dir", required=True, help="where checkpoints, logs and config.gin go")
-        parser.add_argument("--verbose", action="store_true", help="debug logging")
         multihost = parser.add_argument_group("multi-host (TPU pods, multi-node GPU)")
         multihost.add_argument("--multihost", action="store_true",
                                help="call jax.distributed.initialize() first (auto-detected on Cloud TPU pods)")
@@ -50,10 +75,15 @@ def main(argv=None) -> int:
                 coordinator_address=args.coordinator_address, num_processes=args.num_processes,
                 process_id=args.process_id,
             )
+        common.start_backend_quietly(tensorflow=common.data_needs_tensorflow())
+        _check_corpus()
         from slm_jax.training import loop as train
 
         metrics = train.train(args.model_dir)
-        if "loss" in metrics:
+        if metrics.get("preempted"):
+            print(f"stopped at step {metrics['step']} by SIGTERM; checkpoint saved in {args.model_dir}; "
+                  "run the same command to resume")
+        elif "loss" in metrics:
             print(f"finished at step {metrics['step']}: loss {metrics['loss']:.4f}")
         return 0
 

@@ -34,7 +34,27 @@ class PlanningError(ValueError):
 
 
 def mesh_from_spec(spec: str) -> dict[str, int]:
-    return dict(MESH_PRESETS[spec]) if spec in MESH_PRESETS else partitioning.parse_mesh_spec(spec)
+    """A preset name or 'data=D,fsdp=F,model=M' -> {axis: size}; every size must be at least 1."""
+    if spec in MESH_PRESETS:
+        return dict(MESH_PRESETS[spec])
+    shape = partitioning.parse_mesh_spec(spec)
+    if not shape:
+        raise PlanningError(f"bad mesh spec {spec!r}: expected e.g. 'data=2,fsdp=1,model=4'")
+    for axis, size in shape.items():
+        if size < 1:
+            raise PlanningError(f"mesh {spec!r}: axis {axis} has size {size}; every axis needs at least 1 device")
+    return shape
+
+
+def check_batch(mesh_shape: Mapping[str, int], batch_size: int) -> None:
+    """The global batch is split over the data and fsdp axes: it must divide evenly."""
+    if batch_size < 1:
+        raise PlanningError(f"the batch size must be at least 1, got {batch_size}")
+    shards = mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1)
+    if batch_size % shards:
+        mesh = ",".join(f"{k}={v}" for k, v in mesh_shape.items())
+        raise PlanningError(f"batch {batch_size} does not divide over the {shards} batch shards of mesh {mesh} "
+                            f"(data x fsdp); use a multiple of {shards}")
 
 
 @dataclasses.dataclass
@@ -117,7 +137,12 @@ def format_plans(plans: list[MemoryPlan], device_memory_gib: float | None = None
         temp = gib(p.compiled["temp_bytes"]) if p.compiled else "  (no compile)"
         fits = ""
         if device_memory_gib:
-            fits = "  fits" if p.total_bytes <= device_memory_gib * 2**30 else "  DOES NOT FIT"
+            within = p.total_bytes <= device_memory_gib * 2**30
+            if p.compiled:
+                fits = "  fits" if within else "  DOES NOT FIT"
+            else:  # no compiled step: activations and workspace are unknown
+                fits = ("  parameters and optimizer state fit; activations not counted" if within
+                        else "  DOES NOT FIT (parameters and optimizer state alone)")
         lines.append(f"{mesh:<28} {p.devices:>7} {gib(p.frozen_param_bytes):>10} {gib(p.adapter_param_bytes):>11} "
                      f"{gib(p.optimizer_bytes):>9} {temp:>14} {gib(p.total_bytes):>9}{fits}")
     p = plans[0]

@@ -14,8 +14,10 @@ restore that fails inside TensorStore leaves background work behind that outlive
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -24,6 +26,9 @@ from typing import Any, Mapping, NamedTuple
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+
+log = logging.getLogger("slm_jax.training.checkpointing")
 
 
 class CheckpointError(RuntimeError):
@@ -35,15 +40,106 @@ def _shape_table(tree: Any) -> dict[str, list[int]]:
     return {jax.tree_util.keystr(path): list(np.shape(leaf)) for path, leaf in flat}
 
 
-def describe_state(adapter_params: Any, frozen_sources: Mapping[str, str], front_end: str = "encoder") -> dict[str, Any]:
-    """What a checkpoint must agree with to be resumed: adapter shapes, frozen sources and what the
-    adapter reads (``ModelSpec.speech_front_end``)."""
-    return {"adapter_shapes": _shape_table(adapter_params), "frozen_sources": dict(frozen_sources),
-            "speech_front_end": front_end}
+# Fields of the frozen models' configs that change how they are computed, not what they are:
+# dtypes, rematerialisation, the attention kernel, and a transcriber front end's decoding choices.
+RUNTIME_CONFIG_FIELDS = frozenset({
+    "dtype", "param_dtype", "remat_policy", "attention_implementation", "causal_query_block", "mask_padding",
+    "max_new_tokens", "stop_on_repeated_ngram", "speeds", "trailing_silence_frames", "whisper_tokenizer",
+})
+
+
+def _config_fields(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """A config dataclass's architectural fields as JSON values, nested configs as 'outer.inner'."""
+    out: dict[str, Any] = {}
+    for field in dataclasses.fields(cfg):
+        if field.name in RUNTIME_CONFIG_FIELDS:
+            continue
+        value = getattr(cfg, field.name)
+        name = prefix + field.name
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            out.update(_config_fields(value, name + "."))
+        elif value is None or isinstance(value, (bool, int, float, str)):
+            out[name] = value
+        elif isinstance(value, (tuple, list)) and all(v is None or isinstance(v, (bool, int, float, str)) for v in value):
+            out[name] = list(value)
+        else:
+            out[name] = repr(value)
+    return out
+
+
+def frozen_configs(model: Any) -> dict[str, Any]:
+    """What the frozen models are beyond their source string: each config's type and architectural
+    fields (two 'random:1' LLMs of 2 and 3 layers share a source, not a model). ``model`` is a
+    ModelSpec (its ``speech_encoder`` and ``llm`` configs)."""
+    out = {}
+    for name in ("speech_encoder", "llm"):
+        cfg = getattr(model, name, None)
+        if cfg is not None and dataclasses.is_dataclass(cfg):
+            out[name] = {"type": type(cfg).__name__, "fields": _config_fields(cfg)}
+    return out
+
+
+def describe_state(adapter_params: Any, frozen_sources: Mapping[str, str], front_end: str = "encoder",
+                   frozen_configs: Mapping[str, Any] | None = None,
+                   settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What a checkpoint must agree with to be resumed: adapter shapes, frozen sources, the frozen
+    models' configs (``frozen_configs(model)``) and what the adapter reads
+    (``ModelSpec.speech_front_end``). ``settings`` (learning rate, batch size...) are recorded to
+    name what a resumed run changed; they never refuse a checkpoint."""
+    described = {"adapter_shapes": _shape_table(adapter_params), "frozen_sources": dict(frozen_sources),
+                 "speech_front_end": front_end}
+    if frozen_configs is not None:
+        described["frozen_configs"] = json.loads(json.dumps(dict(frozen_configs)))
+    if settings is not None:
+        described["settings"] = json.loads(json.dumps(dict(settings), default=repr))
+    return described
+
+
+def frozen_config_problems(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Differences between two ``frozen_configs`` records, one phrase each (none where either
+    side has no record: checkpoints written before it existed)."""
+    problems = []
+    old_all, new_all = saved.get("frozen_configs"), current.get("frozen_configs")
+    if not isinstance(old_all, Mapping) or not isinstance(new_all, Mapping):
+        return problems
+    for name in sorted(set(old_all) & set(new_all)):
+        old, new = old_all[name], new_all[name]
+        if old.get("type") != new.get("type"):
+            problems.append(f"frozen {name} was a {old.get('type')}, now a {new.get('type')}")
+            continue
+        old_fields, new_fields = old.get("fields", {}), new.get("fields", {})
+        for key in sorted(set(old_fields) | set(new_fields)):
+            if key in old_fields and key in new_fields and old_fields[key] != new_fields[key]:
+                problems.append(f"frozen {name} {new.get('type')}.{key} was {old_fields[key]!r}, "
+                                f"now {new_fields[key]!r}")
+    return problems
+
+
+def check_frozen_configs(saved: Mapping[str, Any], current_configs: Mapping[str, Any], where: str) -> None:
+    """Refuses a checkpoint whose frozen models had other configs than ``current_configs``."""
+    problems = frozen_config_problems(saved, {"frozen_configs": current_configs})
+    if problems:
+        raise CheckpointError(f"checkpoint in {where} was written by a different configuration: "
+                              + _shown(problems))
+
+
+def _shown(problems: list[str]) -> str:
+    return "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+
+
+def note_changed_settings(saved: Mapping[str, Any], current: Mapping[str, Any], where: str) -> list[str]:
+    """Logs one warning per setting a resumed run changed (``old -> new``); returns them."""
+    old, new = saved.get("settings"), current.get("settings")
+    if not isinstance(old, Mapping) or not isinstance(new, Mapping):
+        return []
+    changed = [f"{key} {old[key]!r} -> {new[key]!r}" for key in sorted(set(old) & set(new)) if old[key] != new[key]]
+    for change in changed:
+        log.warning("resuming %s with a changed setting: %s", where, change)
+    return changed
 
 
 def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], where: str) -> None:
-    problems = []
+    problems = frozen_config_problems(saved, current)
     # Checkpoints from before the field existed were all written by encoder-only front ends.
     old_front, new_front = saved.get("speech_front_end", "encoder"), current.get("speech_front_end", "encoder")
     if old_front != new_front:
@@ -57,8 +153,8 @@ def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], where
         if old_shapes.get(key) != new_shapes.get(key):
             problems.append(f"adapter{key} shape was {old_shapes.get(key)}, now {new_shapes.get(key)}")
     if problems:
-        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
-        raise CheckpointError(f"checkpoint in {where} was written by a different configuration: {shown}")
+        raise CheckpointError(f"checkpoint in {where} was written by a different configuration: {_shown(problems)}")
+    note_changed_settings(saved, current, where)
 
 
 # Room for TensorBoard event files, config.gin and Orbax's own metadata besides the arrays.
@@ -75,9 +171,13 @@ def bytes_needed(state_bytes: int, max_to_keep: int, existing_checkpoints: int =
 def ensure_writable(directory: str, min_free_bytes: int = 0) -> None:
     """Fails before training starts if the model directory cannot take checkpoints: read-only,
     not a directory, or less free space than ``min_free_bytes`` (a full disk found after an hour
-    of training would lose that hour)."""
+    of training would lose that hour). The first write of a run: where a ``run_lock.RunLock`` is
+    held for ``directory``, it is claimed here (another run's lock refuses this one)."""
+    from slm_jax.training import run_lock
+
     try:
         os.makedirs(directory, exist_ok=True)
+        run_lock.claim(directory)  # the run's first write: one training run per model directory
         with tempfile.NamedTemporaryFile(dir=directory, prefix=".write_test_") as probe:
             probe.write(b"\0" * 4096)
             probe.flush()
@@ -143,12 +243,31 @@ def write_integrity(step_dir: str) -> None:
     os.replace(tmp, os.path.join(step_dir, INTEGRITY_FILE))
 
 
+# Recorded in the metadata of every step this module saves (inside Orbax's commit): such a step
+# must have its integrity.json. A step without the key was written before the manifest existed.
+INTEGRITY_KEY = "integrity_manifest"
+
+
+def _promises_manifest(step_dir: str) -> bool:
+    try:
+        with open(os.path.join(step_dir, "meta", "metadata")) as f:
+            return bool(json.load(f).get(INTEGRITY_KEY))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def verify_integrity(step_dir: str) -> bool:
     """Checks a step against its ``integrity.json``; raises CheckpointError naming the first damaged
-    file. Returns False (nothing checked) for steps written without one (older checkpoints, or a
-    crash between Orbax's commit and the manifest)."""
+    file. A step whose metadata promises a manifest but has none (killed between Orbax's commit and
+    the manifest, or the file was removed) cannot be verified and is refused. Returns False
+    (nothing checked) for steps written before manifests existed (older checkpoints, releases)."""
     manifest = os.path.join(step_dir, INTEGRITY_FILE)
     if not os.path.exists(manifest):
+        if _promises_manifest(step_dir):
+            raise CheckpointError(
+                f"checkpoint {step_dir} cannot be verified: it has no {INTEGRITY_FILE} (its save was cut off "
+                "after Orbax committed it, or the file was removed), so damaged files could load unnoticed; "
+                "delete that step directory to resume from an earlier one")
         return False
     try:
         with open(manifest) as f:
@@ -193,7 +312,7 @@ class Checkpointer:
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
                 data=ocp.args.JsonSave(dict(data_position)),
-                meta=ocp.args.JsonSave(dict(metadata)),
+                meta=ocp.args.JsonSave({**metadata, INTEGRITY_KEY: 1}),
             ),
             force=True,
         )

@@ -184,7 +184,9 @@ def train(
         problem = alignment_front_end_problem(model.speech_encoder, ctc_compression)
     if problem:
         raise UserError(problem)
-    with _Preemption() as preemption:
+    from slm_jax.training.run_lock import RunLock  # one training run per model_dir (process 0 holds it)
+
+    with RunLock(model_dir), _Preemption() as preemption:
         return _train(model_dir, preemption, model=model, data=data, steps=steps, batch_size=batch_size,
                       seed=seed, mesh_shape=mesh_shape, learning_rate=learning_rate, warmup_steps=warmup_steps,
                       weight_decay=weight_decay, clip_norm=clip_norm, optimizer=optimizer, log_every=log_every,
@@ -216,7 +218,11 @@ def _train(model_dir, preemption, *, model, data, steps, batch_size, seed, mesh_
         raise ValueError(f"batch_size {batch_size} is not divisible by {jax.process_count()} processes")
     example = sample_batch(batch_size, data.feature_lengths)
     abstract_state = trainer.abstract_state(example)
-    metadata = checkpointing.describe_state(abstract_state.adapter_params, model.frozen_sources, model.speech_front_end)
+    metadata = checkpointing.describe_state(
+        abstract_state.adapter_params, model.frozen_sources, model.speech_front_end,
+        frozen_configs=checkpointing.frozen_configs(model),
+        settings=dict(steps=steps, batch_size=batch_size, seed=seed, learning_rate=learning_rate,
+                      warmup_steps=warmup_steps, weight_decay=weight_decay, clip_norm=clip_norm, optimizer=optimizer))
 
     # Everything that can refuse the run happens before anything is written to model_dir (an
     # existing run stays byte for byte as it was) and before the slow parts (frozen weights,

@@ -606,6 +606,109 @@ class _ShardedWriter:
             self._close()
 
 
+# -- the output directory: written in a staging folder next to it, swapped in when complete ------
+_STAGING_INFIX = ".partial-"
+_REPLACED_INFIX = ".replaced-"
+
+
+def _corpus_entries(directory: str) -> set[str]:
+    """The names in a corpus directory that slm-make-corpus (or a reader's encoder cache) writes."""
+    names = {MANIFEST, VOCAB_TEXT, f"{SPM_PREFIX}.model", f"{SPM_PREFIX}.vocab", "encoder_cache", *ALL_TASKS}
+    try:
+        with open(os.path.join(directory, MANIFEST)) as f:
+            manifest = json.load(f)
+        names.update(manifest.get("tasks", {}))
+        names.update(n for n in (manifest.get("vocab_text"), manifest.get("spm_model")) if isinstance(n, str))
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass
+    return names
+
+
+def _check_out_dir(out_dir: str, overwrite: bool) -> None:
+    """Refuses, before anything is synthesised or written, an ``out_dir`` that is a file, a folder
+    with files of its own, or a corpus without ``overwrite``. Never changes anything."""
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        raise DataError(f"{out_dir} is a file, not a directory; choose another --out")
+    if not os.path.isdir(out_dir):
+        return
+    entries = sorted(os.listdir(out_dir))
+    if not entries:
+        return
+    has_manifest = os.path.exists(os.path.join(out_dir, MANIFEST))
+    known = _corpus_entries(out_dir)
+    foreign = [e for e in entries if e not in known and not e.startswith(f"{MANIFEST}.tmp-")]
+    if not has_manifest and foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise DataError(f"{out_dir} exists and is not a corpus (no {MANIFEST}; it holds {shown}); "
+                        "choose a new or empty --out")
+    if not overwrite:
+        if has_manifest:
+            raise DataError(f"{out_dir} already holds a corpus ({MANIFEST} exists); pass --overwrite to replace it")
+        raise DataError(f"{out_dir} holds an unfinished corpus (no {MANIFEST}); pass --overwrite to replace it")
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise DataError(f"{out_dir} holds files that are not part of the corpus ({shown}); --overwrite replaces "
+                        "the whole folder: move them out first")
+
+
+def _staging_dir(out_dir: str) -> str:
+    """A new empty folder next to ``out_dir`` (same file system: the swap is a rename)."""
+    parent, base = os.path.split(out_dir)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=f".{base}{_STAGING_INFIX}", dir=parent)
+    except OSError as e:
+        raise DataError(f"cannot write the corpus {out_dir}: {e.strerror or e} ({parent})") from None
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(staging, 0o777 & ~mask)  # mkdtemp's 0700 is no corpus's mode
+    return staging
+
+
+def _swap_in(staging: str, out_dir: str) -> None:
+    """Puts the complete corpus in ``staging`` at ``out_dir``; an old corpus there is moved aside
+    first and deleted only once the new one is in place (put back if that fails)."""
+    if not os.path.isdir(out_dir) or not os.listdir(out_dir):
+        os.replace(staging, out_dir)  # new, or an empty directory (rename replaces it)
+        return
+    parent, base = os.path.split(out_dir)
+    replaced = tempfile.mkdtemp(prefix=f".{base}{_REPLACED_INFIX}", dir=parent)
+    os.replace(out_dir, replaced)  # an empty directory is replaced by the rename
+    try:
+        os.replace(staging, out_dir)
+    except BaseException:
+        os.replace(replaced, out_dir)
+        raise
+    shutil.rmtree(replaced, ignore_errors=True)
+
+
+def _staged_output(make: Callable[..., dict]) -> Callable[..., dict]:
+    """``make_corpus`` writes into a staging folder next to ``out_dir``, swapped in only when the
+    corpus is complete; on any failure the staging folder is removed and ``out_dir`` is as it was."""
+    import inspect
+
+    signature = inspect.signature(make)
+
+    @functools.wraps(make)
+    def staged(*args, **kwargs) -> dict:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        out_dir = os.path.abspath(os.fspath(bound.arguments["out_dir"]))
+        _check_out_dir(out_dir, bool(bound.arguments["overwrite"]))
+        staging = _staging_dir(out_dir)
+        try:
+            bound.arguments["out_dir"] = staging
+            manifest = make(*bound.args, **bound.kwargs)
+            _swap_in(staging, out_dir)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return manifest
+
+    return staged
+
+
+@_staged_output
 def make_corpus(
     out_dir: str,
     size: int,
@@ -627,6 +730,9 @@ def make_corpus(
     only_splits: Sequence[str] | None = None,
 ) -> dict:
     """Generates a corpus into ``out_dir``; returns its manifest (also written as manifest.json).
+
+    ``out_dir`` must be new, empty, or (with ``overwrite``) a corpus: the corpus is written next to
+    it and swapped in when complete, so a failed run leaves ``out_dir`` as it was.
 
     ``open_asr``: that many free-form English ASR examples (``asr_en_open``) besides the ``size``.
     ``flite_share``: about that share of the English utterances spoken by flite voices.
@@ -652,15 +758,10 @@ def make_corpus(
     planned = plan_corpus(size, seed, languages, open_asr=open_asr, augment_share=augment_share,
                           **{f"{family}_share": share for family, share in voice_shares.items()})
     specs, subset = _subset_of_plan(planned, only_tasks, only_splits)
+    # out_dir is a new empty staging folder here (_staged_output): an existing corpus, or anything
+    # else at --out, is replaced only once this one is complete.
     manifest_path = os.path.join(out_dir, MANIFEST)
-    if os.path.exists(manifest_path):
-        if not overwrite:
-            raise DataError(f"{out_dir} already holds a corpus ({MANIFEST} exists); pass --overwrite to replace it")
-        os.remove(manifest_path)  # first: the directory is not a complete corpus while rewriting
     task_names = sorted({s.task for s in specs})
-    os.makedirs(out_dir, exist_ok=True)
-    for name in task_names:  # stale shards of an older corpus must not linger next to new ones
-        shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
 
     totals: dict[tuple[str, str], int] = {}
     for s in specs:
