@@ -21,7 +21,8 @@ def optimizer_share(gin_file: str = PAPER_GIN, optimizers: tuple[str, ...] = ("a
     from slm_jax.parallel import partitioning
     from slm_jax.cli import common as cli_common
     from slm_jax.models.spec import sample_batch
-    from slm_jax.training.step import Trainer, make_optimizer, tree_bytes
+    from slm_jax.training.optimizers import make_optimizer
+    from slm_jax.training.step import Trainer, tree_bytes
 
     # gin logs an ERROR for each include it first looks up relative to the cwd and then finds on
     # the search path: noise in a benchmark's output, not a failure.

@@ -81,7 +81,8 @@ def _reference_spec(spec: Any) -> Any:
 
 
 def _trainer(spec: Any, mesh: Any):
-    from slm_jax.training.step import Trainer, make_optimizer
+    from slm_jax.training.optimizers import make_optimizer
+    from slm_jax.training.step import Trainer
 
     optimizer, schedule = make_optimizer()
     return Trainer(spec.build(), optimizer, schedule, mesh)

@@ -61,7 +61,8 @@ class JaxStep:
         import jax
 
         from slm_jax.parallel import partitioning
-        from slm_jax.training.step import Trainer, make_optimizer
+        from slm_jax.training.optimizers import make_optimizer
+        from slm_jax.training.step import Trainer
 
         js = common.jax_side(weights_name, **llm_overrides)
         self.js = js

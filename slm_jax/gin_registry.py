@@ -10,7 +10,7 @@ import importlib
 
 import gin
 
-from slm_jax.training import augment, loop as train  # noqa: F401
+from slm_jax.training import augment, loop as train, objectives  # noqa: F401
 from slm_jax.data.cached import corpus_data as cached_corpus
 from slm_jax.models import spec as experiment
 from slm_jax.data import prompting, synthetic as synthetic_data
@@ -31,6 +31,8 @@ def register_all() -> None:
     _register(experiment.ModelSpec, "slm_jax.models.spec")
     _register(adapter.AdapterConfig, "slm_jax.models.adapter")
     _register(augment.SpeechMasking, "slm_jax.training.augment")
+    for objective in (objectives.NextToken, objectives.CtcAlignment, objectives.NextTokenWithAlignment):
+        _register(objective, "slm_jax.training.objectives")
     _register(synthetic_data.SyntheticData, "slm_jax.data.synthetic")
     _register(cached_corpus.CachedCorpusData, "slm_jax.data.cached.corpus_data")
     _register(prompting.PromptFormat, "slm_jax.data.prompting")
@@ -46,12 +48,6 @@ def register_all() -> None:
         module = importlib.import_module(module_name)
         for name in names:
             _register(getattr(module, name), module_name)
-    try:
-        data_spec = importlib.import_module("slm_jax.data.spec")
-    except ImportError:
-        data_spec = None
-    if data_spec is not None:
-        _register(data_spec.CorpusData, "slm_jax.data.spec")
     # The SeqIO DataSource (light to import: TensorFlow/SeqIO load when data is first read).
     from slm_jax.data.seqio import source as seqio_data
 

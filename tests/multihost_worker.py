@@ -22,7 +22,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from slm_jax.parallel import partitioning  # noqa: E402
 from slm_jax.weights.frozen import load_frozen_params  # noqa: E402
 from slm_jax.data.synthetic import SyntheticData  # noqa: E402
-from slm_jax.training.step import Trainer, make_optimizer  # noqa: E402
+from slm_jax.training.optimizers import make_optimizer  # noqa: E402
+from slm_jax.training.step import Trainer
 from tiny_models import FEATURE_LENGTHS, VOCAB, model_spec  # noqa: E402
 
 GLOBAL_BATCH = 8

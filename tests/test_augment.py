@@ -7,7 +7,8 @@ import pytest
 
 from slm_jax.training.augment import SpeechMasking, mask_speech
 from slm_jax.models.spec import sample_batch
-from slm_jax.training.step import Trainer, make_optimizer
+from slm_jax.training.optimizers import make_optimizer
+from slm_jax.training.step import Trainer
 from slm_jax.parallel import partitioning
 
 from tiny_models import model_spec

@@ -19,7 +19,8 @@ from slm_jax.weights.convert import converted, hf_llama, hf_whisper
 from slm_jax.weights.convert.errors import ConversionError
 from slm_jax.weights.frozen import FrozenSourceError, load_frozen_params, load_on_host
 from slm_jax.data.synthetic import SyntheticData
-from slm_jax.training.step import Trainer, make_optimizer
+from slm_jax.training.optimizers import make_optimizer
+from slm_jax.training.step import Trainer
 from tiny_models import FEATURE_LENGTHS, VOCAB, llm_config, model_spec
 
 

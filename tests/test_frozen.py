@@ -7,7 +7,8 @@ import pytest
 from slm_jax.parallel import partitioning
 from slm_jax.weights.frozen import load_frozen_params
 from slm_jax.data.synthetic import SyntheticData
-from slm_jax.training.step import Trainer, count_params, make_optimizer, tree_bytes
+from slm_jax.training.optimizers import make_optimizer
+from slm_jax.training.step import Trainer, count_params, tree_bytes
 from tiny_models import FEATURE_LENGTHS, VOCAB, model_spec
 
 

@@ -10,7 +10,8 @@ from slm_jax.weights.frozen import load_frozen_params
 from slm_jax.inference.model import SpeechLanguageModel
 from slm_jax.data.prompting import CHATML_PROMPT, T5_PROMPT
 from slm_jax.data.synthetic import SyntheticData
-from slm_jax.training.step import Trainer, make_optimizer
+from slm_jax.training.optimizers import make_optimizer
+from slm_jax.training.step import Trainer
 from tiny_models import FEATURE_LENGTHS, model_spec
 
 VOCAB = seqio.ByteVocabulary()  # a real vocabulary that needs no training; the LLM table is widened to fit

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from slm_jax.data import batching
-from slm_jax.data.corpus.vocab import load_vocabulary
+from slm_jax.data.vocabularies import load_vocabulary
 from slm_jax.data.cached.encoder_cache import CachedSpeechData
 from slm_jax.data.prompting import PromptFormat
 

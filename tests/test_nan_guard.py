@@ -10,7 +10,8 @@ from slm_jax.training import faults
 from slm_jax.parallel import partitioning
 from slm_jax.models.spec import sample_batch
 from slm_jax.data.synthetic import SyntheticData
-from slm_jax.training.step import Trainer, make_optimizer
+from slm_jax.training.optimizers import make_optimizer
+from slm_jax.training.step import Trainer
 from tiny_models import FEATURE_LENGTHS, VOCAB, model_spec
 
 

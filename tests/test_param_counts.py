@@ -13,7 +13,8 @@ from slm_jax.cli import common
 from slm_jax.models.spec import sample_batch
 from slm_jax.models.llms import llama, t5
 from slm_jax.models.encoders import whisper as whisper_encoder
-from slm_jax.training.step import Trainer, count_params, make_optimizer, tree_bytes
+from slm_jax.training.optimizers import make_optimizer
+from slm_jax.training.step import Trainer, count_params, tree_bytes
 
 LENGTHS = {"audio_frames": 3000, "prefix": 16, "suffix": 16, "targets": 128}
 

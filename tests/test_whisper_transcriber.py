@@ -23,7 +23,8 @@ from slm_jax.contrib.whisper_cascade.front_end import (
     append_silence,
     change_speed,
 )
-from slm_jax.inference.decoding import repeats_an_earlier_ngram
+from slm_jax.inference.processors import repeats_an_earlier_ngram
+from slm_jax.models.front_end import NO_TOKEN, SpeechRows
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -65,10 +66,10 @@ def state_dict(hf_model):
     return {k: v.numpy() for k, v in hf_model.state_dict().items()}
 
 
-def hf_greedy(hf_model, features: np.ndarray, cfg, previous: tuple[int, ...] = ()) -> tuple[list[int], np.ndarray, np.ndarray]:
+def hf_greedy(hf_model, features: np.ndarray, cfg) -> tuple[list[int], np.ndarray, np.ndarray]:
     """The same rule as ours, written on transformers: language among cfg.language_ids, then
     argmax over non-special tokens until end-of-text; returns (tokens, the states that chose them,
-    each token's log-probability among the non-special tokens). ``previous``: ids before SOT."""
+    each token's log-probability among the non-special tokens)."""
     with torch.no_grad():
         memory = hf_model.model.encoder(torch.from_numpy(features).transpose(1, 2)).last_hidden_state
 
@@ -77,8 +78,8 @@ def hf_greedy(hf_model, features: np.ndarray, cfg, previous: tuple[int, ...] = (
                            output_hidden_states=True)
             return out.logits[0, -1].numpy(), out.decoder_hidden_states[-1][0, -1].numpy()
 
-        logits, _ = run([*previous, SOT])
-        ids = [*previous, SOT, cfg.language_ids[int(np.argmax(logits[list(cfg.language_ids)]))], *cfg.task_ids]
+        logits, _ = run([SOT])
+        ids = [SOT, cfg.language_ids[int(np.argmax(logits[list(cfg.language_ids)]))], *cfg.task_ids]
         tokens, states, log_probs = [], [], []
         for _ in range(cfg.max_new_tokens):
             logits, state = run(ids + tokens)
@@ -89,31 +90,6 @@ def hf_greedy(hf_model, features: np.ndarray, cfg, previous: tuple[int, ...] = (
             if tokens[-1] == cfg.end_of_text:
                 break
     return tokens, np.stack(states), np.asarray(log_probs)
-
-
-def test_previous_text_goes_before_the_prompt_as_hugging_face_reads_it(hf_model, tmp_path):
-    # A word-level tokenizer over the tiny vocabulary stands in for Whisper's tokenizer.json.
-    tokenizers = pytest.importorskip("tokenizers")
-    words = {f"w{i}": i for i in range(EOT)}
-    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(words, unk_token="w0"))
-    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    tokenizer.save(str(tmp_path / "tokenizer.json"))
-    sop = EOT - 1  # the tiny vocabulary has no room above end-of-text for <|startofprev|>
-    cfg = tiny_config(hf_model, whisper_tokenizer=str(tmp_path / "tokenizer.json"), previous_text="w7 w21 w3",
-                      start_of_previous=sop, encoder=dataclasses.replace(tiny_config(hf_model).encoder, mask_padding=False))
-    assert cfg.previous_ids == (sop, 7, 21, 3) and cfg.prompt_length == 4 + 2 + len(TASK)
-    params = hf_whisper_transcriber.params_from_state_dict(state_dict(hf_model), cfg)
-    features = np.random.default_rng(3).normal(size=(1, 128, 80)).astype(np.float32)
-    ours = WhisperTranscriber(cfg).apply({"params": params}, features, method=WhisperTranscriber.transcribe)
-    ref_tokens, ref_states, ref_log_probs = hf_greedy(hf_model, features, cfg, previous=cfg.previous_ids)
-    n = int(ours.mask[0].sum())
-    assert np.asarray(ours.tokens[0, :n]).tolist() == ref_tokens
-    assert relative_error(ours.states[0, :n], ref_states) < 1e-5
-    assert relative_error(ours.log_probs[0, :n], ref_log_probs) < 1e-5
-    # The previous text changes what Whisper writes (else this test would not tell it was read).
-    plain = WhisperTranscriber(dataclasses.replace(cfg, previous_text="")).apply(
-        {"params": params}, features, method=WhisperTranscriber.transcribe)
-    assert not np.allclose(plain.log_probs, ours.log_probs)
 
 
 def test_decoder_matches_hugging_face_teacher_forced(hf_model):
@@ -186,22 +162,21 @@ def test_batch_rows_transcribe_as_they_do_alone(hf_model):
 
 
 def test_without_decoder_states_the_output_keeps_only_the_transcripts_mask(hf_model):
-    """decoder_states=False (the shipped config): the same LLM-token channels and mask, states zeroed."""
+    """decoder_states=False (the shipped config): the same LLM tokens and mask, states zeroed."""
     from slm_jax.weights import assets
 
     if not (assets.whisper_base_available() and assets.smollm2_available()):
         pytest.skip("the LLM-token table needs the Whisper-base and SmolLM2 packages")
-    cfg = tiny_config(hf_model, llm_vocabulary="package:smollm2-135m-instruct")
+    cfg = tiny_config(hf_model, llm_vocabulary="package:smollm2-135m-instruct", llm_token_rows=24)
     params = hf_whisper_transcriber.params_from_state_dict(state_dict(hf_model), cfg)
     features = np.random.default_rng(5).normal(size=(1, 64, 80)).astype(np.float32)
-    rows, mask = WhisperTranscriber(cfg).apply({"params": params}, features)
-    zeroed, zeroed_mask = WhisperTranscriber(dataclasses.replace(cfg, decoder_states=False)).apply(
-        {"params": params}, features)
-    d = cfg.decoder.d_model
-    assert np.asarray(rows[..., :d]).any() and not np.asarray(zeroed[..., :d]).any()
-    assert np.asarray(zeroed[..., d:]).any()
-    np.testing.assert_array_equal(zeroed[..., d:], rows[..., d:])
-    np.testing.assert_array_equal(zeroed_mask, mask)
+    rows = WhisperTranscriber(cfg).apply({"params": params}, features)
+    zeroed = WhisperTranscriber(dataclasses.replace(cfg, decoder_states=False)).apply({"params": params}, features)
+    assert isinstance(rows, SpeechRows) and rows.token_ids.dtype == jnp.int32
+    assert np.asarray(rows.hidden).any() and not np.asarray(zeroed.hidden).any()
+    assert (np.asarray(zeroed.token_ids) != NO_TOKEN).any()
+    np.testing.assert_array_equal(zeroed.token_ids, rows.token_ids)
+    np.testing.assert_array_equal(zeroed.mask, rows.mask)
 
 
 def test_append_silence_writes_whispers_padding_value():
@@ -252,15 +227,15 @@ def test_packaged_whisper_base_transcribes_a_real_recording():
     assert int(out.language[0]) == cfg.language_ids[0]  # English
     assert metrics.word_error_rate(["He turned sharply and faced Gregson across the table."], [text]) < 0.3, text
 
-    # One row per SmolLM2 token: the id channel spells exactly the text Whisper wrote.
+    # One row per SmolLM2 token: the rows' token ids spell exactly the text Whisper wrote.
     if assets.smollm2_available():
         from slm_jax.weights.tokenizers import GgufBpeVocabulary
 
         rows_cfg = dataclasses.replace(cfg, llm_vocabulary="package:smollm2-135m-instruct", llm_token_rows=48)
-        rows, rows_mask = WhisperTranscriber(rows_cfg).apply({"params": params}, features[None])
-        kept = np.asarray(rows[0, : int(rows_mask[0].sum()), -1]).astype(int)
-        np.testing.assert_array_equal(np.asarray(rows[0, 0, :-1]), np.asarray(out.states[0, 0]))
-        assert GgufBpeVocabulary.from_smollm2().decode([i - 1 for i in kept if i > 0]) == tokenizer.decode(
+        rows = WhisperTranscriber(rows_cfg).apply({"params": params}, features[None])
+        kept = np.asarray(rows.token_ids[0, : int(rows.mask[0].sum())])
+        np.testing.assert_array_equal(np.asarray(rows.hidden[0, 0]), np.asarray(out.states[0, 0]))
+        assert GgufBpeVocabulary.from_smollm2().decode([int(i) for i in kept if i >= 0]) == tokenizer.decode(
             np.asarray(out.tokens[0, :n]), skip_special_tokens=True)
 
 
@@ -299,7 +274,10 @@ def test_a_looping_transcript_stops_at_its_first_repeat(hf_model):
     assert cut >= 1  # the rule was exercised
 
 
-def test_llm_token_channels_become_the_llms_own_embeddings():
+def test_llm_tokens_reach_the_adapter_as_the_llms_own_embeddings():
+    """Rows that spell LLM tokens: with a zero-initialised output layer the adapter adds nothing,
+    so an untrained adapter hands the LLM the transcript's own token embeddings (none where a row
+    has no token); the rows' states still reach the adapter's input."""
     import tiny_models
 
     from slm_jax.models.slm import SLM
@@ -309,30 +287,28 @@ def test_llm_token_channels_become_the_llms_own_embeddings():
         encoder=dataclasses.replace(spec.speech_encoder, d_model=32),
         decoder=dataclasses.replace(WhisperDecoderConfig(), vocab_size=VOCAB, d_model=32,
                                     num_layers=1, num_heads=8, ffn_dim=64, max_target_positions=32),
-        max_new_tokens=8, llm_vocabulary="unused-here", llm_tokens_per_token=3)
-    slm = dataclasses.replace(spec, speech_encoder=transcriber).build()
-    states = np.random.default_rng(0).normal(size=(2, 5, 32)).astype(np.float32)
-    ids = np.array([[[4, 0, 0], [7, 9, 0], [0, 0, 0], [1, 2, 3], [5, 0, 0]]] * 2, np.float32)  # 1 + LLM id
-    hidden = jnp.asarray(np.concatenate([states, ids], -1))
-    variables = nn.unbox(slm.init(jax.random.PRNGKey(0), hidden, jnp.ones((2, 5), jnp.int32), method=SLM.adapt))
-    out = slm.apply(variables, hidden, 3, method=SLM.embed_llm_token_channels)
-    table = np.asarray(variables["params"]["llm"]["embed_tokens"]["embedding"])
-    np.testing.assert_allclose(out[..., :32], states)
-    np.testing.assert_allclose(out[0, 1, 32:], (table[6] + table[8]) / 2, rtol=1e-6)
-    np.testing.assert_allclose(out[0, 3, 32:], (table[0] + table[1] + table[2]) / 3, rtol=1e-6)
-    np.testing.assert_array_equal(out[0, 2, 32:], 0)  # no LLM token (end-of-text, padding)
-
-    # The adapter's output is added to those embeddings: zero-initialised, it adds nothing, so an
-    # untrained adapter hands the LLM the transcript's own token embeddings.
+        max_new_tokens=8, llm_vocabulary="unused-here", llm_token_rows=5)
     spec = dataclasses.replace(spec, speech_encoder=transcriber,
                                adapter=dataclasses.replace(spec.adapter, zero_init_output=True, subsample_rate=1))
     slm = spec.build()
+    states = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 32)).astype(np.float32))
+    ids = jnp.asarray([[3, 6, NO_TOKEN, 0, 4], [8, 8, 1, NO_TOKEN, NO_TOKEN]], jnp.int32)
     mask = jnp.asarray([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
-    variables = nn.unbox(slm.init(jax.random.PRNGKey(1), hidden, mask, method=SLM.adapt))
-    speech, speech_mask = slm.apply(variables, hidden, mask, method=SLM.adapt)
-    text = slm.apply(variables, hidden, 3, method=SLM.embed_llm_token_channels)[..., 32:]
-    np.testing.assert_allclose(speech, text * np.asarray(mask)[..., None], rtol=1e-6)
+    rows = SpeechRows(states, mask, ids)
+    variables = nn.unbox(slm.init(jax.random.PRNGKey(1), rows, method=SLM.adapt))
+    speech, speech_mask = slm.apply(variables, rows, method=SLM.adapt)
+    table = np.asarray(variables["params"]["llm"]["embed_tokens"]["embedding"])
+    expected = np.where((np.asarray(ids) >= 0)[..., None], table[np.maximum(np.asarray(ids), 0)], 0.0)
+    np.testing.assert_allclose(speech, expected * np.asarray(mask)[..., None], rtol=1e-6)
     np.testing.assert_array_equal(speech_mask, mask)
+    # A trained (non-zero) output layer reads the states too: other states, other outputs.
+    leaves, tree = jax.tree.flatten(variables)
+    noise = np.random.default_rng(2)
+    variables = jax.tree.unflatten(tree, [x + 0.1 * noise.normal(size=x.shape).astype(np.float32) for x in leaves])
+    a, _ = slm.apply(variables, rows, method=SLM.adapt)
+    other = jnp.asarray(np.random.default_rng(1).normal(size=states.shape).astype(np.float32))
+    b, _ = slm.apply(variables, rows.replace(hidden=other), method=SLM.adapt)
+    assert np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-3
 
 
 def test_spelled_out_rows_hold_each_llm_token_once_in_transcript_order():
@@ -346,85 +322,30 @@ def test_spelled_out_rows_hold_each_llm_token_once_in_transcript_order():
     mask = np.array([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]], np.int32)  # row 2 was cut after 3 tokens
 
     for rows in (20, 12, 5):  # more rows than Whisper tokens x slots, room for all, and too few
-        out, out_mask = map(np.asarray, spell_out_rows(jnp.asarray(states), jnp.asarray(mask), jnp.asarray(ids), rows))
-        assert out.shape == (2, rows, 7) and out_mask.shape == (2, rows)
+        out, out_ids, out_mask = map(np.asarray, spell_out_rows(jnp.asarray(states), jnp.asarray(mask),
+                                                                jnp.asarray(ids), rows))
+        assert out.shape == (2, rows, 6) and out_ids.shape == out_mask.shape == (2, rows)
         for b in range(2):
             expected = [(k, i) for k in range(5) if mask[b, k]
                         for i in ([j for j in ids[b, k] if j] or [0])][:rows]  # (Whisper token, 1 + id)
             n = int(out_mask[b].sum())
             assert out_mask[b, :n].all() and not out_mask[b, n:].any()  # kept rows first
             assert n == len(expected)
-            assert out[b, :n, -1].tolist() == [i for _, i in expected]
-            np.testing.assert_array_equal(out[b, :n, :-1], states[b, [k for k, _ in expected]])
+            assert out_ids[b, :n].tolist() == [i - 1 if i else NO_TOKEN for _, i in expected]
+            assert (out_ids[b, n:] == NO_TOKEN).all()
+            np.testing.assert_array_equal(out[b, :n], states[b, [k for k, _ in expected]])
             assert not out[b, n:].any()
 
-    # Rows of the same width but another layout: checkpoints must tell the two apart.
-    per_token = WhisperTranscriberConfig(llm_vocabulary="any")
-    names = {per_token.front_end, dataclasses.replace(per_token, llm_token_rows=8).front_end,
-             dataclasses.replace(per_token, decoder_states=False).front_end}
+    # Rows of the same width but another meaning: checkpoints must tell the layouts apart.
+    tokens = WhisperTranscriberConfig(llm_vocabulary="any", llm_token_rows=8)
+    names = {WhisperTranscriberConfig().front_end, tokens.front_end,
+             dataclasses.replace(tokens, decoder_states=False).front_end}
     assert len(names) == 3
     with pytest.raises(ValueError, match="decoder_states=False needs llm_vocabulary"):
         WhisperTranscriberConfig(decoder_states=False)
-    assert dataclasses.replace(per_token, llm_token_rows=8).llm_token_channels == 1
-    rows_cfg = dataclasses.replace(per_token, llm_token_rows=8)
-    assert dataclasses.replace(rows_cfg, encoder_rows_every=4).front_end not in names | {rows_cfg.front_end}
-    with pytest.raises(ValueError, match="encoder_rows_every needs llm_vocabulary and llm_token_rows"):
-        dataclasses.replace(per_token, encoder_rows_every=4)
-
-
-def test_encoder_rows_come_before_the_transcript_rows_every_nth_frame():
-    from slm_jax.contrib.whisper_cascade.front_end import encoder_rows_before
-
-    rng = np.random.default_rng(5)
-    memory = rng.normal(size=(2, 10, 3)).astype(np.float32)
-    memory_mask = np.array([[1] * 10, [1] * 5 + [0] * 5], np.int32)
-    rows = rng.normal(size=(2, 4, 4)).astype(np.float32)
-    rows_mask = np.array([[1, 1, 0, 0], [1, 1, 1, 0]], np.int32)
-    rows = rows * rows_mask[..., None]
-    out, out_mask = map(np.asarray, encoder_rows_before(jnp.asarray(memory), jnp.asarray(memory_mask),
-                                                        jnp.asarray(rows), jnp.asarray(rows_mask), 4))
-    assert out.shape == (2, 3 + 4, 4) and out_mask.shape == (2, 7)
-    for b in range(2):
-        frames = [t for t in range(0, 10, 4) if memory_mask[b, t]]  # frames 0, 4, 8 (row 1: 0, 4)
-        n_rows = int(rows_mask[b].sum())
-        n = int(out_mask[b].sum())
-        assert n == len(frames) + n_rows and out_mask[b, :n].all() and not out_mask[b, n:].any()
-        np.testing.assert_array_equal(out[b, :len(frames), :3], memory[b, frames])
-        assert not out[b, :len(frames), 3].any()  # no LLM token on the encoder's rows
-        np.testing.assert_array_equal(out[b, len(frames):n], rows[b, :n_rows])
-        assert not out[b, n:].any()
-
-
-def test_encoder_rows_go_only_to_the_utterances_whisper_was_unsure_of(hf_model):
-    from slm_jax.weights import assets
-
-    if not (assets.whisper_base_available() and assets.smollm2_available()):
-        pytest.skip("the LLM-token table needs the Whisper-base and SmolLM2 packages")
-    tokens_only = tiny_config(hf_model, llm_vocabulary="package:smollm2-135m-instruct", llm_token_rows=24,
-                              decoder_states=False)
-    with_rows = dataclasses.replace(tokens_only, encoder_rows_every=4)
-    params = hf_whisper_transcriber.params_from_state_dict(state_dict(hf_model), tokens_only)
-    features = np.random.default_rng(7).normal(size=(2, 64, 80)).astype(np.float32)
-
-    def rows(cfg):
-        return tuple(map(np.asarray, WhisperTranscriber(cfg).apply({"params": params}, features)))
-
-    confidence = np.asarray(WhisperTranscriber(tokens_only).apply(
-        {"params": params}, features, method=WhisperTranscriber.transcribe).confidence())
-    unsure, sure = int(np.argmin(confidence)), int(np.argmax(confidence))
-    assert confidence[unsure] < confidence[sure] < 0
-    (plain, plain_mask), (every, every_mask) = rows(tokens_only), rows(with_rows)
-    for threshold, expect_rows in ((0.0, (True, True)), (float(confidence.mean()), None), (-1e9, (False, False))):
-        gated, gated_mask = rows(dataclasses.replace(with_rows, encoder_rows_below_confidence=threshold))
-        if expect_rows is None:
-            expect_rows = {unsure: True, sure: False}
-        for b in (0, 1):
-            want, want_mask = (every, every_mask) if expect_rows[b] else (plain, plain_mask)
-            n = int(want_mask[b].sum())
-            assert int(gated_mask[b].sum()) == n
-            np.testing.assert_array_equal(gated[b, :n], want[b, :n])
-    with pytest.raises(ValueError, match="encoder_rows_below_confidence needs encoder_rows_every"):
-        dataclasses.replace(tokens_only, encoder_rows_below_confidence=-0.3)
+    with pytest.raises(ValueError, match="llm_vocabulary needs llm_token_rows"):
+        WhisperTranscriberConfig(llm_vocabulary="any")
+    assert tokens.writes_llm_tokens and not WhisperTranscriberConfig().writes_llm_tokens
 
 
 def test_llm_token_table_spells_whisper_tokens_in_smollm2_tokens():
@@ -458,9 +379,8 @@ def test_load_params_compares_the_architecture_not_the_run_time_choices(hf_model
         hf_whisper_transcriber.load_params(str(tmp_path), wrong)
 
 
-def test_transcriber_gin_files_differ_only_in_the_encoder_rows_and_the_speeds():
-    """The three transcriber configs give rows of one width (each adapter can warm-start the
-    next); the gated one reads the encoder rows as the ungated one does, so one adapter serves both."""
+def test_the_speeds_config_differs_from_the_one_speed_config_only_in_speeds_and_the_whisper_lora():
+    """Both give rows of one meaning, so the release adapter serves both."""
     import gin
 
     from slm_jax.cli import common
@@ -471,26 +391,10 @@ def test_transcriber_gin_files_differ_only_in_the_encoder_rows_and_the_speeds():
         return gin.query_parameter("train.model").scoped_configurable_fn().speech_encoder
 
     tokens = front_end("whisper_base_transcriber_smollm2.gin")
-    rows = front_end("whisper_base_transcriber_encoder_rows_smollm2.gin")
-    gated = front_end("whisper_base_transcriber_gated_rows_smollm2.gin")
-    assert (tokens.encoder_rows_every, rows.encoder_rows_every, gated.encoder_rows_every) == (0, 4, 4)
-    assert (rows.encoder_rows_below_confidence, gated.encoder_rows_below_confidence) == (None, -0.3)
-    assert tokens.output_dim == rows.output_dim == gated.output_dim
-    assert gated.front_end == rows.front_end != tokens.front_end
-    assert dataclasses.replace(gated, encoder_rows_below_confidence=None) == rows
-    speeds = front_end("whisper_base_transcriber_speeds_smollm2.gin")  # the release adapter serves it too
+    speeds = front_end("whisper_base_transcriber_speeds_smollm2.gin")
     assert speeds.speeds[0] == 1.0 and len(speeds.speeds) > 1 and speeds.front_end == tokens.front_end
     assert dataclasses.replace(speeds, speeds=(), decoder_lora="") == tokens
     assert speeds.decoder_lora and os.path.exists(speeds.decoder_lora)  # the release's Whisper LoRA ships
-
-
-def test_encoder_rows_cache_script_refuses_a_gated_config(tmp_path, capsys, load_script):
-    """Its input cache holds the transcript's rows but not Whisper's confidence, so it cannot
-    tell which utterances the gated front end gives the encoder's rows; nothing is written."""
-    script = load_script("encoder_rows_cache")
-    assert script.main([str(tmp_path), "0123", "--gin_file=whisper_base_transcriber_gated_rows_smollm2.gin"]) == 2
-    assert "only where Whisper was unsure" in capsys.readouterr().err
-    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("front_end,speeds", [(False, ""), (True, ""), (True, "1.0,0.9,1.1")])

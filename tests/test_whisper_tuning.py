@@ -162,12 +162,12 @@ def test_tuning_teaches_a_frozen_decoder_the_transcripts_and_the_front_end_write
 
     lora.save(tmp_path / "lora.npz", factors, tuning.scale)
     tuned = dataclasses.replace(cfg, decoder_lora=str(tmp_path / "lora.npz"))
-    merged = frozen.with_trained_factors(tuned, params)
+    merged = frozen.as_run(tuned, params)
     assert [greedy_tokens(cfg, merged, e["audio"]) for e in examples] == wanted
-    assert frozen.with_trained_factors(cfg, params) is params  # no LoRA: the weights as loaded
+    assert frozen.as_run(cfg, params) is params  # no LoRA: the weights as loaded
 
     with pytest.raises(frozen.FrozenSourceError, match="decoder_lora.*does not exist"):
-        frozen.with_trained_factors(dataclasses.replace(cfg, decoder_lora=str(tmp_path / "gone.npz")), params)
+        frozen.as_run(dataclasses.replace(cfg, decoder_lora=str(tmp_path / "gone.npz")), params)
 
 
 def test_a_transcript_too_long_for_the_decoder_and_an_unknown_language_are_refused(tokenizer_json):

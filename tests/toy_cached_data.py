@@ -4,7 +4,7 @@ Shared by tests/test_alignment.py and tests/test_warm_start.py."""
 
 import numpy as np
 
-from slm_jax.data.corpus.vocab import load_vocabulary
+from slm_jax.data.vocabularies import load_vocabulary
 from slm_jax.data.cached.encoder_cache import CachedSpeechData
 from slm_jax.data.prompting import PromptFormat
 

@@ -24,12 +24,13 @@ or a BOS), so the first returned logits predict the first new token.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from slm_jax.inference.processors import LogitsProcessor, ban_repeated_ngrams, standard_processors
 from slm_jax.layers.attention import KVCache
 
 StepFn = Callable[[jax.Array, Any, jax.Array], tuple[jax.Array, Any]]
@@ -40,57 +41,6 @@ class GreedyOutput(NamedTuple):
     lengths: jax.Array  # [B] generated tokens, the eos included
 
 
-class TranscriptGuide(NamedTuple):
-    """A transcript the answer should follow: greedy decoding adds a bonus to the logit of the
-    guide's next token while the answer keeps to it (``follow_guide``), and to eos from the step
-    the guide is used up. For a front end that writes its own transcript (Whisper's decoder): the
-    adapter rewords and drops words Whisper had right, and this is a copy prior that lets go
-    where the model departs from the transcript with confidence."""
-
-    tokens: jax.Array  # [B, G] int32 LLM token ids of each row's transcript (anything after its length)
-    lengths: jax.Array  # [B] int32
-    bias: jax.Array  # [B, G] float: the bonus for each guide token (0: the guide leaves that token to the model)
-    end_bias: jax.Array  # [] float: the bonus for eos once the guide is used up
-    # [B] int32 or None: the most tokens an answer that follows the guide needs. From that step
-    # on, eos gets end_bias more at each step, whether the answer follows the guide or not: an
-    # answer that departed from Whisper's transcript and never found it again ("C8 green keys" ->
-    # "Camelia, I am a British-American writer who ...") would otherwise go on to max_new_tokens.
-    answer_length: jax.Array | None = None
-
-
-# How far ahead of its place a token may be found in the guide and still count as keeping to it
-# (the answer skipped a few of the transcript's tokens, e.g. an opening "For example,").
-GUIDE_WINDOW = 16
-
-
-def guide_bonus(guide: TranscriptGuide, position: jax.Array, following: jax.Array, vocab_size: int,
-                eos_id: int | None, written: jax.Array | int = 0) -> jax.Array:
-    """[B, V] float32: each following row's bonus for its next guide token (eos at the end), and
-    eos's growing bonus once ``written`` (tokens so far) reaches the guide's answer_length."""
-    at = jnp.minimum(position, guide.tokens.shape[1] - 1)[:, None]
-    inside = position < guide.lengths
-    target = jnp.where(inside, jnp.take_along_axis(guide.tokens, at, axis=1)[:, 0], -1 if eos_id is None else eos_id)
-    bias = jnp.where(inside, jnp.take_along_axis(guide.bias, at, axis=1)[:, 0], guide.end_bias)
-    bonus = jax.nn.one_hot(target, vocab_size, dtype=jnp.float32) * jnp.where(following, bias, 0.0)[:, None]
-    if guide.answer_length is not None and eos_id is not None:
-        overrun = jnp.maximum(written + 1 - guide.answer_length, 0).astype(jnp.float32)  # [B]
-        bonus = bonus.at[:, eos_id].add(guide.end_bias * overrun)
-    return bonus
-
-
-def follow_guide(guide: TranscriptGuide, position: jax.Array, token: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """After the answer wrote ``token`` [B]: (the guide position after it, whether the row still
-    follows the guide). It keeps to the guide when the token is among the next GUIDE_WINDOW guide
-    tokens; the position then moves past the first such one. Otherwise the position stays, and
-    a later token found there takes the row back. A row whose guide is used up follows it (to
-    its end) whatever it writes."""
-    index = jnp.arange(guide.tokens.shape[1])[None]
-    ahead = jnp.logical_and(index >= position[:, None],
-                            index < jnp.minimum(position + GUIDE_WINDOW, guide.lengths)[:, None])
-    found = jnp.logical_and(ahead, guide.tokens == token[:, None])
-    kept = jnp.any(found, axis=1)
-    position = jnp.where(kept, jnp.argmax(found, axis=1) + 1, position).astype(jnp.int32)
-    return position, jnp.logical_or(kept, position >= guide.lengths)
 
 
 class BeamSearchOutput(NamedTuple):
@@ -120,94 +70,47 @@ def sequence_lengths(tokens: jax.Array, eos_id: int | None) -> jax.Array:
     return jnp.where(jnp.any(is_eos, axis=-1), jnp.argmax(is_eos, axis=-1) + 1, tokens.shape[-1]).astype(jnp.int32)
 
 
-def ban_repeated_ngrams(scores: jax.Array, generated: jax.Array, length: jax.Array, ngram_size: int) -> jax.Array:
-    """Sets to -inf the score of every token that would complete an n-gram already generated.
-
-    scores [N, V]; generated [N, T] the tokens so far in slots [0, length) (later slots ignored).
-    Hugging Face's ``no_repeat_ngram_size`` over the generated tokens (the prompt is embeddings,
-    so it has no tokens to match): a guard against the repetition loops a weakly grounded
-    answer falls into. ``ngram_size`` 0 returns ``scores`` unchanged.
-    """
-    if ngram_size < 1:
-        return scores
-    rows, width = generated.shape
-    if ngram_size == 1:  # every generated token is banned
-        seen = jnp.where(jnp.arange(width)[None, :] < length, generated, scores.shape[-1])
-        return scores.at[jnp.arange(rows)[:, None], seen].set(-jnp.inf, mode="drop")
-    # The last n-1 tokens (slots length-n+1 .. length-1), compared with every earlier window
-    # of n-1 tokens that has a successor inside the generated part.
-    starts = jnp.arange(width)
-    context = length - ngram_size + 1
-    match = starts[None, :] + ngram_size - 1 < length  # [1, T] window start j is complete with its successor
-    match = jnp.broadcast_to(match, (rows, width))
-    for k in range(ngram_size - 1):
-        window = jnp.take(generated, jnp.clip(starts + k, 0, width - 1), axis=1)
-        last = jnp.take_along_axis(generated, jnp.clip(jnp.broadcast_to(context + k, (rows, 1)), 0, width - 1), axis=1)
-        match = match & (window == last)
-    match = match & (context >= 0)  # fewer than n-1 tokens: nothing to compare
-    successor = jnp.take(generated, jnp.clip(starts + ngram_size - 1, 0, width - 1), axis=1)
-    banned = jnp.where(match, successor, scores.shape[-1])  # out of range: dropped
-    return scores.at[jnp.arange(rows)[:, None], banned].set(-jnp.inf, mode="drop")
-
-
-def repeats_an_earlier_ngram(tokens: jax.Array, last: jax.Array, n: int) -> jax.Array:
-    """[B] whether tokens[:, last-n+1 : last+1] also occurs earlier (starting before last-n+1)."""
-    width = tokens.shape[1]
-    recent = jax.lax.dynamic_slice_in_dim(jnp.pad(tokens, ((0, 0), (n, 0))), last + 1, n, axis=1)  # [B, n]
-    padded = jnp.pad(tokens, ((0, 0), (0, n)), constant_values=-1)
-    same = jnp.ones(tokens.shape, bool)
-    for i in range(n):  # same[:, j]: the n-gram starting at j equals the recent one
-        same = jnp.logical_and(same, padded[:, i: i + width] == recent[:, i: i + 1])
-    earlier = jnp.arange(width)[None] < last - n + 1
-    return jnp.logical_and(last >= n, jnp.any(jnp.logical_and(same, earlier), axis=1))
-
-
-def repeated_ngram_copy(tokens: jax.Array, step: jax.Array, live: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
-    """The stop rule for repetition loops ("Al-Bab, Al-Bab, Al-Bab, ..."): a live row whose tokens
-    in slots step-n+1 .. step repeat an earlier n-gram ends there, and that second copy is dropped.
-    -> (copy [B, T], the slots to drop; looped [B], the rows that end)."""
-    looped = jnp.logical_and(live, repeats_an_earlier_ngram(tokens, step, n))
-    return jnp.logical_and(jnp.arange(tokens.shape[1])[None] > step - n, looped[:, None]), looped
 
 
 def greedy_search(
     step_fn: StepFn, state: Any, start_tokens: jax.Array, max_new_tokens: int, eos_id: int | None,
-    *, pad_id: int = 0, no_repeat_ngram_size: int = 0, stop_on_repeated_ngram: int = 0,
-    guide: TranscriptGuide | None = None,
+    *, pad_id: int = 0, processors: Sequence[LogitsProcessor] = (),
 ) -> GreedyOutput:
     """Argmax decoding. Rows stop at their eos (later slots hold ``pad_id``); the loop ends when
     every row has stopped or after ``max_new_tokens`` tokens. ``eos_id=None`` never stops early.
-    ``no_repeat_ngram_size`` n > 0 never repeats an n-gram of the generated tokens;
-    ``stop_on_repeated_ngram`` n > 0 ends a row where it repeats one (``repeated_ngram_copy``);
-    ``guide`` biases each row towards following its transcript (``TranscriptGuide``)."""
+    ``processors`` (slm_jax/inference/processors.py) change each step's logits in order and may
+    end a row after its token, dropping its last tokens; each carries its own state."""
     _check_search_args(start_tokens, max_new_tokens)
     batch = start_tokens.shape[0]
+    processors = tuple(processors)
 
     def cond(carry):
-        i, _, _, _, done, _, _, _ = carry
+        i, _, _, _, done, _, _ = carry
         return jnp.logical_and(i < max_new_tokens, jnp.logical_not(jnp.all(done)))
 
     def body(carry):
-        i, tokens_in, state, out, done, lengths, position, following = carry
+        i, tokens_in, state, out, done, lengths, processor_states = carry
         logits, state = step_fn(tokens_in, state, i)
-        if guide is not None:
-            logits = logits + guide_bonus(guide, position, following, logits.shape[-1], eos_id, i).astype(logits.dtype)
-        logits = ban_repeated_ngrams(logits, out, i, no_repeat_ngram_size)
+        for processor, processor_state in zip(processors, processor_states):
+            logits = processor.process(processor_state, logits, out, i)
         next_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         next_tokens = jnp.where(done, pad_id, next_tokens)
-        if guide is not None:
-            position, following = follow_guide(guide, position, next_tokens)
         out = jax.lax.dynamic_update_slice(out, next_tokens[:, None], (0, i))
         ended = _is_eos(next_tokens, eos_id)
         live = jnp.logical_and(jnp.logical_not(done), jnp.logical_not(ended))
         lengths = lengths + jnp.logical_not(done).astype(jnp.int32)
         done = jnp.logical_or(done, ended)
-        if stop_on_repeated_ngram:
-            copy, looped = repeated_ngram_copy(out, i, live, stop_on_repeated_ngram)
-            out = jnp.where(copy, pad_id, out)
-            lengths = jnp.where(looped, lengths - stop_on_repeated_ngram, lengths)
-            done = jnp.logical_or(done, looped)
-        return i + 1, next_tokens, state, out, done, lengths, position, following
+        new_states = []
+        for processor, processor_state in zip(processors, processor_states):
+            processor_state, cut = processor.update(processor_state, next_tokens, out, i, live)
+            new_states.append(processor_state)
+            if cut is not None:  # rows that end here, without their last ``cut`` tokens
+                ends = cut > 0
+                out = jnp.where(jnp.logical_and(ends[:, None], jnp.arange(max_new_tokens)[None] > i - cut[:, None]),
+                                pad_id, out)
+                lengths = lengths - cut
+                done = jnp.logical_or(done, ends)
+        return i + 1, next_tokens, state, out, done, lengths, tuple(new_states)
 
     init = (
         jnp.asarray(0, jnp.int32),
@@ -216,10 +119,9 @@ def greedy_search(
         jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
         jnp.zeros((batch,), bool),
         jnp.zeros((batch,), jnp.int32),
-        jnp.zeros((batch,), jnp.int32),  # each row's place in its guide
-        jnp.ones((batch,), bool),  # whether the row keeps to its guide
+        tuple(processor.init(batch) for processor in processors),
     )
-    _, _, _, out, _, lengths, _, _ = jax.lax.while_loop(cond, body, init)
+    _, _, _, out, _, lengths, _ = jax.lax.while_loop(cond, body, init)
     return GreedyOutput(out, lengths)
 
 
@@ -434,7 +336,7 @@ def generate(
     pad_id: int = 0,
     no_repeat_ngram_size: int = 0,
     stop_on_repeated_ngram: int = 0,
-    guide: TranscriptGuide | None = None,
+    processors: Sequence[LogitsProcessor] = (),
 ) -> GreedyOutput | BeamSearchOutput:
     """Generates from prompt embeddings with a ``Llama`` or ``T5`` (greedy when num_beams == 1).
 
@@ -442,18 +344,16 @@ def generate(
     Returns ``GreedyOutput(tokens, lengths)`` or ``BeamSearchOutput(tokens, scores, lengths)``
     with tokens [B, max_new_tokens], ``pad_id`` after each row's eos. ``no_repeat_ngram_size`` n > 0
     bans repeating any n-gram of the generated tokens (``ban_repeated_ngrams``); greedy decoding's
-    ``stop_on_repeated_ngram`` n > 0 ends an answer where it repeats one (``repeated_ngram_copy``);
-    greedy decoding's ``guide`` biases each answer towards following a transcript (``TranscriptGuide``).
+    ``stop_on_repeated_ngram`` n > 0 ends an answer where it repeats one (``StopOnRepeatedNgram``);
+    greedy decoding also takes any other ``processors`` (slm_jax/inference/processors.py), after those two.
     """
-    if num_beams > 1 and stop_on_repeated_ngram:
-        raise ValueError("stop_on_repeated_ngram is a greedy-decoding rule; use num_beams=1 with it")
-    if num_beams > 1 and guide is not None:
-        raise ValueError("a transcript guide is a greedy-decoding rule; use num_beams=1 with it")
+    if num_beams > 1 and (stop_on_repeated_ngram or processors):
+        raise ValueError("stop_on_repeated_ngram and logits processors are greedy-decoding rules; use num_beams=1")
     state = prefill(model, params, prompt_embeds, prompt_mask, max_new_tokens)
     step_fn = make_step_fn(model, params)
     if num_beams == 1:
         return greedy_search(step_fn, state, start_tokens, max_new_tokens, eos_id, pad_id=pad_id,
-                             no_repeat_ngram_size=no_repeat_ngram_size, stop_on_repeated_ngram=stop_on_repeated_ngram,
-                             guide=guide)
+                             processors=standard_processors(no_repeat_ngram_size, stop_on_repeated_ngram,
+                                                            tuple(processors)))
     return beam_search(step_fn, state, start_tokens, max_new_tokens, eos_id, num_beams, length_penalty, pad_id=pad_id,
                        no_repeat_ngram_size=no_repeat_ngram_size)

@@ -17,7 +17,8 @@ import jax
 
 from slm_jax.parallel import partitioning
 from slm_jax.models.spec import ModelSpec, sample_batch
-from slm_jax.training.step import Trainer, make_optimizer
+from slm_jax.training.optimizers import make_optimizer
+from slm_jax.training.step import Trainer
 
 # Named mesh shapes: chips of a slice (a v4 chip is one JAX device).
 MESH_PRESETS = {

@@ -10,30 +10,11 @@ being spoken, or "nothing" (CTC's blank), scored with CTC against the transcript
   logits[b, t, 0]     = 0                                  (blank: the zero vector's score)
   logits[b, t, 1 + k] = <adapter_out[b, t], E[ids[k]]>     (E: the frozen LLM's input embeddings)
 
-Centred scoring (``AlignmentVocabulary(centered=True)``): both sides have the sub-vocabulary's
-mean embedding removed before the dot product. SmolLM2's input embeddings share a large common
-direction (mean |cosine| between random token embeddings 0.45), which the plain dot product gives
-to every token alike; centring scores only what tells tokens apart. The adapter still outputs in
-the LLM's own (uncentred) embedding space.
-
 ``ids`` is a fixed sub-vocabulary (every token of the training transcripts): scoring against all
 49k SmolLM2 embeddings per frame would cost more than the adapter itself. The objective needs no
 LLM forward pass, so a step costs a few percent of a next-token step; training runs it for the
-first ``train.alignment_steps`` steps and then switches to the next-token loss (slm_jax/training/loop.py).
-
-CTC compression (``ctc_compress``, ``train.ctc_compression``): the LLM reads only the frames the
-CTC head calls a token, one embedding per run of equal labels, instead of every frame. Why: with
-every frame in its prompt (most of them blanks, which no text ever puts there) the frozen
-SmolLM2-135M invents content around the speech; measured on the default model, its answers on
-real recordings stayed at WER 79% while the same adapter's own CTC transcript reached 47.5%
-(release/README.md). Two modes say what each kept run becomes:
-  'outputs'  the mean of the adapter's outputs over the run;
-  'tokens'   the mean over the run of the expected token embedding under the CTC posterior
-             (blank left out): a mixture of the LLM's own embeddings, so the LLM reads vectors of
-             the kind text gives it. Why: the dot-product score is met by outputs far from any
-             token embedding; measured on one adapter (4,000 alignment + 200 next-token steps,
-             release/README.md) its kept outputs had 14-20x the norm of SmolLM2's embeddings and
-             cosine 0-0.22 with the best token's.
+first phase of a run and then switches to the next-token loss (the phases of slm_jax/training/loop.py;
+the objective itself is slm_jax/training/objectives.py's ``CtcAlignment``).
 """
 
 from __future__ import annotations
@@ -46,15 +27,6 @@ import numpy as np
 import optax
 
 BLANK = 0
-COMPRESSION_MODES = ("outputs", "tokens")
-
-
-def compression_problem(mode: str, setting: str, off_allowed: bool = True) -> str | None:
-    """Why ``mode`` is not a CTC compression mode ('' = off where ``off_allowed``), or None."""
-    if (off_allowed and mode == "") or mode in COMPRESSION_MODES:
-        return None
-    off = "'' (off) or " if off_allowed else ""
-    return f"{setting} must be {off}one of {COMPRESSION_MODES}, got {mode!r}"
 
 
 class AlignmentVocabulary:
@@ -63,14 +35,13 @@ class AlignmentVocabulary:
     CTC class 0 is the blank; class ``1 + k`` is LLM token ``ids[k]``.
     """
 
-    def __init__(self, token_ids: Iterable[int], vocab_size: int, centered: bool = False):
+    def __init__(self, token_ids: Iterable[int], vocab_size: int):
         ids = np.unique(np.asarray(list(token_ids), np.int64))
         if ids.size == 0:
             raise ValueError("the alignment vocabulary is empty: no transcript has any token")
         if ids[0] < 0 or ids[-1] >= vocab_size:
             raise ValueError(f"alignment token ids must lie in [0, {vocab_size}); got {ids[0]}..{ids[-1]}")
         self.ids = ids.astype(np.int32)
-        self.centered = bool(centered)
         # LLM id -> CTC class; -1 for tokens outside the sub-vocabulary.
         self.classes = np.full((vocab_size,), -1, np.int32)
         self.classes[self.ids] = np.arange(1, ids.size + 1, dtype=np.int32)
@@ -88,50 +59,27 @@ class AlignmentVocabulary:
         return classes
 
 
-def alignment_logits(speech_embeds: jax.Array, token_embeddings: jax.Array, centered: bool = False) -> jax.Array:
-    """[B, T, D] adapter outputs, [V, D] embeddings of the sub-vocabulary -> [B, T, 1 + V] logits.
-    ``centered``: the embeddings' mean is removed from both sides first (module docstring)."""
-    speech_embeds, token_embeddings = speech_embeds.astype(jnp.float32), token_embeddings.astype(jnp.float32)
-    if centered:
-        mean = jnp.mean(token_embeddings, axis=0)
-        speech_embeds, token_embeddings = speech_embeds - mean, token_embeddings - mean
-    scores = jnp.einsum("btd,vd->btv", speech_embeds, token_embeddings)
+def alignment_logits(speech_embeds: jax.Array, token_embeddings: jax.Array) -> jax.Array:
+    """[B, T, D] adapter outputs, [V, D] embeddings of the sub-vocabulary -> [B, T, 1 + V] logits."""
+    scores = jnp.einsum("btd,vd->btv", speech_embeds.astype(jnp.float32), token_embeddings.astype(jnp.float32))
     return jnp.concatenate([jnp.zeros(scores.shape[:2] + (1,), scores.dtype), scores], axis=-1)
 
 
-def expected_token_embeddings(logits: jax.Array, token_embeddings: jax.Array) -> jax.Array:
-    """[B, T, 1 + V] CTC logits, [V, D] embeddings -> [B, T, D]: each frame's mean token embedding
-    under its posterior over the tokens (the blank left out and the rest renormalised)."""
-    probs = jax.nn.softmax(logits[..., 1:].astype(jnp.float32), axis=-1)
-    return jnp.einsum("btv,vd->btd", probs, token_embeddings.astype(jnp.float32))
+def adapter_ctc_logits(slm, rows, token_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The CTC logits of the adapter's outputs for ``rows`` (SpeechRows) against the LLM's embeddings
+    of ``token_ids`` [V]: [B, T', 1 + V] and the frame mask. No LLM layer runs. Called as
+    ``slm.apply(variables, rows, token_ids, method=adapter_ctc_logits)``.
+
+    Refused for rows that spell LLM tokens (a front end that writes text): CTC over them is met by
+    copying the text, so it would teach the adapter nothing about the sound."""
+    if rows.token_ids is not None:
+        raise ValueError(TEXT_FRONT_END)
+    speech_embeds, speech_mask = slm.adapt(rows)
+    return alignment_logits(speech_embeds, slm.embed_tokens(token_ids[None, :])[0]), speech_mask
 
 
-def ctc_compress(
-    speech_embeds: jax.Array, speech_mask: jax.Array, logits: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """Keeps one embedding per token of the CTC best path: [B, T, D] -> [B, T, D] and mask [B, T].
-
-    Frames whose best class is the blank are dropped, each run of frames with the same best
-    class becomes the mean of its embeddings, and the runs are packed to the front in order
-    (the rest is padding, mask 0). The choice of frames carries no gradient; the kept means do.
-    The length stays T so that shapes stay static; the mask says how many runs each row has.
-    """
-    best = jnp.argmax(logits, axis=-1)
-    keep = (speech_mask > 0) & (best != BLANK)
-    previous_best = jnp.pad(best[:, :-1], ((0, 0), (1, 0)), constant_values=BLANK)
-    previous_keep = jnp.pad(keep[:, :-1], ((0, 0), (1, 0)), constant_values=False)
-    starts = keep & ~(previous_keep & (previous_best == best))
-    run = jnp.cumsum(starts, axis=1) - 1
-    length = speech_embeds.shape[1]
-    run = jnp.where(keep, run, length)  # dropped frames go past the last run, which segment_sum drops
-
-    def merge(values, segments):
-        return jax.ops.segment_sum(values, segments, num_segments=length)
-
-    sums = jax.vmap(merge)(speech_embeds * keep[..., None].astype(speech_embeds.dtype), run)
-    counts = jax.vmap(merge)(keep.astype(speech_embeds.dtype), run)
-    mask = (jnp.arange(length)[None, :] < jnp.sum(starts, axis=1)[:, None]).astype(speech_mask.dtype)
-    return sums / jnp.maximum(counts, 1)[..., None], mask
+TEXT_FRONT_END = ("the CTC alignment scores a speech encoder's rows against the transcript, and this front end's "
+                  "rows spell the transcript already (it writes text): train it with the next-token objective only")
 
 
 def ctc_feasible(frames: jax.Array, labels: jax.Array, label_mask: jax.Array) -> jax.Array:

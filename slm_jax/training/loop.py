@@ -1,8 +1,12 @@
 """The training loop (T5X style): resumable, sharded, logged, preemption-safe.
 
-``train(model_dir, ...)`` is bound by gin (see gin/*.gin) and driven by ``slm-train``. Running
-it again on the same model_dir resumes from the latest complete checkpoint, including the data
-position, so a resumed run sees exactly the batches an uninterrupted run would have seen.
+``train(model_dir, ...)`` is bound by gin (see gin/) and driven by ``slm-train``. Running it again
+on the same model_dir resumes from the latest complete checkpoint, including the data position,
+so a resumed run sees exactly the batches an uninterrupted run would have seen.
+
+A run is a schedule of phases ``[(steps, objective), ...]`` (slm_jax/training/objectives.py); the
+last phase's steps may be None: the rest of ``train.steps``. The default is the paper's: next-token
+steps only.
 """
 
 from __future__ import annotations
@@ -11,21 +15,20 @@ import logging
 import os
 import signal
 import time
-from typing import Any, Iterator, Mapping, Protocol
+from typing import Any, Iterator, Mapping, Protocol, Sequence
 
 import gin
 import jax
 import numpy as np
 
-from slm_jax.training import checkpointing
-from slm_jax.parallel import partitioning
-from slm_jax.training.alignment import AlignmentVocabulary, compression_problem
-from slm_jax.training.augment import SpeechMasking
+from slm_jax.errors import UserError
 from slm_jax.models.spec import ModelSpec, sample_batch
+from slm_jax.parallel import partitioning
+from slm_jax.training import checkpointing, objectives
+from slm_jax.training.augment import SpeechMasking
+from slm_jax.training.optimizers import make_optimizer
+from slm_jax.training.step import Trainer, count_params, tree_bytes
 from slm_jax.weights.frozen import load_frozen_params
-from slm_jax.models import registry
-from slm_jax.models.slm import alignment_front_end_problem
-from slm_jax.training.step import Trainer, count_params, make_optimizer, tree_bytes
 
 log = logging.getLogger("slm_jax.training.loop")
 
@@ -105,10 +108,39 @@ class _Writers:
             f.close()
 
 
+Phase = tuple  # (steps or None, objective)
+PAPER_PHASES: tuple[Phase, ...] = ((None, objectives.NextToken()),)
+
+
+def resolve_phases(phases: Sequence[Phase], steps: int) -> list[tuple[int, int, Any]]:
+    """[(steps, objective)] -> [(first step, end step, objective)] covering [0, steps); phases of
+    0 steps are left out. Only the last phase may have None steps (the rest of the run)."""
+    if not phases:
+        raise UserError("train.phases is empty: give at least one (steps, objective) pair")
+    spans, start = [], 0
+    for i, phase in enumerate(phases):
+        if not (isinstance(phase, (tuple, list)) and len(phase) == 2 and hasattr(phase[1], "loss")):
+            raise UserError(f"train.phases[{i}] must be (steps, objective), got {phase!r}")
+        length, objective = phase
+        last = i == len(phases) - 1
+        if length is None and not last:
+            raise UserError(f"train.phases[{i}]: only the last phase may run for the rest of the steps (None)")
+        if length is not None and (not isinstance(length, int) or isinstance(length, bool) or length < 0):
+            raise UserError(f"train.phases[{i}] steps must be a non-negative integer or None, got {length!r}")
+        end = steps if length is None else start + length
+        if end > steps:
+            raise UserError(f"train.phases need {end} steps up to phase {i}, more than train.steps ({steps})")
+        if last and end < steps:
+            raise UserError(f"train.phases cover {end} of train.steps ({steps}): give the last phase None steps "
+                            "(the rest of the run) or more steps")
+        if end > start:
+            spans.append((start, end, objective))
+        start = end
+    return spans
+
+
 def _check_settings(**values: int) -> None:
     """Rejects settings that would only fail later (a modulo by zero after the first step)."""
-    from slm_jax.errors import UserError  # a configuration mistake: one line, no traceback
-
     for name, value in values.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise UserError(f"train.{name} must be a non-negative integer, got {value!r}")
@@ -138,52 +170,30 @@ def train(
     checkpoint_every: int = 100,
     max_to_keep: int = 3,
     max_nonfinite_streak: int = 10,
-    alignment_steps: int = 0,
+    phases: Sequence[Phase] = PAPER_PHASES,
+    restart_schedule_each_phase: bool = False,
     speech_masking: SpeechMasking | None = None,
-    alignment_centered: bool = False,
-    restart_schedule_after_alignment: bool = False,
-    alignment_weight: float = 0.0,
     init_checkpoint: str | None = None,
-    ctc_compression: str = "",
 ) -> dict[str, Any]:
     """Trains the adapter for ``steps`` steps; returns the final metrics.
 
-    The first ``alignment_steps`` of them use the CTC alignment objective (slm_jax/training/alignment.py:
-    no LLM forward pass, a small fraction of a next-token step's cost), the rest the next-token
-    loss through the frozen LLM. One optimizer spans both; its learning-rate schedule spans
-    both too, or, with ``restart_schedule_after_alignment``, starts over (warm-up, cosine decay)
-    for the next-token steps, which otherwise begin at the first phase's decayed rate.
-    ``speech_masking`` (slm_jax/training/augment.py) masks spans of the encoder output in training steps.
-    ``alignment_centered`` scores the alignment against mean-centred embeddings (slm_jax/training/alignment.py).
-    ``alignment_weight`` > 0 adds that times the CTC alignment loss to every next-token step, so
-    the adapter's outputs stay near the token embeddings the alignment steps put them at (the
-    logged ``loss`` stays the next-token loss; ``alignment_loss`` is the CTC term).
+    ``phases`` [(steps, objective)]: what each stretch of the run minimises (module docstring).
+    One optimizer spans them; its learning-rate schedule spans them too, or, with
+    ``restart_schedule_each_phase``, starts over (warm-up, cosine decay) at each phase, which
+    otherwise begins at the previous phase's decayed rate.
+    ``speech_masking`` (slm_jax/training/augment.py) masks spans of the front end's rows in training steps.
     ``init_checkpoint`` (a model or step directory of a run of the same model and optimizer, or a
     release) starts a new run from that adapter: step 0, fresh optimizer state and schedule, the
     data stream from its start. A ``model_dir`` that already holds checkpoints resumes instead.
-    ``ctc_compression`` ('outputs' or 'tokens'; '' off) feeds the LLM only the frames the adapter's
-    CTC head calls a token, one embedding per token (slm_jax/training/alignment.py); the checkpoint records
-    it, so that slm-eval and slm-infer read the adapter the same way. It is refused for a transcriber
-    front end, whose token rows are one per Whisper token already (models/slm.py).
 
     ``log_every``, ``eval_every`` and ``checkpoint_every`` may be 0 (never; the last step is still
-    checkpointed). After ``max_nonfinite_streak`` consecutive steps with a non-finite loss or
-    gradient (each one skipped) the run raises ``TrainingStopped``.
+    checkpointed). After ``max_nonfinite_streak`` consecutive skipped updates (a non-finite loss,
+    gradient or result: slm_jax/training/step.py) the run raises ``TrainingStopped``.
     """
     _check_settings(steps=steps, batch_size=batch_size, log_every=log_every, eval_every=eval_every,
                     checkpoint_every=checkpoint_every, max_nonfinite_streak=max_nonfinite_streak,
-                    max_to_keep=max_to_keep, alignment_steps=alignment_steps)
-    from slm_jax.errors import UserError
-
-    if alignment_steps > steps:
-        raise UserError(f"train.alignment_steps ({alignment_steps}) is more than train.steps ({steps})")
-    if not alignment_weight >= 0:  # also refuses NaN
-        raise UserError(f"train.alignment_weight must be >= 0, got {alignment_weight!r}")
-    problem = compression_problem(ctc_compression, "train.ctc_compression")
-    if not problem and (alignment_steps or alignment_weight or ctc_compression):
-        problem = alignment_front_end_problem(model.speech_encoder, ctc_compression)
-    if problem:
-        raise UserError(problem)
+                    max_to_keep=max_to_keep)
+    spans = resolve_phases(phases, steps)
     from slm_jax.training.run_lock import RunLock  # one training run per model_dir (process 0 holds it)
 
     with RunLock(model_dir), _Preemption() as preemption:
@@ -191,28 +201,23 @@ def train(
                       seed=seed, mesh_shape=mesh_shape, learning_rate=learning_rate, warmup_steps=warmup_steps,
                       weight_decay=weight_decay, clip_norm=clip_norm, optimizer=optimizer, log_every=log_every,
                       eval_every=eval_every, eval_batches=eval_batches, checkpoint_every=checkpoint_every,
-                      max_to_keep=max_to_keep, max_nonfinite_streak=max_nonfinite_streak,
-                      alignment_steps=alignment_steps, speech_masking=speech_masking,
-                      alignment_centered=alignment_centered,
-                      restart_schedule_after_alignment=restart_schedule_after_alignment,
-                      alignment_weight=alignment_weight, init_checkpoint=init_checkpoint,
-                      ctc_compression=ctc_compression)
+                      max_to_keep=max_to_keep, max_nonfinite_streak=max_nonfinite_streak, spans=spans,
+                      restart_schedule_each_phase=restart_schedule_each_phase, speech_masking=speech_masking,
+                      init_checkpoint=init_checkpoint)
 
 
 def _train(model_dir, preemption, *, model, data, steps, batch_size, seed, mesh_shape, learning_rate, warmup_steps,
            weight_decay, clip_norm, optimizer, log_every, eval_every, eval_batches, checkpoint_every, max_to_keep,
-           max_nonfinite_streak, alignment_steps, speech_masking, alignment_centered,
-           restart_schedule_after_alignment, alignment_weight, init_checkpoint,
-           ctc_compression) -> dict[str, Any]:
+           max_nonfinite_streak, spans, restart_schedule_each_phase, speech_masking,
+           init_checkpoint) -> dict[str, Any]:
     mesh = partitioning.make_mesh(**partitioning.parse_mesh_spec(mesh_shape))
-    restarts = (alignment_steps,) if restart_schedule_after_alignment and 0 < alignment_steps < steps else ()
+    restarts = tuple(start for start, _, _ in spans[1:]) if restart_schedule_each_phase else ()
     tx, schedule = make_optimizer(
         learning_rate=learning_rate, warmup_steps=warmup_steps, total_steps=steps,
         weight_decay=weight_decay, clip_norm=clip_norm, name=optimizer, restarts=restarts,
     )
     slm = model.build()
-    trainer = Trainer(slm, tx, schedule, mesh, speech_masking=speech_masking, masking_seed=seed,
-                      alignment_weight=alignment_weight, ctc_compression=ctc_compression)
+    trainer = Trainer(slm, tx, schedule, mesh, speech_masking=speech_masking, masking_seed=seed)
     host_batch = batch_size // jax.process_count()
     if host_batch * jax.process_count() != batch_size:
         raise ValueError(f"batch_size {batch_size} is not divisible by {jax.process_count()} processes")
@@ -257,39 +262,28 @@ def _train(model_dir, preemption, *, model, data, steps, batch_size, seed, mesh_
     frozen = load_frozen_params(trainer, model, example)
     if hasattr(data, "attach_model"):  # e.g. CachedCorpusData: runs the frozen encoder once, offline
         data.attach_model(slm, frozen["speech_encoder"], model)
-    if alignment_steps or alignment_weight or ctc_compression:
-        trainer.alignment_vocabulary = alignment_vocabulary(data, model, alignment_centered)
-        # Kept with each checkpoint: the adapter's CTC head can then be read without the corpus
-        # (slm-eval --decoder=ctc), and a compressing adapter is read as it was trained.
-        metadata = {**metadata, "alignment_token_ids": [int(i) for i in trainer.alignment_vocabulary.ids],
-                    "alignment_centered": trainer.alignment_vocabulary.centered,
-                    "ctc_compression": ctc_compression}
+    # Objectives bound to what only this run knows (e.g. the transcripts' sub-vocabulary).
+    bound = {}
+    for _, _, objective in spans:
+        if objective not in bound:
+            bound[objective] = objective.for_run(data, model)
+    spans = [(start, end, bound[objective]) for start, end, objective in spans]
+    metadata = {**metadata, **objectives.run_metadata(bound.values())}
     checkpointer = checkpointing.Checkpointer(model_dir, max_to_keep=max_to_keep)
     try:
         return _loop(model_dir, preemption, trainer, checkpointer, frozen, example, metadata, restored, data=data, steps=steps, batch_size=batch_size, host_batch=host_batch, seed=seed,
                      log_every=log_every, eval_every=eval_every, eval_batches=eval_batches,
                      checkpoint_every=checkpoint_every, max_nonfinite_streak=max_nonfinite_streak,
-                     alignment_steps=alignment_steps)
+                     spans=spans)
     finally:
         checkpointer.close()
 
 
-def alignment_vocabulary(data: DataSource, model: ModelSpec, centered: bool = False) -> AlignmentVocabulary:
-    """The alignment objective's sub-vocabulary: every token of the data's training transcripts."""
-    if not hasattr(data, "alignment_token_ids"):
-        from slm_jax.errors import UserError
-
-        raise UserError(f"train.alignment_steps, train.alignment_weight and train.ctc_compression need "
-                        f"transcripts; the data source {type(data).__name__} has none (use CachedCorpusData, as "
-                        "gin/whisper_base_smollm2.gin does, or leave all three off)")
-    vocabulary = AlignmentVocabulary(data.alignment_token_ids(), registry.llm_vocab_size(model.llm), centered)
-    log.info("alignment objective: %d distinct transcript tokens", len(vocabulary))
-    return vocabulary
 
 
 def _loop(model_dir, preemption, trainer, checkpointer, frozen, example, metadata, restored, *,
           data, steps, batch_size, host_batch, seed, log_every, eval_every, eval_batches, checkpoint_every,
-          max_nonfinite_streak, alignment_steps) -> dict[str, Any]:
+          max_nonfinite_streak, spans) -> dict[str, Any]:
     if restored is None:
         state = trainer.init_state(seed, example)
         batches_consumed = 0
@@ -312,7 +306,12 @@ def _loop(model_dir, preemption, trainer, checkpointer, frozen, example, metadat
             f.write(gin.operative_config_str() or gin.config_str())
 
     frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
-    trainer.compile(example, frozen_shardings)
+    trainer.compile(example, frozen_shardings, tuple({objective: None for _, _, objective in spans}))
+    phase_ends = {end for _, end, _ in spans}
+
+    def objective_at(step: int):
+        return next(objective for start, end, objective in spans if start <= step < end)
+
     step = int(state.step)
 
     def save():
@@ -336,7 +335,7 @@ def _loop(model_dir, preemption, trainer, checkpointer, frozen, example, metadat
                     bar.write(f"SIGTERM: saved checkpoint at step {step}; exiting (run the same command to resume)")
                     last["preempted"] = True
                     break
-                objective = "alignment" if step < alignment_steps else "next_token"
+                objective = objective_at(step)
                 batch = trainer.place_batch(next(batches), objective)
                 state, metrics = trainer.train_step(state, frozen, batch, objective)
                 step += 1
@@ -346,17 +345,18 @@ def _loop(model_dir, preemption, trainer, checkpointer, frozen, example, metadat
                 if not streak:
                     window_loss, window_steps = window_loss + metrics["loss"], window_steps + 1  # stays on device
                 if streak:
-                    log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row, %d in all)",
+                    log.warning("step %d: non-finite or exploding update skipped (%d in a row, %d in all)",
                                 step, streak, int(state.nonfinite_total))
                 if streak >= max_nonfinite_streak:
+                    saved = (f"the last good checkpoint in {model_dir} is step {checkpointer.last_saved}"
+                             if checkpointer.last_saved is not None else f"no checkpoint was saved in {model_dir}")
                     raise TrainingStopped(
-                        f"{streak} consecutive steps had a non-finite loss or gradient (steps {step - streak + 1} "
-                        f"to {step}); stopped without saving them. The last good checkpoint in {model_dir} is "
-                        f"step {checkpointer.last_saved}. Check the data of those steps or lower the learning rate"
-                    )
+                        f"{streak} consecutive updates were skipped as non-finite or exploding (steps "
+                        f"{step - streak + 1} to {step}); stopped without saving them; {saved}. Check the data of "
+                        "those steps or lower the learning rate")
                 bar.update(1)
-                # Also at the switch of objectives: a window's mean loss must be of one objective.
-                if (log_every and step % log_every == 0) or step in (steps, alignment_steps):
+                # Also at the end of each phase: a window's mean loss must be of one objective.
+                if (log_every and step % log_every == 0) or step in phase_ends:
                     elapsed = max(time.time() - window_start, 1e-9)
                     last = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     if window_steps:
@@ -364,13 +364,13 @@ def _loop(model_dir, preemption, trainer, checkpointer, frozen, example, metadat
                     last["examples_per_second"] = window_examples / elapsed
                     last["skipped_updates_total"] = float(state.nonfinite_total)
                     bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['learning_rate']:.2e}")
-                    label = "ctc loss" if objective == "alignment" else "loss"
+                    label = "loss" if objective.name == "next_token" else f"{objective.name} loss"
                     ctc = f"  ctc loss {last['alignment_loss']:.4f}" if "alignment_loss" in last else ""
                     bar.write(
                         f"step {step:>6d}  {label} {last['loss']:.4f}{ctc}  lr {last['learning_rate']:.3e}  "
                         f"grad_norm {last['grad_norm']:.3f}  {last['examples_per_second']:.1f} examples/s"
                     )
-                    writers.scalars("train" if objective == "next_token" else "train_alignment", step, last)
+                    writers.scalars("train" if objective.name == "next_token" else f"train_{objective.name}", step, last)
                     window_start, window_examples = time.time(), 0
                     window_loss, window_steps = 0.0, 0
                 if eval_every and (step % eval_every == 0 or step == steps):
@@ -396,7 +396,7 @@ def evaluate_loss(trainer: Trainer, state, frozen, data: DataSource, batch_size:
     totals = {"loss_sum": 0.0, "num_target_tokens": 0.0, "correct_tokens": 0.0}
     host_batch = batch_size // jax.process_count()
     for batch in data.eval_batches(host_batch, num_batches):
-        out = jax.device_get(trainer.eval_step(state, frozen, trainer.place_batch(batch, "next_token")))
+        out = jax.device_get(trainer.eval_step(state, frozen, trainer.place_batch(batch, objectives.NextToken())))
         for k in totals:
             totals[k] += float(out[k])
     n = max(totals["num_target_tokens"], 1.0)

@@ -78,25 +78,23 @@ _KNOWN = "random:SEED, hf:DIR, converted:DIR, package:NAME, gguf:PATH"
 
 def load_on_host(config: Any, source: str) -> Any:
     """One model's weights from an 'hf:DIR', 'package:NAME' or 'gguf:PATH' source, unsharded on the
-    default device: for tools that run a frozen model outside a Trainer (scripts/encoder_rows_cache.py)."""
+    default device: for tools that run a frozen model outside a Trainer (slm-tune-whisper)."""
     scheme, _, arg = source.partition(":")
     if scheme not in _SCHEMES or not arg:
         raise FrozenSourceError(f"bad source {source!r}: load_on_host reads hf:DIR, package:NAME or gguf:PATH")
-    return with_trained_factors(config, _SCHEMES[scheme](config, arg, lambda path, x: jnp.asarray(x)))
+    return as_run(config, _SCHEMES[scheme](config, arg, lambda path, x: jnp.asarray(x)))
 
 
-def with_trained_factors(config: Any, params: Any) -> Any:
-    """A frozen model's weights as it runs them: a transcriber front end with a decoder LoRA gets its
-    factors merged into Whisper's decoder (a new tree; the loaded weights are not changed)."""
-    if not getattr(config, "decoder_lora", ""):
+def as_run(config: Any, params: Any) -> Any:
+    """A frozen model's weights as it runs them: its config's own ``prepare_params`` hook, if any
+    (slm_jax/models/front_end.py), e.g. trained factors merged in; the loaded tree is not changed."""
+    prepare = getattr(config, "prepare_params", None)
+    if prepare is None:
         return params
-    from slm_jax.contrib.whisper_cascade import lora
-    from slm_jax.contrib.whisper_cascade.front_end import apply_decoder_lora
-
     try:
-        return apply_decoder_lora(config, params)
-    except lora.LoraError as e:
-        raise FrozenSourceError(f"the speech front end's decoder_lora: {e}") from None
+        return prepare(params)
+    except ValueError as e:
+        raise FrozenSourceError(f"preparing the {type(config).__name__} weights: {e}") from None
 
 
 def _shapes(tree: Any) -> dict[str, tuple]:
@@ -172,6 +170,6 @@ def load_frozen_params(trainer, model: ModelSpec, example: Mapping[str, Any]) ->
         else:
             raise FrozenSourceError(f"bad source {source!r} for {name}: expected one of {_KNOWN}")
         _check_tree(name, source, loaded, abstract[name])  # nothing missing
-        trained = with_trained_factors(configs[name], loaded)
+        trained = as_run(configs[name], loaded)
         frozen[name] = loaded if trained is loaded else jax.device_put(trained, shardings[name])
     return frozen

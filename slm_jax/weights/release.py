@@ -26,7 +26,8 @@ def _restore_training_state(checkpoint: str, model: Any, data: Any):
     from slm_jax.parallel import partitioning
     from slm_jax.models.spec import sample_batch
     from slm_jax.inference.model import _optimizer_name
-    from slm_jax.training.step import Trainer, make_optimizer
+    from slm_jax.training.optimizers import make_optimizer
+    from slm_jax.training.step import Trainer
 
     optimizer, schedule = make_optimizer(name=_optimizer_name())
     trainer = Trainer(model.build(), optimizer, schedule, partitioning.make_mesh(data=1, devices=jax.devices()[:1]))

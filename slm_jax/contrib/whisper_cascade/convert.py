@@ -35,8 +35,7 @@ DECODER_PREFIXES = ("decoder.", "model.decoder.")
 # decoder's own architecture fields are compared; see hf_checkpoint.check_config_matches).
 RUNTIME_FIELDS = (
     "language_ids", "task_ids", "max_new_tokens", "trailing_silence_frames", "stop_on_repeated_ngram",
-    "llm_vocabulary", "llm_tokens_per_token", "llm_token_rows", "decoder_states", "encoder_rows_every",
-    "whisper_tokenizer", "speeds", "previous_text", "start_of_previous",
+    "llm_vocabulary", "llm_tokens_per_token", "llm_token_rows", "decoder_states", "whisper_tokenizer", "speeds",
     *(f"encoder.{name}" for name in hf_whisper.RUNTIME_FIELDS), "decoder.dtype", "decoder.param_dtype",
 )
 

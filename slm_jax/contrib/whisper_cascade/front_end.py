@@ -1,27 +1,23 @@
-"""A frozen speech front end that reads the speech with all of Whisper: encoder *and* decoder.
+"""The cascade baseline's front end: Whisper's encoder *and* decoder write a transcript.
 
 log-mel -> Whisper encoder -> Whisper decoder, greedy, from
 ``<|startoftranscript|> <|lang|> <|transcribe|> <|notimestamps|>`` -> one hidden state per
-token it writes -> [B, N, d_model] (the adapter's input), mask [B, N].
+token it writes -> ``SpeechRows`` (slm_jax/models/front_end.py) for the adapter.
 
-Why: the paper's front end is the encoder alone, and an adapter trained on a few hours of
-synthetic speech learns to read only the words and voices it saw (release/README.md measures
-that gap on real recordings). Whisper's decoder already reads the encoder's output for any
-voice and any word. Its final hidden states are what its output layer turns into tokens, so
-they say which word comes while still being continuous vectors the adapter can reshape
-for the LLM. The adapter, the LLM and the training are unchanged; only the speech slot is
-shorter (a few vectors per word rather than 12.5 frames a second), so the adapter
-runs without subsampling (``AdapterConfig.subsample_rate = 1``).
+This is not the paper's design (whose front end is the encoder alone): it is the cascade the
+paper compares against, with an adapter between Whisper's transcript and the LLM. The adapter,
+the LLM and the training are unchanged; only the speech slot holds a few rows per word, so the
+adapter runs without subsampling (``AdapterConfig.subsample_rate = 1``).
 
 State k is the decoder's output at the step that chose token k, so the kept states are
 those that chose the transcript's tokens and the one that chose end-of-text (never empty).
 The language token is Whisper's own choice among ``language_ids`` (one id = forced).
 
-With ``llm_vocabulary`` the rows also carry the LLM's own tokens of the transcript (per Whisper
-token, or one row per LLM token with ``llm_token_rows``), and with ``decoder_states=False`` the
-states are zeroed so the adapter reads those tokens alone. The shipped config
-(gin/whisper_base_transcriber_smollm2.gin) does both: adapters that read the states learned the
-training corpus's synthetic voices and rewrote the words of real speakers (release/README.md).
+With ``llm_vocabulary`` the rows are one per LLM token of the transcript and carry its id, and
+with ``decoder_states=False`` the states are zeroed so the adapter reads those tokens alone. The
+shipped config (gin/cascade/whisper_base_transcriber_smollm2.gin) does both: adapters that read the
+states learned the training corpus's synthetic voices and rewrote the words of real speakers
+(docs/experiments).
 """
 
 from __future__ import annotations
@@ -29,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import pathlib
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -36,15 +33,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from slm_jax.inference.decoding import repeated_ngram_copy
-from slm_jax.models.adapter import uniform_subsample
+from slm_jax.inference.processors import repeated_ngram_copy
+from slm_jax.models.front_end import NO_TOKEN, SpeechRows
 from slm_jax.contrib.whisper_cascade.whisper_decoder import WhisperDecoder, WhisperDecoderConfig
 from slm_jax.models.encoders.whisper import WhisperEncoder, WhisperEncoderConfig, check_speech_inputs
+
+REPO_ROOT = str(pathlib.Path(__file__).resolve().parents[3])
 
 # Multilingual Whisper's special tokens (tokenizer.json of every multilingual checkpoint).
 END_OF_TEXT = 50257
 START_OF_TRANSCRIPT = 50258
-START_OF_PREVIOUS = 50361
 ENGLISH, FRENCH = 50259, 50265
 TRANSCRIBE, NO_TIMESTAMPS = 50359, 50363
 
@@ -62,13 +60,11 @@ class WhisperTranscriberConfig:
     # last word it does not see the end coming and repeats the sentence until max_new_tokens.
     # One second of silence (appended as Whisper's own padding value) is enough to stop it.
     trailing_silence_frames: int = 100
-    # The LLM's tokens for each token Whisper writes (a vocabulary spec, e.g.
-    # 'package:smollm2-135m-instruct'; '' = off). When set, the output carries, after the states,
-    # ``llm_tokens_per_token`` channels holding 1 + the LLM token ids of that token's text (0 = none),
-    # and the SLM adds the LLM's own embeddings of them to the adapter's input
-    # (slm_jax/models/slm.py). The adapter then never has to learn the two vocabularies' mapping
-    # word by word from the training transcripts: words it never saw arrive spelled in the LLM's
-    # tokens.
+    # The LLM's tokens of the transcript (a vocabulary spec, e.g. 'package:smollm2-135m-instruct';
+    # '' = off). When set, the rows carry them as ints (SpeechRows.token_ids) and the SLM gives the
+    # adapter the LLM's own embeddings of them (slm_jax/models/slm.py): words the adapter never saw
+    # arrive spelled in the LLM's tokens. ``llm_tokens_per_token``: the most LLM tokens one Whisper
+    # token's text is spelled with.
     # Whisper's greedy decoding can fall into a loop ("Good morning. Good morning. ..."; 14% of
     # one synthetic corpus). n > 0: the transcript stops where its last n tokens repeat an earlier
     # n-gram, and that second copy is dropped. 4 keeps "ask not what your country can do for you,
@@ -76,28 +72,14 @@ class WhisperTranscriberConfig:
     stop_on_repeated_ngram: int = 4
     llm_vocabulary: str = ""
     llm_tokens_per_token: int = 4
-    # How the LLM's tokens are laid out. 0: one row per Whisper token, whose LLM tokens the SLM
-    # averages; the order inside a token is lost (Whisper writes "9434" as " 9" "434", and the
-    # mean of 4, 3, 4 cannot say "four three four"). n > 0: one row per LLM token, at most n rows,
-    # each holding the state of the Whisper token it spells and a single id channel; the LLM
-    # then reads Whisper's transcript exactly as its own text (spell_out_rows).
+    # At most this many rows, one per LLM token of Whisper's transcript, each holding the state of the
+    # Whisper token it spells and that LLM token's id (spell_out_rows): the LLM then reads Whisper's
+    # transcript exactly as its own text. Needed with llm_vocabulary.
     llm_token_rows: int = 0
     # False: the decoder states are zeroed and the adapter reads only the LLM's tokens of Whisper's
     # transcript. The shipped config does this: adapters that read the states learned the training
     # corpus's voices from them and rewrote real speakers' words (release/README.md).
     decoder_states: bool = True
-    # n > 0: the encoder's output itself, every n-th frame (the paper's uniform subsampling), goes
-    # before the transcript's rows with no LLM token (encoder_rows_before). The adapter then hears
-    # the speech as in the paper's design while it reads what Whisper's decoder wrote, and can
-    # correct the words the decoder got wrong. Needs llm_token_rows.
-    encoder_rows_every: int = 0
-    # With encoder_rows_every: the encoder's rows go only to utterances Whisper was unsure of, whose
-    # mean log-probability per written token is below this (None: to every utterance). Whisper-base
-    # writes real read English confidently (median -0.20 on release/real_speech) and misreads the
-    # synthetic voices where it is unsure (mean log-prob under -0.3: half of one test set's template
-    # sentences, at 50% WER, against 14% above it). The rows, learned from synthetic speech only,
-    # then reach the speech they help with and stay away from the speech they hurt.
-    encoder_rows_below_confidence: float | None = None
     whisper_tokenizer: str = "package:whisper-base"  # tokenizer.json of Whisper's vocabulary
     # Several speeds: Whisper transcribes the speech played at each (tempo and pitch together,
     # made from the log-mel features by change_speed), and each utterance keeps the transcript
@@ -105,13 +87,6 @@ class WhisperTranscriberConfig:
     # it is unsure, and a slower or faster copy is sometimes heard right (release/README.md).
     # () = the speech as it is, one pass.
     speeds: tuple[float, ...] = ()
-    # Text Whisper reads as if it were the speech before this utterance (<|startofprev|>, its
-    # ``initial_prompt``); Whisper writes in the style of what came before. Given number words,
-    # Whisper-base writes the corpus's "The code is one nine seven seven" as words, not "1977";
-    # but it also changes free-form transcripts, and the shipped config leaves it off
-    # (release/README.md measures both). Tokenized with ``whisper_tokenizer``; '' = none.
-    previous_text: str = ""
-    start_of_previous: int = START_OF_PREVIOUS
     # A low-rank adapter on Whisper's decoder (a file of slm-tune-whisper, slm_jax/contrib/whisper_cascade/tuning.py):
     # its factors are merged into the frozen decoder's kernels when the front end's weights load
     # (apply_decoder_lora). Whisper-base mishears the corpus's synthetic voices and rooms, and no
@@ -130,14 +105,8 @@ class WhisperTranscriberConfig:
             raise ValueError(f"encoder d_model {self.encoder.d_model} != decoder d_model {self.decoder.d_model}")
         if not self.decoder_states and not self.llm_vocabulary:
             raise ValueError("decoder_states=False needs llm_vocabulary: the adapter would read nothing but zeros")
-        if self.encoder_rows_every < 0:
-            raise ValueError(f"encoder_rows_every must be >= 0, got {self.encoder_rows_every}")
-        if self.encoder_rows_every and not (self.llm_vocabulary and self.llm_token_rows):
-            raise ValueError("encoder_rows_every needs llm_vocabulary and llm_token_rows: the encoder's rows go "
-                             "before the transcript's one-row-per-LLM-token rows")
-        if self.encoder_rows_below_confidence is not None and not self.encoder_rows_every:
-            raise ValueError("encoder_rows_below_confidence needs encoder_rows_every: it decides which utterances "
-                             "get the encoder's rows")
+        if self.llm_vocabulary and self.llm_token_rows < 1:
+            raise ValueError("llm_vocabulary needs llm_token_rows >= 1: the transcript's LLM tokens go one per row")
         object.__setattr__(self, "speeds", tuple(float(v) for v in self.speeds))
         if any(not 0.5 <= v <= 2.0 for v in self.speeds):
             raise ValueError(f"speeds must lie between 0.5 and 2.0, got {self.speeds}")
@@ -150,36 +119,42 @@ class WhisperTranscriberConfig:
                              f"decoder's {self.decoder.max_target_positions} positions")
 
     @property
-    def previous_ids(self) -> tuple[int, ...]:
-        """<|startofprev|> and the previous text's tokens; () without previous text."""
-        if not self.previous_text:
-            return ()
-        return (self.start_of_previous, *previous_text_ids(self.whisper_tokenizer, self.previous_text))
-
-    @property
     def prompt_length(self) -> int:
-        return len(self.previous_ids) + 2 + len(self.task_ids)
+        return 2 + len(self.task_ids)
 
     @property
     def front_end(self) -> str:
         """The name checkpoints record for what the adapter read (ModelSpec.speech_front_end): the
         two LLM-token layouts, or zeroed states, give rows of the same width but another meaning."""
         name = "whisper_transcriber"
-        if self.llm_vocabulary and self.llm_token_rows:
+        if self.llm_vocabulary:
             name += "_llm_token_rows"
         if not self.decoder_states:
             name += "_no_states"
-        return name + "_encoder_rows" if self.encoder_rows_every else name
+        return name
 
     @property
-    def llm_token_channels(self) -> int:
-        if not self.llm_vocabulary:
-            return 0
-        return 1 if self.llm_token_rows else self.llm_tokens_per_token
+    def writes_llm_tokens(self) -> bool:
+        """Whether the rows carry the LLM's tokens of the transcript (SpeechRows.token_ids)."""
+        return bool(self.llm_vocabulary)
 
     @property
     def output_dim(self) -> int:
-        return self.decoder.d_model + self.llm_token_channels
+        return self.decoder.d_model
+
+    def weight_files_digest(self) -> dict[str, str]:
+        """What the weights depend on beyond this config: the content of the decoder LoRA's file,
+        whose path alone would not change when it is trained again (front-end cache keys)."""
+        if not self.decoder_lora:
+            return {}
+        from slm_jax.contrib.whisper_cascade import lora
+
+        return {"decoder_lora_sha256": lora.file_sha256(decoder_lora_file(self))}
+
+    def prepare_params(self, params: Any) -> Any:
+        """The loaded weights as this front end runs them: ``decoder_lora``'s factors merged into
+        Whisper's decoder (slm_jax/models/front_end.py: the loaders' hook)."""
+        return apply_decoder_lora(self, params)
 
     @property
     def num_mel_bins(self) -> int:
@@ -192,7 +167,7 @@ def decoder_lora_file(config: WhisperTranscriberConfig) -> str:
     path = config.decoder_lora
     if not path or os.path.isabs(path) or os.path.exists(path):
         return path
-    in_repo = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), path)
+    in_repo = os.path.join(REPO_ROOT, path)
     return in_repo if os.path.exists(in_repo) else path
 
 
@@ -275,7 +250,7 @@ def llm_token_table(whisper_tokenizer: str, llm_vocabulary: str, width: int, voc
                     end_of_text: int) -> np.ndarray:
     """[vocab_size, width] int32: 1 + the LLM token ids of each Whisper token's text, 0-padded
     (cut to ``width`` tokens; special tokens and end-of-text map to nothing)."""
-    from slm_jax.data.cached.corpus_data import load_vocabulary
+    from slm_jax.data.vocabularies import load_vocabulary
 
     texts = whisper_token_texts(whisper_tokenizer, end_of_text)
     llm = load_vocabulary(llm_vocabulary)
@@ -307,47 +282,36 @@ def whisper_token_texts(whisper_tokenizer: str, end_of_text: int) -> list[str]:
 
 
 @functools.lru_cache(maxsize=8)
-def previous_text_ids(whisper_tokenizer: str, text: str) -> tuple[int, ...]:
+def whisper_text_ids(whisper_tokenizer: str, text: str) -> tuple[int, ...]:
     """Whisper's tokens of ``text`` as a continuation (a space before it, no special tokens)."""
     return tuple(_whisper_tokenizer(whisper_tokenizer).encode(" " + text.strip(), add_special_tokens=False).ids)
 
 
-def pack_rows(rows: jax.Array, keep: jax.Array, length: int | None = None) -> tuple[jax.Array, jax.Array]:
-    """[B, N, D] rows and keep [B, N] -> the kept rows first, in order, padding zeroed, cut to
-    ``length`` rows (default N), and their mask [B, length] (the layout the encoder cache stores)."""
+def _packed_order(keep: jax.Array, length: int) -> tuple[jax.Array, jax.Array]:
+    """The row order that puts the kept rows [B, N] first, in order, cut to ``length``, and its mask."""
     order = jnp.argsort(jnp.logical_not(keep), axis=1, stable=True)[:, :length]
-    out_mask = jnp.take_along_axis(keep, order, axis=1)
-    packed = jnp.take_along_axis(rows, order[..., None], axis=1) * out_mask[..., None].astype(rows.dtype)
-    return packed, out_mask
+    return order, jnp.take_along_axis(keep, order, axis=1)
 
 
-def spell_out_rows(states: jax.Array, mask: jax.Array, ids: jax.Array, rows: int) -> tuple[jax.Array, jax.Array]:
+def spell_out_rows(states: jax.Array, mask: jax.Array, ids: jax.Array, rows: int
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One row per LLM token: states [B, N, D], mask [B, N] and ``ids`` [B, N, W] (1 + LLM id,
-    0 = none) -> [B, rows, D + 1] rows (the state of the Whisper token, then its LLM id) and their
-    mask, kept rows first in transcript order. A kept Whisper token with no LLM token (end-of-text)
-    keeps one row with id 0, so a transcript's rows are never empty; rows past ``rows`` are cut."""
+    0 = none) -> the state of the Whisper token each row spells [B, rows, D], the row's LLM token id
+    [B, rows] (NO_TOKEN for none) and the mask [B, rows], kept rows first in transcript order. A
+    kept Whisper token with no LLM token (end-of-text) keeps one row without a token, so a
+    transcript's rows are never empty; rows past ``rows`` are cut."""
     batch, n, width = ids.shape
     spelled = ids > 0
     first_slot = jnp.arange(width)[None, None, :] == 0
     keep = jnp.logical_or(spelled, jnp.logical_and(first_slot, ~jnp.any(spelled, axis=-1, keepdims=True)))
     pad = max(rows - n * width, 0)  # room for ``rows`` rows when the transcript spells fewer
     keep = jnp.pad(jnp.logical_and(keep, mask[..., None] > 0).reshape(batch, n * width), ((0, 0), (0, pad)))
-    flat = jnp.concatenate([jnp.repeat(states, width, axis=1),
-                            ids.reshape(batch, n * width, 1).astype(states.dtype)], axis=-1)
-    packed, out_mask = pack_rows(jnp.pad(flat, ((0, 0), (0, pad), (0, 0))), keep, rows)
-    return packed, out_mask.astype(mask.dtype)
-
-
-def encoder_rows_before(memory: jax.Array, memory_mask: jax.Array, rows: jax.Array, rows_mask: jax.Array,
-                        every: int) -> tuple[jax.Array, jax.Array]:
-    """The encoder's output [B, T, D], every ``every``-th frame, as rows with LLM id 0 (none),
-    followed by the transcript's ``rows`` [B, N, D + 1]; packed, so each example's rows come first.
-    -> [B, ceil(T / every) + N, D + 1] and their mask."""
-    sound, sound_mask = uniform_subsample(memory.astype(rows.dtype), memory_mask, every, "pick")
-    sound = jnp.pad(sound, ((0, 0), (0, 0), (0, rows.shape[-1] - sound.shape[-1])))
-    keep = jnp.concatenate([sound_mask > 0, rows_mask > 0], axis=1)
-    packed, out_mask = pack_rows(jnp.concatenate([sound, rows], axis=1), keep)
-    return packed, out_mask.astype(rows_mask.dtype)
+    flat_states = jnp.pad(jnp.repeat(states, width, axis=1), ((0, 0), (0, pad), (0, 0)))
+    flat_ids = jnp.pad(ids.reshape(batch, n * width), ((0, 0), (0, pad)))
+    order, out_mask = _packed_order(keep, rows)
+    packed_states = jnp.take_along_axis(flat_states, order[..., None], axis=1) * out_mask[..., None].astype(states.dtype)
+    packed_ids = jnp.where(out_mask, jnp.take_along_axis(flat_ids, order, axis=1) - 1, NO_TOKEN).astype(jnp.int32)
+    return packed_states, jnp.maximum(packed_ids, NO_TOKEN), out_mask.astype(mask.dtype)
 
 
 class Transcript(NamedTuple):
@@ -383,31 +347,20 @@ class WhisperTranscriber(nn.Module):
         self.encoder = WhisperEncoder(self.config.encoder, name="encoder")
         self.decoder = WhisperDecoder(self.config.decoder, name="decoder")
 
-    def __call__(self, features: jax.Array, mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-        """[B, N, d_model + llm_token_channels] rows and their mask [B, N]: N = max_new_tokens, or
-        llm_token_rows when the transcript is spelled out one row per LLM token (plus the encoder's
-        subsampled frames before them with encoder_rows_every)."""
+    def __call__(self, features: jax.Array, mask: jax.Array | None = None) -> SpeechRows:
+        """The transcript's rows: one per Whisper token (N = max_new_tokens), or with
+        ``llm_vocabulary`` one per LLM token of it (N = llm_token_rows) carrying that token's id."""
         transcript = self.transcribe(features, mask)
         c = self.config
         if not c.decoder_states:
             transcript = transcript._replace(states=jnp.zeros_like(transcript.states))
-        if not c.llm_token_channels:
-            return transcript.states, transcript.mask
+        if not c.writes_llm_tokens:
+            return SpeechRows(transcript.states, transcript.mask)
         table = jnp.asarray(llm_token_table(c.whisper_tokenizer, c.llm_vocabulary, c.llm_tokens_per_token,
                                             c.decoder.vocab_size, c.end_of_text))
-        ids = table[transcript.tokens]  # shifted by one: 0 = none
-        if c.llm_token_rows:
-            rows, rows_mask = spell_out_rows(transcript.states, transcript.mask, ids, c.llm_token_rows)
-            if c.encoder_rows_every:
-                memory_mask = transcript.memory_mask
-                if c.encoder_rows_below_confidence is not None:
-                    unsure = transcript.confidence() < c.encoder_rows_below_confidence
-                    memory_mask = memory_mask * unsure[:, None].astype(memory_mask.dtype)
-                rows, rows_mask = encoder_rows_before(transcript.memory, memory_mask, rows, rows_mask,
-                                                      c.encoder_rows_every)
-            return rows, rows_mask
-        ids = ids * transcript.mask[..., None]
-        return jnp.concatenate([transcript.states, ids.astype(transcript.states.dtype)], axis=-1), transcript.mask
+        states, token_ids, rows_mask = spell_out_rows(transcript.states, transcript.mask, table[transcript.tokens],
+                                                      c.llm_token_rows)
+        return SpeechRows(states, rows_mask, token_ids)
 
     def _choose(self, hidden: jax.Array) -> tuple[jax.Array, jax.Array]:
         """The greedy token among the ordinary ones and its log-probability among them."""
@@ -451,9 +404,8 @@ class WhisperTranscriber(nn.Module):
         batch = memory.shape[0]
         caches = self.decoder.init_caches(memory, c.prompt_length + c.max_new_tokens)
 
-        # Step 0: [previous text] <|startoftranscript|> -> the language, among the allowed ones.
-        start = jnp.broadcast_to(jnp.asarray((*c.previous_ids, c.start_of_transcript), jnp.int32),
-                                 (batch, len(c.previous_ids) + 1))
+        # Step 0: <|startoftranscript|> -> the language, among the allowed ones.
+        start = jnp.full((batch, 1), c.start_of_transcript, jnp.int32)
         hidden, caches = self.decoder(start, memory, memory_mask, caches, 0)
         languages = jnp.asarray(c.language_ids, jnp.int32)
         language_logits = self.decoder.logits(hidden[:, -1]).astype(jnp.float32)[:, languages]

@@ -75,7 +75,7 @@ def language_token(config: wt.WhisperTranscriberConfig, lang: str) -> int:
 def transcript_sequence(config: wt.WhisperTranscriberConfig, text: str, language: int) -> tuple[np.ndarray, np.ndarray]:
     """(inputs, targets) of Whisper's own prompt (with the ``language`` token) and ``text`` as it
     would write it, ended by end-of-text."""
-    ids = list(wt.previous_text_ids(config.whisper_tokenizer, text))  # a space before it, no special tokens
+    ids = list(wt.whisper_text_ids(config.whisper_tokenizer, text))  # a space before it, no special tokens
     sequence = [config.start_of_transcript, language, *config.task_ids, *ids, config.end_of_text]
     if len(sequence) - 1 > config.decoder.max_target_positions:
         raise ValueError(f"transcript of {len(ids)} tokens does not fit Whisper's "

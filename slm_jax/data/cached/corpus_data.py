@@ -20,19 +20,10 @@ from slm_jax.data import audio as audio_lib
 from slm_jax.data.cached.encoder_cache import (CachedSpeechData, EncoderCache, adopt_cache, build_cache, encoder_fingerprint,
                                    reusable_cache)
 from slm_jax.data.prompting import PromptFormat
+from slm_jax.data.vocabularies import load_vocabulary
+from slm_jax.models.front_end import writes_tokens
 
 log = logging.getLogger(__name__)
-
-
-def load_vocabulary(spec: str) -> Any:
-    """'package:smollm2-135m-instruct' (the GGUF's BPE), or any spec of slm_jax.data.corpus.vocab."""
-    if spec == "package:smollm2-135m-instruct":
-        from slm_jax.weights.tokenizers import GgufBpeVocabulary
-
-        return GgufBpeVocabulary.from_smollm2()
-    from slm_jax.data.corpus.vocab import load_vocabulary as load
-
-    return load(spec)
 
 
 def front_end_fingerprint(model_spec: Any) -> str:
@@ -40,11 +31,8 @@ def front_end_fingerprint(model_spec: Any) -> str:
     its config, its weights' source (and the content of a decoder LoRA's file, whose path alone
     would not change when it is trained again) and the log-mel features it reads."""
     settings = {"mel": 80, "normalization": "whisper"}
-    if getattr(model_spec.speech_encoder, "decoder_lora", ""):
-        from slm_jax.contrib.whisper_cascade import lora
-        from slm_jax.contrib.whisper_cascade.front_end import decoder_lora_file
-
-        settings["decoder_lora_sha256"] = lora.file_sha256(decoder_lora_file(model_spec.speech_encoder))
+    # A front end whose weights depend on files beyond its config says so (slm_jax/models/front_end.py).
+    settings.update(getattr(model_spec.speech_encoder, "weight_files_digest", lambda: {})())
     return encoder_fingerprint(model_spec.speech_encoder, model_spec.speech_encoder_source, settings)
 
 
@@ -153,7 +141,7 @@ class CachedCorpusData:
         if cache is None:  # log-mel features only when the encoder has to run
             features = ((ex["id"], audio_lib.log_mel_spectrogram(ex["audio"])) for ex in train + evaluation)
             cache = build_cache(cache_dir, slm, encoder_params, features, fingerprint)
-        self._data = self._make(cache, self._repeated(train), evaluation)
+        self._data = self._make(cache, self._repeated(train), evaluation, writes_tokens(model_spec.speech_encoder))
 
     def _repeated(self, train: list[dict]) -> list[dict]:
         present = {ex["task"] for ex in train}
@@ -163,7 +151,8 @@ class CachedCorpusData:
                              f"its training tasks are {sorted(present)}")
         return [ex for ex in train for _ in range(self.task_repeats.get(ex["task"], 1))]
 
-    def _make(self, cache: EncoderCache, train: list[dict], evaluation: list[dict]) -> CachedSpeechData:
+    def _make(self, cache: EncoderCache, train: list[dict], evaluation: list[dict],
+              with_tokens: bool = False) -> CachedSpeechData:
         everything = train + evaluation
         needed, lengths = corpus_lengths(self.vocabulary, self.prompt_format, everything, cache.frames)
         prompt, targets = max(needed["prefix"], needed["suffix"]), needed["targets"]
@@ -172,7 +161,8 @@ class CachedCorpusData:
                              f"max_prompt_tokens/max_target_tokens ({self.max_prompt_tokens}/{self.max_target_tokens})")
         log.info("corpus: %d train / %d %s examples; %d encoder frames max", len(train), len(evaluation),
                  self.eval_split, needed["speech_frames"])
-        return CachedSpeechData(cache, train, evaluation, self.vocabulary, self.prompt_format, **lengths)
+        return CachedSpeechData(cache, train, evaluation, self.vocabulary, self.prompt_format, **lengths,
+                                with_tokens=with_tokens)
 
     def _ready(self) -> CachedSpeechData:
         if self._data is None:

@@ -4,7 +4,8 @@ The encoder is frozen, so its output for a clip never changes: an offline pass e
 example once and stores the hidden states keyed by example id; training then reads them and never
 runs the encoder (the trainer accepts ``speech_hidden``/``speech_mask`` in place of audio).
 
-On disk: ``<dir>/hidden-<write>-NNNNN.npy`` shards of concatenated [frames, D] float32 rows, and
+On disk: ``<dir>/hidden-<write>-NNNNN.npy`` shards of concatenated [frames, D] float32 rows (a
+front end that writes text adds its token ids as one more column: slm_jax/models/front_end.py), and
 ``<dir>/index.json`` (written last, atomically) mapping id -> (shard, offset, frames). A cache
 directory without an index is incomplete and is rebuilt. Every write names its shards anew, so
 a cache can be rewritten with more examples in place (``extend_cache``): until the new index
@@ -26,8 +27,9 @@ import jax
 import numpy as np
 
 from slm_jax.data import batching
-from slm_jax.training.alignment import transcript_token_ids
+from slm_jax.models.front_end import pack_rows, speech_batch
 from slm_jax.models.slm import SLM
+from slm_jax.training.alignment import transcript_token_ids
 
 INDEX = "index.json"
 log = logging.getLogger(__name__)
@@ -233,9 +235,10 @@ def build_cache(
             frames = -(-frames // frame_bucket) * frame_bucket
             feats, mask = batching.pad_frames([f for _, f in chunk] + [chunk[0][1]] * (batch_size - len(chunk)),
                                               frames)
-            hidden, out_mask = jax.device_get(encode(encoder_params, feats, mask))
+            rows = jax.device_get(encode(encoder_params, feats, mask))
             for row, (example_id, _) in enumerate(chunk):
-                yield example_id, hidden[row, : int(out_mask[row].sum())]
+                n = int(rows.mask[row].sum())
+                yield example_id, pack_rows(rows.hidden[row, :n], None if rows.token_ids is None else rows.token_ids[row, :n])
             bar.update(len(chunk))
         bar.close()
 
@@ -263,8 +266,10 @@ class CachedSpeechData:
         eval_examples: Sequence[Mapping[str, str]], vocabulary: Any, prompt_format: Any,
         speech_frames: int, prefix: int, suffix: int, targets: int,
         group_batches: int = 16, speech_quantum: int = 64, token_quantum: int = 8, subsampling: int = 4,
+        with_tokens: bool = False,
     ):
         self.cache = cache
+        self.with_tokens = with_tokens  # the cached rows carry LLM token ids (a front end that writes text)
         self.train_examples = list(train_examples)
         self.eval_examples = list(eval_examples)
         self.vocabulary = vocabulary
@@ -304,7 +309,7 @@ class CachedSpeechData:
             "speech_frames": max(h.shape[0] for h in hidden), "prefix": max(len(p.prefix) for p in prompts),
             "suffix": max(len(p.suffix) for p in prompts), "targets": max(len(t) for t in targets)})
         hidden, mask = batching.pad_frames(hidden, lengths["speech_frames"], "encoder output")
-        out = {"speech_hidden": hidden, "speech_mask": mask, **batching.text_batch(prompts, targets, lengths)}
+        out = {**speech_batch(hidden, mask, self.with_tokens), **batching.text_batch(prompts, targets, lengths)}
         if all("text" in e for e in examples):
             transcripts = transcript_token_ids(self.vocabulary, [e["text"] for e in examples])
             out["transcript_tokens"], out["transcript_mask"] = batching.pad_rows(

@@ -1,4 +1,4 @@
-"""Vocabularies: a small SentencePiece model trained on the corpus text, and a spec-string loader.
+"""The corpus's own vocabulary: a small SentencePiece model trained on the corpus text.
 
 The tiny default LLM uses a ~1,000-piece unigram SentencePiece model covering all four
 languages (with byte fallback, so a name the model has never seen still encodes without
@@ -6,13 +6,8 @@ languages (with byte fallback, so a name the model has never seen still encodes 
 ``seqio.Vocabulary`` (e.g. ``slm_jax.weights.tokenizers.GgufBpeVocabulary``); nothing in the data layer
 assumes SentencePiece.
 
-``load_vocabulary(spec)`` turns a string (what a gin file or command line can hold) into a
-vocabulary:
-
-  corpus:DIR        the corpus' SentencePiece model (DIR/spm.model; trained if missing)
-  spm:PATH          a SentencePiece model file (a bare path ending in .model works too)
-  gguf:PATH         the byte-level BPE tokenizer inside a GGUF file
-  byte              seqio.ByteVocabulary (UTF-8 bytes)
+Spec strings that name a vocabulary ('corpus:DIR', 'spm:PATH', ...) are read by
+slm_jax/data/vocabularies.py.
 """
 
 from __future__ import annotations
@@ -60,42 +55,3 @@ def sentencepiece_vocabulary(model_path: str):
     if not os.path.exists(model_path):
         raise DataError(f"{model_path}: no such SentencePiece model")
     return seqio.SentencePieceVocabulary(os.path.abspath(model_path))
-
-
-def corpus_vocabulary(corpus_dir: str, vocab_size: int = DEFAULT_VOCAB_SIZE):
-    """The SentencePiece vocabulary of a corpus, trained from its vocab text if missing."""
-    from slm_jax.data.corpus import builder as corpus
-
-    manifest = corpus.load_manifest(corpus_dir)
-    model = os.path.join(corpus_dir, manifest.get("spm_model") or f"{corpus.SPM_PREFIX}.model")
-    if not os.path.exists(model):
-        model = train_sentencepiece(os.path.join(corpus_dir, manifest["vocab_text"]),
-                                    os.path.join(corpus_dir, corpus.SPM_PREFIX), vocab_size)
-    return sentencepiece_vocabulary(model)
-
-
-def load_vocabulary(spec: str):
-    """A ``seqio.Vocabulary`` from a spec string (see the module docstring)."""
-    kind, sep, arg = spec.partition(":")
-    if not sep:
-        if spec == "byte":
-            kind, arg = "byte", ""
-        elif spec.endswith(".model"):
-            kind, arg = "spm", spec
-        elif spec.endswith(".gguf"):
-            kind, arg = "gguf", spec
-        else:
-            kind, arg = "", spec
-    if kind == "corpus":
-        return corpus_vocabulary(arg)
-    if kind == "spm":
-        return sentencepiece_vocabulary(arg)
-    if kind == "gguf":
-        from slm_jax.weights.tokenizers import GgufBpeVocabulary
-
-        return GgufBpeVocabulary(arg)
-    if kind == "byte":
-        import seqio
-
-        return seqio.ByteVocabulary()
-    raise DataError(f"unknown vocabulary {spec!r}; use corpus:DIR, spm:PATH, gguf:PATH or byte")

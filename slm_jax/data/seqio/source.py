@@ -141,7 +141,7 @@ class SeqioData:
 
     corpus_dir / vocabulary / prompt_format: when given, the tasks are registered again with
     them (``slm_jax.tasks.register_all``): the corpus directory, a vocabulary spec
-    (``slm_jax.data.cached.corpus_data.load_vocabulary``: 'corpus:DIR', 'spm:PATH', 'gguf:PATH',
+    (``slm_jax.data.vocabularies.load_vocabulary``: 'corpus:DIR', 'spm:PATH', 'gguf:PATH',
     'package:smollm2-135m-instruct'; default the corpus' SentencePiece model) and where the
     instruction goes (default T5's layout).
     """
@@ -179,7 +179,7 @@ class SeqioData:
 
             vocabulary = None
             if self.vocabulary_spec:
-                from slm_jax.data.cached.corpus_data import load_vocabulary
+                from slm_jax.data.vocabularies import load_vocabulary
 
                 vocabulary = load_vocabulary(self.vocabulary_spec)
             tasks.register_all(self.corpus_dir, vocabulary, self.prompt_format_override)
