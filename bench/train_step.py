@@ -115,7 +115,7 @@ def encoder_outputs(js: common.JaxSide, batch: Mapping[str, np.ndarray]) -> tupl
     features, mask = batch["audio_features"], batch["audio_mask"]
     pieces = [jax.device_get(encode(js.frozen["speech_encoder"], features[:, s: s + window], mask[:, s: s + window]))
               for s in range(0, features.shape[1], window)]
-    return np.concatenate([h for h, _ in pieces], axis=1), np.concatenate([m for _, m in pieces], axis=1)
+    return (np.concatenate([p.hidden for p in pieces], axis=1), np.concatenate([p.mask for p in pieces], axis=1))
 
 
 # --- the benchmarks ------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import pytest
 from slm_jax.training.augment import SpeechMasking, mask_speech
 from slm_jax.models.spec import sample_batch
 from slm_jax.training.optimizers import make_optimizer
+from slm_jax.training.objectives import NextToken
 from slm_jax.training.step import Trainer
 from slm_jax.parallel import partitioning
 
@@ -74,7 +75,7 @@ def test_train_step_masks_from_the_step_number_only():
         trainer = _trainer(data, masking)
         frozen = {n: trainer.init_frozen_randomly(n, i, example) for i, n in enumerate(("speech_encoder", "llm"))}
         trainer.compile(example, jax.tree.map(lambda x: x.sharding, frozen))
-        batch = trainer.place_batch(data.batch(data.train_examples[:4]), "next_token")
+        batch = trainer.place_batch(data.batch(data.train_examples[:4]), NextToken())
         runs = []
         for _ in range(2):  # the same state and batch twice: the same masks, the same loss
             state = trainer.init_state(0, example)

@@ -34,8 +34,8 @@ def test_a_cache_is_reused_only_for_its_encoder_and_all_its_examples(encoder, tm
     slm, params = encoder
     cache = build_cache(str(tmp_path), slm, params, _examples(), "fp-a", batch_size=2, progress=False)
     assert len(cache) == 3 and cache["utt1"].shape[0] > cache["utt0"].shape[0]
-    expected, _ = slm.apply({"params": {"speech_encoder": params}}, jnp.asarray(_examples()[1][1][None]),
-                            jnp.ones((1, 90), jnp.int32), method=SLM.encode_speech)
+    expected = slm.apply({"params": {"speech_encoder": params}}, jnp.asarray(_examples()[1][1][None]),
+                         jnp.ones((1, 90), jnp.int32), method=SLM.encode_speech).hidden
     np.testing.assert_allclose(cache["utt1"], np.asarray(expected[0, :cache.frames("utt1")]), rtol=1e-5, atol=1e-5)
     assert reusable_cache(str(tmp_path), "fp-a", ["utt0", "utt2"]) is not None
     assert reusable_cache(str(tmp_path), "fp-b", ["utt0"]) is None  # another encoder

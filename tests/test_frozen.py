@@ -98,9 +98,9 @@ def test_no_gradient_is_computed_for_the_speech_encoder():
     from slm_jax.models.slm import SLM
 
     def encoder_output_sum(encoder_params):
-        hidden, _ = trainer.model.apply({"params": {"speech_encoder": encoder_params}}, batch["audio_features"],
-                                        batch["audio_mask"], method=SLM.encode_speech)
-        return hidden.sum()
+        rows = trainer.model.apply({"params": {"speech_encoder": encoder_params}}, batch["audio_features"],
+                                   batch["audio_mask"], method=SLM.encode_speech)
+        return rows.hidden.sum()
 
     control = jax.make_jaxpr(jax.grad(encoder_output_sum))(frozen["speech_encoder"]).jaxpr
     assert _count_primitive(control, "conv_general_dilated") > forward_convs

@@ -54,23 +54,18 @@ def test_mismatched_instruction_count_is_refused():
 
 
 def test_ctc_transcript_is_the_adapters_best_path_and_needs_an_alignment_vocabulary():
+    import jax.numpy as jnp
+
+    from slm_jax.models.slm import SLM
+    from slm_jax.training import alignment
+
     plain = _model("llama")
     with pytest.raises(ValueError, match="no alignment vocabulary"):
         plain.transcribe_ctc([np.zeros((10, 80), np.float32)])
     ids = [ord(c) + 3 for c in "abcdefghij "]  # byte-vocabulary ids of these characters
-    for centered in (False, True):
-        slm = SpeechLanguageModel(plain.spec, {k: v for k, v in plain.params.items() if k != "adapter"},
-                                  plain.params["adapter"], VOCAB, CHATML_PROMPT, audio_bucket_frames=16,
-                                  alignment_token_ids=ids, alignment_centered=centered)
-        _check_ctc_transcript(slm, centered)
-
-
-def _check_ctc_transcript(slm, centered):
-    import jax.numpy as jnp
-
-    from slm_jax.training import alignment
-    from slm_jax.models.slm import SLM
-
+    slm = SpeechLanguageModel(plain.spec, {k: v for k, v in plain.params.items() if k != "adapter"},
+                              plain.params["adapter"], VOCAB, CHATML_PROMPT, audio_bucket_frames=16,
+                              alignment_token_ids=ids)
     rng = np.random.default_rng(1)
     short, long = rng.normal(size=(20, 80)).astype(np.float32), rng.normal(size=(44, 80)).astype(np.float32)
     together = slm.transcribe_ctc([short, long])
@@ -78,25 +73,10 @@ def _check_ctc_transcript(slm, centered):
     # The same best path computed directly (the input padded to its bucket, 48 frames, as generate pads).
     padded = np.zeros((1, 48, 80), np.float32)
     padded[0, :44] = long
-    hidden, mask = slm.slm.apply({"params": slm.params}, jnp.asarray(padded), jnp.arange(48)[None] < 44,
-                                 method=SLM.encode_speech)
-    logits, frame_mask = slm.slm.apply({"params": slm.params}, hidden, mask, jnp.asarray(slm.alignment_vocabulary.ids),
-                                       centered, method=SLM.alignment_logits)
+    rows = slm.slm.apply({"params": slm.params}, jnp.asarray(padded), jnp.arange(48)[None] < 44,
+                         method=SLM.encode_speech)
+    logits, frame_mask = slm.slm.apply({"params": slm.params}, rows, jnp.asarray(slm.alignment_vocabulary.ids),
+                                       method=alignment.adapter_ctc_logits)
     direct = alignment.greedy_decode(np.asarray(logits), np.asarray(frame_mask), slm.alignment_vocabulary)[0]
     assert together[1] == VOCAB.decode(direct).strip()
     assert set(together[1]) <= set("abcdefghij ")
-
-
-def test_ctc_compressed_generation_is_batch_independent_and_needs_the_vocabulary():
-    plain = _model("llama")
-    frozen = {k: v for k, v in plain.params.items() if k != "adapter"}
-    with pytest.raises(ValueError, match="ctc_compression needs the alignment vocabulary"):
-        SpeechLanguageModel(plain.spec, frozen, plain.params["adapter"], VOCAB, CHATML_PROMPT, ctc_compression="tokens")
-    ids = [ord(c) + 3 for c in "abcdefghij "]
-    slm = SpeechLanguageModel(plain.spec, frozen, plain.params["adapter"], VOCAB, CHATML_PROMPT,
-                              audio_bucket_frames=16, alignment_token_ids=ids, ctc_compression="tokens")
-    rng = np.random.default_rng(2)
-    short, long = rng.normal(size=(20, 80)).astype(np.float32), rng.normal(size=(44, 80)).astype(np.float32)
-    together = slm.generate([short, long], "Transcribe the speech.", max_new_tokens=6)
-    assert together == [slm.generate([short], "Transcribe the speech.", max_new_tokens=6)[0],
-                        slm.generate([long], "Transcribe the speech.", max_new_tokens=6)[0]]

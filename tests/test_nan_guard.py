@@ -1,6 +1,7 @@
-"""The numerical guard: a step with a non-finite loss or gradient changes nothing but the step
-and the skip counters; K such steps in a row stop slm-train with one clear line, and the last
-good checkpoint is kept and resumable."""
+"""The numerical guard: a step with a non-finite loss or gradient, or one whose update would leave
+non-finite or exploding parameters, changes nothing but the step and the skip counters; K such
+steps in a row stop slm-train with one clear line, and the last good checkpoint is kept and
+resumable."""
 
 import numpy as np
 import pytest
@@ -55,6 +56,40 @@ def test_a_non_finite_step_leaves_parameters_and_optimizer_state_untouched():
     assert any(a.tobytes() != b.tobytes() for a, b in zip(before, _leaves(state.adapter_params)))
 
 
+@pytest.mark.slow
+def test_an_update_that_would_poison_the_weights_is_skipped_though_its_loss_is_finite():
+    """A learning rate of 1e30: the first update has a finite loss and gradient but would leave
+    weights of ~1e29. It is skipped like a non-finite step, so no checkpoint can hold it."""
+    import jax
+
+    spec = model_spec()
+    tx, schedule = make_optimizer(learning_rate=1e30, warmup_steps=1, total_steps=10)
+    mesh = partitioning.make_mesh(data=1, devices=jax.devices()[:1])
+    trainer = Trainer(spec.build(), tx, schedule, mesh)
+    example = sample_batch(2, FEATURE_LENGTHS)
+    frozen = {name: trainer.init_frozen_randomly(name, seed, example) for name, seed in
+              (("speech_encoder", 0), ("llm", 1))}
+    trainer.compile(example, jax.tree.map(lambda x: x.sharding, frozen))
+    batches = SyntheticData(FEATURE_LENGTHS, VOCAB).train_batches(2, seed=0)
+    state = trainer.init_state(0, example)
+    before = _leaves((state.adapter_params, state.opt_state))
+    for _ in range(2):  # warm-up step 0 has rate 0; step 1 has the full rate
+        state, metrics = trainer.train_step(state, frozen, trainer.place_batch(next(batches)))
+    assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
+    assert not bool(metrics["finite"]) and int(state.nonfinite_total) == 1
+    assert max(np.abs(x).max() for x in _leaves(state.adapter_params)) < 1e3
+    # The same step with a sane rate is taken: the bound does not skip ordinary updates.
+    tx, schedule = make_optimizer(learning_rate=1e-2, warmup_steps=1, total_steps=10)
+    sane = Trainer(spec.build(), tx, schedule, mesh)
+    sane.compile(example, jax.tree.map(lambda x: x.sharding, frozen))
+    state = sane.init_state(0, example)
+    batches = SyntheticData(FEATURE_LENGTHS, VOCAB).train_batches(2, seed=0)
+    for _ in range(2):
+        state, metrics = sane.train_step(state, frozen, sane.place_batch(next(batches)))
+    assert bool(metrics["finite"]) and int(state.nonfinite_total) == 0
+    del before
+
+
 NAN_CONFIG = """
 import slm_jax.training.faults
 TRAIN_STEPS = 8
@@ -78,7 +113,7 @@ def test_k_non_finite_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpo
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     errors = rs.error_lines(result.stderr)
-    assert len(errors) == 1 and errors[0].startswith("slm-train: error: 3 consecutive steps had a non-finite")
+    assert len(errors) == 1 and errors[0].startswith("slm-train: error: 3 consecutive updates were skipped")
     assert "steps 5 to 7" in errors[0] and "last good checkpoint" in errors[0] and "is step 4" in errors[0]
     assert "update skipped (1 in a row, 1 in all)" in result.stderr  # step 3, counted
     assert "update skipped (3 in a row, 4 in all)" in result.stderr

@@ -18,11 +18,18 @@ GIB = 2**30
 
 
 def _row(out: str, devices: int) -> list[float]:
-    """The numbers of the table row for a mesh of ``devices`` devices."""
+    """The numbers of the table row for a mesh of ``devices`` devices (before any verdict)."""
     for line in out.splitlines():
         fields = line.split()
         if len(fields) >= 7 and fields[1] == str(devices) and "=" in fields[0]:
-            return [float(x) for x in fields[2:5]] + [float(fields[-2] if fields[-1] in ("fits", "FIT") else fields[-1])]
+            numbers = []
+            for field in fields[2:]:
+                try:
+                    numbers.append(float(field))
+                except ValueError:
+                    if numbers and field != "-":
+                        break
+            return numbers[:3] + [numbers[-1]]
     raise AssertionError(f"no row for {devices} devices in:\n{out}")
 
 
@@ -44,7 +51,8 @@ def test_paper_config_plans_on_v4_64_and_8_devices():
     assert frozen_32 == pytest.approx(2 * total / 16 / GIB, rel=0.02)
     assert frozen_8 == pytest.approx(2 * total / 8 / GIB, rel=0.02)
     assert total_32 < total_8
-    assert "DOES NOT FIT" not in out.splitlines()[-3] and "fits" in out
+    # Without compiling, activations are not counted: the plan never says a step "fits".
+    assert "DOES NOT FIT" not in out and "activations not counted" in out and "  fits" not in out
 
 
 def test_compiled_plan_reports_the_step_memory():

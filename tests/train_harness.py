@@ -27,13 +27,14 @@ def _install() -> None:
     import jax
     import numpy as np
 
+    from slm_jax.training.objectives import NextToken
     from slm_jax.training.step import Trainer
 
     record = os.environ.get("SLM_HARNESS_RECORD")
     pause = float(os.environ.get("SLM_HARNESS_STEP_SECONDS", "0") or 0)
     original_step = Trainer.train_step
 
-    def train_step(self, state, frozen, batch, objective="next_token"):
+    def train_step(self, state, frozen, batch, objective=NextToken()):
         step = int(jax.device_get(state.step)) + 1
         digest = hashlib.sha256()
         for key in sorted(batch):

@@ -29,6 +29,10 @@ def _bucket(n: int, quantum: int) -> int:
     return max(quantum, -(-n // quantum) * quantum)
 
 
+NO_TRANSCRIPT = ("this model's speech front end writes no transcript to follow (the cascade baseline's front end "
+                 "does, e.g. gin/whisper_base_transcriber_smollm2.gin)")
+
+
 def writes_transcript(model: ModelSpec) -> bool:
     """Whether the model's front end writes its own transcript (the cascade's Whisper decoder)."""
     return writes_tokens(model.speech_encoder)

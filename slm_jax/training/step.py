@@ -180,7 +180,7 @@ class Trainer:
         # The front end is frozen: its output is a constant of the step.
         return rows.replace(hidden=jax.lax.stop_gradient(rows.hidden))
 
-    def loss_and_grads(self, adapter_params, frozen, batch, objective, masking_rng=None):
+    def loss_and_grads(self, adapter_params, frozen, batch, objective=NextToken(), masking_rng=None):
         """(loss, metrics), adapter gradients of ``objective`` on ``batch``. With ``masking_rng``
         (and ``speech_masking`` set) the front end's rows are masked first."""
         rows = self._rows(frozen, batch)

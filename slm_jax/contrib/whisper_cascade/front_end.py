@@ -154,7 +154,12 @@ class WhisperTranscriberConfig:
     def prepare_params(self, params: Any) -> Any:
         """The loaded weights as this front end runs them: ``decoder_lora``'s factors merged into
         Whisper's decoder (slm_jax/models/front_end.py: the loaders' hook)."""
-        return apply_decoder_lora(self, params)
+        from slm_jax.contrib.whisper_cascade import lora
+
+        try:
+            return apply_decoder_lora(self, params)
+        except lora.LoraError as e:
+            raise ValueError(f"decoder_lora: {e}") from None
 
     @property
     def num_mel_bins(self) -> int:
