@@ -22,7 +22,7 @@ test: install
 
 tiny: install
 	[ -f data/tiny/manifest.json ] || $(VENV)/bin/slm-make-corpus --out=data/tiny --size=300
-	$(VENV)/bin/slm-train --gin_file=gin/tiny.gin --model_dir=runs/tiny --gin.TRAIN_STEPS=50
+	$(VENV)/bin/slm-train --gin_file=gin/runs/tiny.gin --model_dir=runs/tiny --gin.TRAIN_STEPS=50
 
 clean:
 	rm -rf runs build *.egg-info

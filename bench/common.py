@@ -55,7 +55,7 @@ class WeightSet:
 
 def _real_weights() -> WeightSet:
     """SmolLM2-135M-Instruct (GGUF, dequantized) + Whisper-base's encoder (CTranslate2), the
-    adapter of gin/model_whisper_base_smollm2.gin."""
+    adapter of gin/models/model_whisper_base_smollm2.gin."""
     from slm_jax.weights import assets
     from slm_jax.weights.convert import ctranslate2, gguf
 

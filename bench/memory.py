@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-PAPER_GIN = "gin/paper_usm_mt0xxl.gin"
+PAPER_GIN = "gin/runs/paper_usm_mt0xxl.gin"
 
 
 def optimizer_share(gin_file: str = PAPER_GIN, optimizers: tuple[str, ...] = ("adamw", "adafactor")) -> dict[str, Any]:

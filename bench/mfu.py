@@ -2,7 +2,7 @@
 device measures for a large matmul in the same run. Meant for a GPU or TPU; on a CPU it runs
 too (tests, small configs), where the absolute numbers mean little.
 
-    python -m bench.mfu --gin_file=gin/paper_whisper_llama8b.gin --batch_size=8 --out=bench/results_mfu.json
+    python -m bench.mfu --gin_file=gin/runs/paper_whisper_llama8b.gin --batch_size=8 --out=bench/results_mfu.json
 
 What is measured:
 - *step time*: the median of ``--repeats`` train steps (after ``--warmup``) of the config as it
@@ -203,7 +203,7 @@ def main(argv=None) -> int:
         parser.add_argument("--markdown", default=None, help="also write the table to this Markdown file")
         args = parser.parse_args(rest)
         if not args.gin_file:
-            raise common.UserError("give a --gin_file (e.g. gin/paper_whisper_llama8b.gin)")
+            raise common.UserError("give a --gin_file (e.g. gin/runs/paper_whisper_llama8b.gin)")
         if args.repeats < 1 or args.warmup < 1:
             raise common.UserError("--repeats and --warmup must be >= 1")
         common.setup_logging()

@@ -2,7 +2,7 @@
 """Create a Cloud TPU VM pod slice and train slm-jax on all its workers.
 
   python launch/tpu_pod.py --name=slm-v4 --zone=us-central2-b --accelerator_type=v4-64 \
-      --gin_file=gin/paper_usm_mt0xxl.gin --model_dir=gs://BUCKET/runs/paper --dry_run
+      --gin_file=gin/runs/paper_usm_mt0xxl.gin --model_dir=gs://BUCKET/runs/paper --dry_run
 
 --dry_run prints the commands instead of running them (always try it first).
 """

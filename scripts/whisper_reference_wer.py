@@ -13,7 +13,7 @@ that scripts/wer_by_voice.py breaks down by voice:
       --tasks=asr_en,asr_en_open --out=runs/whisper_alone.json
 
 With --front_end --speeds=1.0,0.9,...: the transcript the speeds config
-(gin/whisper_base_transcriber_speeds_smollm2.gin) hands the adapter, the most confident of
+(gin/cascade/whisper_base_transcriber_speeds_smollm2.gin) hands the adapter, the most confident of
 Whisper's transcripts of the copies played at those speeds.
 """
 

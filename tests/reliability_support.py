@@ -14,7 +14,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HARNESS = os.path.join(ROOT, "tests", "train_harness.py")
 
-# Smaller than gin/model_tiny.gin: a run compiles in seconds on one CPU core.
+# Smaller than gin/models/model_tiny.gin: a run compiles in seconds on one CPU core.
 TINY_CONFIG = """
 include 'base.gin'
 include 'model_tiny.gin'

@@ -145,7 +145,7 @@ CASES += [
      ("ok", "")),
     ("train-misspelt-macro-in-file", "slm-train", ["--gin_file={F}/typo.gin", "--model_dir={F}/new"],
      ("error", "macro %LEARNING_RATEE (used by train.learning_rate) is never defined; did you mean %LEARNING_RATE?")),
-    ("train-missing-corpus", "slm-train", ["--gin_file=gin/tiny.gin", "--model_dir={F}/new",
+    ("train-missing-corpus", "slm-train", ["--gin_file=gin/runs/tiny.gin", "--model_dir={F}/new",
                                            "--gin.CORPUS_DIR='{F}/no_corpus'"], ("error", "no_corpus does not exist")),
     ("train-gin-suffix-stripped", "slm-train", ["--gin_file={F}/infer.gin", "--model_dir={F}/new",
                                                 "--gin.train.max_to_keep=-1"],

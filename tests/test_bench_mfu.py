@@ -35,7 +35,7 @@ def test_model_flops_ignore_remat_while_the_configured_step_recomputes():
 
 def test_command_line_prints_the_table_and_writes_json(tmp_path, capsys):
     out = tmp_path / "mfu.json"
-    assert mfu.main(["--gin_file=gin/tiny.gin", "--batch_size=8", "--audio_frames=64", "--repeats=1",
+    assert mfu.main(["--gin_file=gin/runs/tiny.gin", "--batch_size=8", "--audio_frames=64", "--repeats=1",
                      "--warmup=1", "--peak_size=64", f"--out={out}"]) == 0
     table = capsys.readouterr().out
     assert "| MFU |" in table and "model FLOPs per step" in table
@@ -46,5 +46,5 @@ def test_command_line_prints_the_table_and_writes_json(tmp_path, capsys):
 def test_command_line_needs_a_config_and_a_batch_that_splits(capsys):
     assert mfu.main(["--batch_size=2"]) == 2
     assert "--gin_file" in capsys.readouterr().err
-    assert mfu.main(["--gin_file=gin/tiny.gin", "--batch_size=3"]) == 2  # 8 test devices
+    assert mfu.main(["--gin_file=gin/runs/tiny.gin", "--batch_size=3"]) == 2  # 8 test devices
     assert "batch size 3 must be a multiple of the 8 devices" in capsys.readouterr().err

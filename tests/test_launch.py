@@ -16,7 +16,7 @@ def _dry_run(script, *args) -> list[str]:
 
 def test_tpu_pod_dry_run_creates_copies_installs_and_trains_on_all_workers():
     lines = _dry_run("tpu_pod.py", "--name=slm-v4", "--zone=us-central2-b", "--accelerator_type=v4-64",
-                     "--gin_file=gin/paper_usm_mt0xxl.gin", "--model_dir=gs://b/runs/p", "--gin=TRAIN_STEPS=10")
+                     "--gin_file=gin/runs/paper_usm_mt0xxl.gin", "--model_dir=gs://b/runs/p", "--gin=TRAIN_STEPS=10")
     assert lines[0].startswith("git archive")
     assert lines[1].startswith("gcloud compute tpus tpu-vm create slm-v4 --accelerator-type=v4-64")
     assert "--zone=us-central2-b" in lines[1]
@@ -24,12 +24,12 @@ def test_tpu_pod_dry_run_creates_copies_installs_and_trains_on_all_workers():
     assert "--worker=all" in lines[3] and "make install" in lines[3]
     train = lines[4]
     assert "--worker=all" in train and "slm-train --multihost" in train
-    assert "--gin_file=gin/paper_usm_mt0xxl.gin" in train and "--model_dir=gs://b/runs/p" in train
+    assert "--gin_file=gin/runs/paper_usm_mt0xxl.gin" in train and "--model_dir=gs://b/runs/p" in train
     assert "--gin.TRAIN_STEPS=10" in train
 
 
 def test_gpu_multinode_dry_run_assigns_process_ids_and_one_coordinator():
-    lines = _dry_run("gpu_multinode.py", "--host=a", "--host=b", "--port=4000", "--gin_file=gin/tiny.gin",
+    lines = _dry_run("gpu_multinode.py", "--host=a", "--host=b", "--port=4000", "--gin_file=gin/runs/tiny.gin",
                      "--model_dir=/shared/run")
     assert len(lines) == 3 and lines[-1] == "wait"
     for i, host in enumerate("ab"):

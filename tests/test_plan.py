@@ -37,7 +37,7 @@ def _row(out: str, devices: int) -> list[float]:
 def test_paper_config_plans_on_v4_64_and_8_devices():
     env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
     result = subprocess.run(
-        [sys.executable, "-m", "slm_jax.cli.plan", "--gin_file=gin/paper_usm_mt0xxl.gin", "--mesh=v4-64",
+        [sys.executable, "-m", "slm_jax.cli.plan", "--gin_file=gin/runs/paper_usm_mt0xxl.gin", "--mesh=v4-64",
          "--mesh=8xh100", "--batch_size=32", "--no_compile", "--device_memory_gib=16"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -18,9 +18,9 @@ from slm_jax.errors import UserError  # re-exported: the CLIs raise common.UserE
 REPO_GIN_DIR = pathlib.Path(__file__).resolve().parents[2] / "gin"
 
 GIN_HELP = (
-    "gin: --gin_file=FILE (repeatable; searched in the current directory and in the repo's gin/ "
-    "folder) and --gin.NAME=VALUE overrides, e.g. --gin.TRAIN_STEPS=50 or "
-    "--gin.train.batch_size=16."
+    "gin: --gin_file=FILE (repeatable; a path, or a name in the repo's gin/ folder, whose run configs "
+    "are in gin/runs/, e.g. --gin_file=whisper_base_smollm2.gin) and --gin.NAME=VALUE overrides, e.g. "
+    "--gin.TRAIN_STEPS=50 or --gin.train.batch_size=16."
 )
 
 
@@ -60,18 +60,38 @@ def split_gin_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return rest, bindings
 
 
+# gin/ in tiers: runs/ (what a user launches), cascade/ (the cascade baseline's runs), models/,
+# data/ and hardware/ (fragments the run files include). File names are unique across the tiers,
+# so a bare name finds its file.
+GIN_TIERS = ("runs", "cascade", "models", "data", "hardware")
+
+
+def resolve_gin_file(name: str) -> str:
+    """A --gin_file as given (a path), relative to gin/ (with or without a leading 'gin/'), or a
+    file name found in one of gin/'s tiers; one line naming it when none exists."""
+    relative = name[len("gin/"):] if name.startswith("gin/") else name
+    candidates = [pathlib.Path(name), REPO_GIN_DIR / relative]
+    candidates += [REPO_GIN_DIR / tier / os.path.basename(name) for tier in GIN_TIERS]
+    for candidate in candidates:
+        if candidate.is_file():
+            return str(candidate)
+    raise UserError(f"gin file not found: {name} (run configs are in {REPO_GIN_DIR / 'runs'})")
+
+
 def parse_gin(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
     import gin
 
     with quiet_native_stderr():  # the first import of JAX (and of TensorFlow, where a module needs it)
         from slm_jax import gin_registry  # noqa: F401  (registers every configurable)
 
+    # Includes name files by their bare names (unique across the tiers): an include with a folder in
+    # it would be tried as a Python package by gin's resource reader, which fails on a namespace
+    # package such as a runs/ or data/ folder in the current directory.
     gin.add_config_file_search_path(str(REPO_GIN_DIR))
+    for tier in GIN_TIERS:
+        gin.add_config_file_search_path(str(REPO_GIN_DIR / tier))
     gin.add_config_file_search_path(os.getcwd())
-    for f in gin_files:
-        if not (os.path.exists(f) or (REPO_GIN_DIR / f).exists() or (REPO_GIN_DIR / os.path.basename(f)).exists()):
-            raise UserError(f"gin file not found: {f}")
-    files = [f if os.path.exists(f) else str(REPO_GIN_DIR / os.path.basename(f)) for f in gin_files]
+    files = [resolve_gin_file(f) for f in gin_files]
     for attempt in range(2):
         try:
             gin.parse_config_files_and_bindings(files, list(bindings), finalize_config=False)
@@ -168,7 +188,7 @@ def add_decoding_arguments(parser: argparse.ArgumentParser, max_new_tokens: int)
                             "once; 0: off, the default)")
     group.add_argument("--transcript_bias", type=float, default=0.0,
                        help="b > 0 (greedy only; a front end that writes its own transcript, e.g. "
-                            "gin/whisper_base_transcriber_smollm2.gin): add b to the logit of the next token of "
+                            "gin/cascade/whisper_base_transcriber_smollm2.gin): add b to the logit of the next token of "
                             "Whisper's transcript while the answer keeps to it, and to end-of-turn once it is "
                             "used up: a copy prior against dropped and reworded words (0: off, the default)")
 

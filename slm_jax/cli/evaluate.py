@@ -29,12 +29,12 @@ only). A diagnostic of how well the speech is aligned with the LLM's token embed
 tasks with it.
 
 examples:
-  slm-eval --gin_file=gin/whisper_base_smollm2.gin --checkpoint=runs/default --out=report.json
-  slm-eval --gin_file=gin/whisper_base_smollm2.gin --checkpoint=release/whisper_base_smollm2 \\
+  slm-eval --gin_file=gin/runs/whisper_base_smollm2.gin --checkpoint=runs/default --out=report.json
+  slm-eval --gin_file=gin/runs/whisper_base_smollm2.gin --checkpoint=release/whisper_base_smollm2 \\
       --audio_tsv=release/real_speech/transcripts.tsv --out=real_speech.json
-  slm-eval --gin_file=gin/whisper_base_smollm2.gin --checkpoint=runs/default --decoder=ctc \\
+  slm-eval --gin_file=gin/runs/whisper_base_smollm2.gin --checkpoint=runs/default --decoder=ctc \\
       --audio_tsv=release/real_speech/transcripts.tsv --out=real_speech_ctc.json
-  slm-eval --gin_file=gin/tiny.gin --checkpoint=runs/tiny --tasks=asr_en,ast_en_fr --split=validation
+  slm-eval --gin_file=gin/runs/tiny.gin --checkpoint=runs/tiny --tasks=asr_en,ast_en_fr --split=validation
 """
 
 

@@ -11,9 +11,9 @@ Answer a text instruction about speech with a trained adapter (greedy or beam se
 over the given files). Audio is read as wav/flac, resampled to 16 kHz and mixed to mono.
 
 examples:
-  slm-infer --gin_file=gin/whisper_base_smollm2.gin --checkpoint=checkpoints/whisper_base_smollm2 \\
+  slm-infer --gin_file=gin/runs/whisper_base_smollm2.gin --checkpoint=checkpoints/whisper_base_smollm2 \\
       --audio=my.wav --instruction="Transcribe the speech."
-  slm-infer --gin_file=gin/tiny.gin --checkpoint=runs/tiny --audio=a.wav --audio=b.wav \\
+  slm-infer --gin_file=gin/runs/tiny.gin --checkpoint=runs/tiny --audio=a.wav --audio=b.wav \\
       --instruction="Translate the speech into French." --num_beams=4
 """
 

@@ -17,8 +17,8 @@ workspace from compiling the real train step on fake CPU devices (XLA memory ana
 is allocated, so a 15B-parameter configuration plans on a laptop.
 
 examples:
-  slm-plan --gin_file=gin/paper_usm_mt0xxl.gin --mesh=v4-64 --mesh=8xh100
-  slm-plan --gin_file=gin/tiny.gin --mesh=data=2,model=4 --batch_size=8
+  slm-plan --gin_file=gin/runs/paper_usm_mt0xxl.gin --mesh=v4-64 --mesh=8xh100
+  slm-plan --gin_file=gin/runs/tiny.gin --mesh=data=2,model=4 --batch_size=8
 """
 
 

@@ -18,9 +18,9 @@ To fine-tune instead, start a new --model_dir from another run's adapter (or a r
 Progress goes to the console and to TensorBoard event files in MODEL_DIR/train and MODEL_DIR/eval.
 
 examples:
-  slm-train --gin_file=gin/tiny.gin --model_dir=runs/tiny --gin.TRAIN_STEPS=50
-  slm-train --gin_file=gin/whisper_base_smollm2.gin --model_dir=runs/default
-  slm-train --gin_file=gin/whisper_base_smollm2.gin --model_dir=runs/tuned \
+  slm-train --gin_file=gin/runs/tiny.gin --model_dir=runs/tiny --gin.TRAIN_STEPS=50
+  slm-train --gin_file=gin/runs/whisper_base_smollm2.gin --model_dir=runs/default
+  slm-train --gin_file=gin/runs/whisper_base_smollm2.gin --model_dir=runs/tuned \
       --gin.train.init_checkpoint="'release/whisper_base_smollm2'" --gin.CORPUS_DIR="'data/mine'"
 """
 
@@ -65,7 +65,7 @@ def main(argv=None) -> int:
         multihost.add_argument("--process_id", type=int, default=None)
         args = parser.parse_args(rest)
         if not args.gin_file:
-            raise common.UserError("give at least one --gin_file (e.g. gin/tiny.gin)")
+            raise common.UserError("give at least one --gin_file (e.g. gin/runs/tiny.gin)")
         common.setup_logging(args.verbose)
         common.parse_gin(args.gin_file, args.gin_bindings + overrides)
         if args.multihost or args.coordinator_address:

@@ -30,7 +30,7 @@ def _bucket(n: int, quantum: int) -> int:
 
 
 NO_TRANSCRIPT = ("this model's speech front end writes no transcript to follow (the cascade baseline's front end "
-                 "does, e.g. gin/whisper_base_transcriber_smollm2.gin)")
+                 "does, e.g. gin/cascade/whisper_base_transcriber_smollm2.gin)")
 
 
 def writes_transcript(model: ModelSpec) -> bool:
@@ -202,7 +202,7 @@ def load_trained(checkpoint: str, model: ModelSpec, data: Any) -> tuple[SpeechLa
     for attribute in ("vocabulary", "prompt_format", "feature_lengths"):
         if not hasattr(data, attribute):
             raise ValueError(f"the configured data source {type(data).__name__} has no {attribute}; "
-                             "inference needs a corpus/task data source (e.g. gin/tiny.gin)")
+                             "inference needs a corpus/task data source (e.g. gin/runs/tiny.gin)")
     optimizer, schedule = make_optimizer(name=_optimizer_name())
     mesh = partitioning.make_mesh(data=1, devices=jax.devices()[:1])
     trainer = Trainer(model.build(), optimizer, schedule, mesh)

@@ -177,7 +177,6 @@ def ensure_writable(directory: str, min_free_bytes: int = 0) -> None:
 
     try:
         os.makedirs(directory, exist_ok=True)
-        run_lock.claim(directory)  # the run's first write: one training run per model directory
         with tempfile.NamedTemporaryFile(dir=directory, prefix=".write_test_") as probe:
             probe.write(b"\0" * 4096)
             probe.flush()
@@ -190,6 +189,10 @@ def ensure_writable(directory: str, min_free_bytes: int = 0) -> None:
             f"model directory {directory} has {free / 2**20:.1f} MiB free; checkpoints need about "
             f"{min_free_bytes / 2**20:.1f} MiB (free some space or choose another --model_dir)"
         )
+    try:  # the run's first lasting write (after the checks, so a refused run leaves nothing)
+        run_lock.claim(directory)
+    except OSError as e:
+        raise CheckpointError(f"model directory {directory} is not writable: {e.strerror or e}") from None
 
 
 def complete_steps(directory: str) -> list[int]:

@@ -65,7 +65,7 @@ Export a trained adapter as a small release checkpoint (float16 parameters, zero
 state, same Orbax layout), readable by slm-infer/slm-eval --checkpoint=DEST.
 
 example:
-  python -m slm_jax.weights.release --gin_file=gin/whisper_base_smollm2.gin --checkpoint=runs/release/train \\
+  python -m slm_jax.weights.release --gin_file=gin/runs/whisper_base_smollm2.gin --checkpoint=runs/release/train \\
       --out=release/whisper_base_smollm2
 """
 

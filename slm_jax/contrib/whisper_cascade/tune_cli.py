@@ -10,7 +10,7 @@ from slm_jax.cli import common
 
 DESCRIPTION = """\
 Train a low-rank adapter on the frozen Whisper decoder of a transcriber front end (a gin config
-whose speech encoder is a WhisperTranscriberConfig, e.g. gin/whisper_base_transcriber_speeds_smollm2.gin)
+whose speech encoder is a WhisperTranscriberConfig, e.g. gin/cascade/whisper_base_transcriber_speeds_smollm2.gin)
 with Whisper's own next-token loss on a corpus's transcripts, and write its factors to --out (.npz).
 Every pretrained weight stays frozen; only the factors train. The front end uses them with
 --gin.WhisperTranscriberConfig.decoder_lora="'OUT'" (its cached transcripts are keyed by the
@@ -21,9 +21,9 @@ from the config's speeds), then the factors train for --steps steps. Every examp
 is a transcript (ASR and speech-translation tasks alike; zero-shot tasks are left out).
 
 examples:
-  slm-tune-whisper --gin_file=gin/whisper_base_transcriber_speeds_smollm2.gin --corpus_dir=runs/corpus \\
+  slm-tune-whisper --gin_file=gin/cascade/whisper_base_transcriber_speeds_smollm2.gin --corpus_dir=runs/corpus \\
       --out=runs/whisper_lora.npz
-  slm-tune-whisper --gin_file=gin/whisper_base_transcriber_smollm2.gin --corpus_dir=runs/corpus \\
+  slm-tune-whisper --gin_file=gin/cascade/whisper_base_transcriber_smollm2.gin --corpus_dir=runs/corpus \\
       --out=runs/whisper_lora.npz --steps=600 --rank=8 --tasks=asr_en,asr_en_open
 """
 
