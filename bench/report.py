@@ -1,7 +1,7 @@
 """The results of ``bench.suite.run`` as a Markdown table of ratios against the reference.
 
 Each row: what was measured, the shape, slm-jax's number, the reference's, the speed-up (> 1:
-slm-jax faster) and the issue's target with whether this run met it.
+slm-jax faster) and the speed-up the benchmark expects, with whether this run reached it.
 """
 
 from __future__ import annotations

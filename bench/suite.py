@@ -22,7 +22,7 @@ class Plan:
 
     repeats: int
     # batch 8 x 6.4 s = 128 LLM tokens (8 prefix + 80 speech + 8 suffix + 32 target) at the real
-    # shapes: the "batch 8 x 128 tokens" of the baseline measurement.
+    # shapes: the "batch 8 x 128 tokens" of the baseline measurement against PyTorch.
     bare: Case
     e2e: Case
     decode_cases: tuple[tuple[int, int], ...]  # (batch, beams)

@@ -78,13 +78,15 @@ class WhisperTranscriberConfig:
     llm_token_rows: int = 0
     # False: the decoder states are zeroed and the adapter reads only the LLM's tokens of Whisper's
     # transcript. The shipped config does this: adapters that read the states learned the training
-    # corpus's voices from them and rewrote real speakers' words (release/README.md).
+    # corpus's voices from them and rewrote real speakers' words
+    # (docs/experiments/2026-12-01-transcript-as-llm-tokens.md).
     decoder_states: bool = True
     whisper_tokenizer: str = "package:whisper-base"  # tokenizer.json of Whisper's vocabulary
     # Several speeds: Whisper transcribes the speech played at each (tempo and pitch together,
     # made from the log-mel features by change_speed), and each utterance keeps the transcript
     # Whisper was surest of (Transcript.confidence). Whisper-base mishears synthetic voices where
-    # it is unsure, and a slower or faster copy is sometimes heard right (release/README.md).
+    # it is unsure, and a slower or faster copy is sometimes heard right
+    # (docs/experiments/2026-12-02-whisper-at-several-speeds.md).
     # () = the speech as it is, one pass.
     speeds: tuple[float, ...] = ()
     # A low-rank adapter on Whisper's decoder (a file of slm-tune-whisper, slm_jax/contrib/whisper_cascade/tuning.py):

@@ -1,9 +1,9 @@
 """A low-rank adapter on the transcriber front end's frozen Whisper decoder, trained on a corpus.
 
-Why: the transcriber front end (models/whisper_transcriber.py) reads the speech with all of
+Why: the transcriber front end (front_end.py) reads the speech with all of
 Whisper-base, and what the SLM's adapter reads is Whisper's transcript. Where Whisper-base
 mishears a voice (espeak-ng's robotic voices: 40-60% WER; reverberant rooms: 25%), no adapter
-behind it has the words back (release/README.md measures that). A LoRA on Whisper's decoder,
+behind it has the words back (docs/experiments/2026-12-02-error-sources-held-out-english.md). A LoRA on Whisper's decoder,
 trained with Whisper's own next-token loss on the training split's transcripts, teaches Whisper
 the voices of the corpus while every pretrained weight stays frozen: only the factors train,
 and the front end merges them into the decoder's kernels when it loads

@@ -58,7 +58,7 @@ from slm_jax.data.errors import DataError
 log = logging.getLogger(__name__)
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[3]
-# The recordings the real-speech evaluation uses (release/README.md): never training data.
+# The recordings the real-speech evaluation uses (release/real_speech/SOURCES.md): never training data.
 DEFAULT_HELDOUT_DIR = str(REPO_ROOT / "release" / "real_speech")
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
 RECORDED_SYNTHESIZER = "recorded"  # manifest config.synthesizer of an imported corpus
