@@ -1,12 +1,14 @@
 """slm-demo: budget sizing, the cascade prompt, the results table and statement, and the whole
-demo end to end on a tiny random model (the real Whisper/SmolLM2 demo takes minutes; its
-pieces are the same)."""
+demo end to end on a tiny random model, with a tiny release exported from it standing in for the
+shipped one (the real Whisper/SmolLM2 demo takes minutes; its pieces are the same).
+tests/test_demo_real_speech.py covers the real-speech section."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import pathlib
 
 import gin
 import jax
@@ -14,7 +16,7 @@ import numpy as np
 import pytest
 
 from slm_jax.apps import demo
-from slm_jax.inference import evaluation
+from slm_jax.inference import evaluation, metrics
 from slm_jax.cli import demo as demo_cli
 
 TINY_GIN = """
@@ -40,6 +42,8 @@ def test_generate_calls_count_cascade_passes_for_non_asr_tasks():
     examples = [{"task": "asr_en"}] * 9 + [{"task": "ast_en_fr"}] * 3
     # asr: 2 batches of 8; ast: 1 batch x (answer, own transcript, 2 cascades)
     assert demo.count_generate_calls(examples, 8) == 2 + 4
+    # The release answers every batch too; the cascade reads its transcripts instead of the live run's.
+    assert demo.count_generate_calls(examples, 8, release=True) == 2 * 2 + 5
 
 
 def test_fixed_batch_pads_and_trims():
@@ -72,7 +76,8 @@ def _report(wer: float) -> dict:
 
 def test_results_table_has_every_task_and_both_cascades():
     table = demo.results_table(_report(0.25)).splitlines()
-    assert "cascade (reference text)" in table[0] and "cascade (SLM transcript)" in table[0]
+    assert "cascade (reference text)" in table[0] and "cascade (live transcript)" in table[0]
+    assert "trained just now" in table[0] and "shipped release" not in table[0]  # none was evaluated
     rows = {line.split()[0]: line.split() for line in table[2:]}
     assert rows["asr_en"][-4:] == ["WER", "25.0%", "-", "-"]  # no cascade for ASR itself
     assert rows["ast_en_fr"][-4:] == ["BLEU", "12.3", "30.0", "5.0"]
@@ -80,13 +85,71 @@ def test_results_table_has_every_task_and_both_cascades():
     assert rows["zeroshot_which_colour"][-3:] == ["33.3%", "100.0%", "0.0%"]
 
 
+def _with_release(report: dict, wer: float) -> dict:
+    report["release"] = {"tasks": {"asr_en": {"examples": 10, "wer": wer}, "ast_en_fr": {"examples": 4, "bleu": 41.0},
+                                   "zeroshot_which_colour": {"examples": 3, "accuracy": 2 / 3}},
+                         "predictions": {}}
+    report["release_info"] = {"step": 1100, "directory": "release/whisper_base_smollm2", "note": "600 + 500"}
+    report["own_transcripts_by"] = "release"
+    return report
+
+
+def test_results_table_labels_the_release_and_the_live_run():
+    run = {"steps": 23}
+    table = demo.results_table(_with_release(_report(0.9), 0.1), run).splitlines()
+    header = table[0]
+    # Each column says which model it is: the release, and the run trained just now with its steps.
+    assert header.index("shipped release, 1100 steps") < header.index("trained just now, 23 steps")
+    assert "cascade (release transcript)" in header
+    rows = {line.split()[0]: line.split() for line in table[2:]}
+    assert rows["asr_en"][-5:] == ["WER", "10.0%", "90.0%", "-", "-"]
+    assert rows["ast_en_fr"][-5:] == ["BLEU", "41.0", "12.3", "30.0", "5.0"]
+    assert rows["zeroshot_which_colour"][-4:] == ["66.7%", "33.3%", "100.0%", "0.0%"]
+
+
+def _run(steps: int, alignment: int = 0, load: float | None = 0.1, **more) -> dict:
+    return {"adapter_params": 1234, "synthesizer": "espeak", "steps": steps, "alignment_steps": alignment, "batch_size": 8,
+            "epochs": 0.5, "train_examples": 800, "train_seconds": 120, "loss": 2.5, "load_at_start": load, "cores": 2,
+            "minutes": 5.0, **more}
+
+
 @pytest.mark.parametrize("wer, verdict", [(0.08, "usable"), (0.3, "partly right"), (0.9, "not learned")])
 def test_statement_says_plainly_how_good_the_transcripts_are(wer, verdict):
-    run = {"adapter_params": 1234, "synthesizer": "espeak", "steps": 50, "batch_size": 8, "epochs": 0.5, "train_examples": 800,
-           "train_seconds": 120, "loss": 2.5}
-    text = demo.statement(_report(wer), run)
+    text = demo.statement(_report(wer), _run(alignment=100, steps=100 + demo.FEW_STEPS))
     assert f"WER {100 * wer:.1f}%" in text and verdict in text
-    assert "50 steps" in text and "short CPU run" in text
+    assert f"{100 + demo.FEW_STEPS} steps" in text and "short CPU run" in text and "NOTE" not in text
+
+
+def test_a_busy_run_is_named_and_the_release_still_stands():
+    """Few next-token steps on a loaded machine: the statement says the machine is busy and how
+    many steps the live run got, and points at the release's column, whose numbers it states."""
+    report = _with_release(_report(2.2), 0.107)
+    text = demo.statement(report, _run(steps=170, alignment=150, load=3.9))
+    assert "this machine is busy (load average 3.9 on 2 cores" in text
+    assert "the live run got 170 steps (20 next-token steps after 150 alignment)" in text
+    assert "shipped release's column shows what the design reaches" in text
+    assert "trained just now WER 220.0%" in text and "shipped release WER 10.7% (usable transcripts)" in text
+    assert "zero-shot" in text.lower() and "shipped release: which_colour 66.7%" in text
+    table = demo.results_table(report, {"steps": 170})
+    assert "shipped release, 1100 steps" in table and "trained just now, 170 steps" in table
+    # An idle machine with too short a budget, and --steps, are named as such instead.
+    idle = demo.statement(report, _run(steps=170, alignment=150, load=0.2))
+    assert "busy" not in idle and "the live run got 170 steps" in idle and "5-minute budget" in idle
+    assert "as --steps asked" in demo.statement(report, _run(steps=30, load=0.2, steps_asked=True))
+    # Without a release there is nothing to point at; enough steps: no note at all.
+    assert "release/README.md" in demo.live_run_note(_run(steps=30, load=3.9), release=False)
+    assert demo.live_run_note(_run(steps=150 + demo.FEW_STEPS, alignment=150, load=3.9), release=True) is None
+
+
+def test_summary_ends_on_what_each_model_reached():
+    report = _with_release(_report(0.9), 0.1)
+    line = demo.summary(report, {"steps": 40})
+    assert line.startswith("In short: on held-out synthetic English the shipped release has WER 10.0%")
+    assert "90.0% for the run trained just now, 40 steps" in line
+    report["real_speech"] = {"speech_system": "shipped release",
+                             "scores": {"shipped release": {"wer": 1.08}, demo.WHISPER_ALONE: {"wer": 0.03}}}
+    assert "on real human speech the shipped release has WER 108.0% and Whisper-base alone 3.0%" in demo.summary(
+        report, {"steps": 40})
 
 
 def test_cli_rejects_bad_flags(capsys):
@@ -94,6 +157,8 @@ def test_cli_rejects_bad_flags(capsys):
     assert "slm-demo: error: --steps must be positive" in capsys.readouterr().err
     assert demo_cli.main(["--languages=en,xx"]) == 2
     assert "--languages must include en" in capsys.readouterr().err
+    assert demo_cli.main(["--wav=/no/such/recording.wav"]) == 2
+    assert "--wav: no such file: /no/such/recording.wav" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         demo_cli.main(["--help"])
     assert "zero-shot" in capsys.readouterr().out
@@ -126,17 +191,22 @@ def test_quick_settings():
     args = demo_cli.build_parser().parse_args(["--alignment_steps=0"])
     assert demo_cli.settings_from_args(args).alignment_steps == 0
     assert settings.eval_per_task < demo.DemoSettings().eval_per_task
+    # The release and the real-speech section are on by default (and found from any directory).
+    assert settings.release and settings.real_speech and os.path.isdir(demo.repo_path(settings.release))
+    args = demo_cli.build_parser().parse_args(["--no_release", "--no_real_speech", f"--wav={__file__}"])
+    off = demo_cli.settings_from_args(args)
+    assert off.release == "" and off.real_speech == "" and off.wavs == (__file__,)
 
 
 @pytest.mark.slow
-def test_demo_end_to_end_on_a_tiny_model(tmp_path, capsys):
+def test_demo_end_to_end_on_a_tiny_model(tmp_path, capsys, monkeypatch):
     gin_file = tmp_path / "tiny_demo.gin"
     gin_file.write_text(TINY_GIN)
     out = tmp_path / "demo"
     settings = demo.DemoSettings(
         out_dir=str(out), gin_files=(str(gin_file),), corpus_size=70, languages=("en", "fr"),
         synthesizer="tones", workers=1, steps=3, alignment_steps=2, batch_size=8, warmup_steps=1, eval_per_task=2,
-        eval_batch_size=2, max_new_tokens=8, minutes=5,
+        eval_batch_size=2, max_new_tokens=8, minutes=5, release="", real_speech="",
         gin_bindings=(f"CachedCorpusData.vocabulary='corpus:{out / 'corpus'}'",),
     )
     report = demo.run_demo(settings)
@@ -178,11 +248,58 @@ def test_demo_end_to_end_on_a_tiny_model(tmp_path, capsys):
     assert "corpus: reusing" in capsys.readouterr().out
 
     # Without --steps the demo times the step on one bucketed batch and sizes the run from the
-    # planned batches' shapes (a short budget: at least min_steps).
-    sized = demo.run_demo(dataclasses.replace(settings, steps=None, minutes=1.0, min_steps=2))
+    # planned batches' shapes (a short budget: at least min_steps). The export above stands in for
+    # the shipped release, on a machine that looks busy: the live run is short, the demo says why,
+    # and the release is evaluated on the same utterances all the same.
+    # The real-speech section on one short real recording and a --wav of the user: the release,
+    # Whisper-base alone and the cascade (here the tiny LLM) each answer, and each WER is the
+    # WER of its own answer.
+    recording = pathlib.Path(demo.REPO_ROOT) / "release" / "real_speech" / "sphinx_goforward.wav"
+    (tmp_path / "real.tsv").write_text(f"# one recording\n{recording}\tgo forward ten meters\n")
+    monkeypatch.setattr(demo, "machine_load", lambda: {"load_at_start": 7.5, "cores": 2})
+    sized = demo.run_demo(dataclasses.replace(settings, steps=None, minutes=1.0, min_steps=2,
+                                              release=str(out / "release"), real_speech=str(tmp_path / "real.tsv"),
+                                              wavs=(str(recording),)))
     printed = capsys.readouterr().out
+    section = sized["real_speech"]
+    assert section["speech_system"] == "shipped release" and section["references"] == ["go forward ten meters"]
+    assert set(section["answers"]) == {"shipped release", demo.WHISPER_ALONE, demo.CASCADE}
+    for system, said in section["answers"].items():
+        wer = metrics.word_error_rate(["go forward ten meters"], said)
+        assert section["scores"][system]["wer"] == wer
+        assert f"{system}  " in printed and f"{100 * wer:.1f}%" in printed
+        assert section["wavs"][str(recording)][system] == said[0]  # the same audio, the same answer
+    assert section["scores"][demo.WHISPER_ALONE]["wer"] <= 0.25  # Whisper-base hears real speech
+    assert "Real human speech" in printed and "Your recordings:" in printed
     assert "batch shapes to compile" in printed and "s per mean step" in printed and "2 alignment steps" in printed
+    assert "(this run and the shipped release)" in printed  # its evaluation is in the plan's time
     assert sized["run"]["steps"] >= 4 and sized["run"]["step_seconds"] > 0
+    steps = sized["run"]["steps"]
+    header = next(line for line in printed.splitlines() if line.startswith("task "))
+    assert "shipped release, 5 steps" in header and f"trained just now, {steps} steps" in header
+    assert "cascade (release transcript)" in header
+    # The release's column is its own answers: scored from its predictions, the same examples as the live run's.
+    assert set(sized["release"]["tasks"]) == set(sized["slm"]["tasks"])
+    for task, scores in sized["release"]["tasks"].items():
+        rows = sized["release"]["predictions"][task]
+        assert [r["id"] for r in rows] == [r["id"] for r in sized["slm"]["predictions"][task]]
+        assert scores == evaluation.score_task(task, [r["reference"] for r in rows], [r["prediction"] for r in rows],
+                                               [{"instruction": r["instruction"], "target": r["reference"]} for r in rows])
+    asr = next(line.split() for line in printed.splitlines() if line.startswith("asr_en "))
+    assert asr[3:5] == [f"{100 * sized['release']['tasks']['asr_en']['wer']:.1f}%",
+                        f"{100 * sized['slm']['tasks']['asr_en']['wer']:.1f}%"]
+    assert f"this machine is busy (load average 7.5 on 2 cores when the demo started): the live run got {steps} steps" in printed
+    assert "the shipped release's column shows what the design reaches" in printed
+    # It ends on what each model reached, the release first (only the report's path and a command follow).
+    tail = [line for line in printed.strip().splitlines() if line.strip()][-3:]
+    assert tail[0].startswith("In short: on held-out synthetic English the shipped release has WER "
+                              f"{100 * sized['release']['tasks']['asr_en']['wer']:.1f}%")
+    assert tail[1].startswith("total ") and "slm-infer" in tail[2] and str(out / "release") in tail[2]
+    # A release of other frozen models is left out before the training, with the reason.
+    other = dataclasses.replace(model, llm_source="random:7")
+    assert "trained on the frozen models" in demo.release_mismatch(str(out / "release"), other)
+    assert demo.release_mismatch(str(out / "release"), model) is None
+    assert "cannot be read" in demo.release_mismatch(str(tmp_path), model)
 
 
 def test_cascade_puts_the_transcript_in_the_speech_slot(tmp_path):

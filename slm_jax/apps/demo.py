@@ -105,9 +105,10 @@ NUM_GENERATE_COMPILES = 2  # speech -> answer, and transcript text -> answer (ca
 # The shipped release's evaluation adds generation calls at the same shapes (no compile; its
 # adapter takes the live one's place in the same jitted model) and one load of its weights. The
 # real-speech section compiles three more loops (the release at the recordings' length and answer
-# length, Whisper-base's own decoder, the cascade's text prompt) and runs each once on up to 8
-# recordings of up to 12 s, about three calls' worth each.
-REAL_SPEECH_IN_STEPS = 3 * COMPILE_IN_STEPS + 3 * 3 * GENERATE_CALL_IN_STEPS
+# length, Whisper-base's own decoder, the cascade's text prompt) and runs each once on the 7
+# recordings (up to 11 s): measured 52 s where a full-length train step took about 5.3 s
+# (slm-demo --quick on the shared 2-core CPU, load average 5, 2026-12-08), about 10 steps.
+REAL_SPEECH_IN_STEPS = 12.0
 
 
 class Clock:

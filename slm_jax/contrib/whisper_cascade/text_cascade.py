@@ -44,11 +44,19 @@ class AnswerFormat:
 
 
 ANSWER_FORMATS: dict[str, AnswerFormat] = {
-    # ASR and the biasing tasks: the answer is the transcript itself.
+    # ASR and the biasing tasks: the answer is the transcript itself. With one example the LLM
+    # tended to answer with the example itself, and with the biasing prompt's list of names; three
+    # of different kinds (a corpus sentence, a free-form one, a biasing prompt with names from
+    # neither of the corpus's lists) brought the WER of the validation split's reference
+    # transcripts down from 3% / 22% / 99% (asr_en / asr_en_open / instruct_biasing) to 0% / 30% / 2%.
     "transcript": AnswerFormat(
         "Repeat the text exactly, word for word, and nothing else.",
         (("The meeting is on Friday at four o'clock.", "Transcribe the speech.",
-          "The meeting is on Friday at four o'clock."),)),
+          "The meeting is on Friday at four o'clock."),
+         ("the old house stood at the end of a long road", "Write down what was said.",
+          "the old house stood at the end of a long road"),
+         ("Please call Rosalind tomorrow.", "Transcribe the speech. Names that may occur: Tobias, Rosalind, Marguerite.",
+          "Please call Rosalind tomorrow."))),
     "translation": AnswerFormat(
         "Give only the translation, in one line.",
         (("The blue box is under the bed.", "Translate the speech into French.", "La boîte bleue est sous le lit."),)),
