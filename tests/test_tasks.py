@@ -91,6 +91,66 @@ def test_mixture_rates_are_proportional_to_task_sizes(registered):
             assert seqio.get_mixture_or_task(name).splits == ("test",)
 
 
+def test_rate_multipliers_scale_a_tasks_rate_in_both_mixtures(registered):
+    from slm_jax.tasks import corpus_tasks
+
+    try:
+        corpus_tasks.register_corpus_tasks(registered, rate_multipliers={"asr_en": 3})
+        for name in ("asr_ast_instruct", "asr"):
+            mix = seqio.get_mixture_or_task(name)
+            for task in mix.tasks:
+                size = task.source.num_input_examples("train")
+                assert mix.get_rate(task) == (3 if task.name == "asr_en" else 1) * size, (name, task.name)
+        with pytest.raises(ValueError, match=r"not training tasks of the corpus .*\['zeroshot_which_colour'\]"):
+            corpus_tasks.register_corpus_tasks(registered, rate_multipliers={"zeroshot_which_colour": 2})
+        with pytest.raises(ValueError, match=r"rate_multipliers\['asr_en'\] must be a whole number >= 1, got 0"):
+            corpus_tasks.register_corpus_tasks(registered, rate_multipliers={"asr_en": 0})
+    finally:
+        use_corpus(registered)
+
+
+def test_the_registry_holds_what_the_corpus_manifest_holds(tmp_path):
+    """A task of imported recordings (not one the generator knows) is registered and mixed as its
+    manifest describes it; a default task the corpus lacks stays out of the mixtures (it says so
+    when used on its own)."""
+    import json
+
+    from slm_jax import tasks
+
+    root = copy_corpus(tmp_path)
+    path = os.path.join(root, corpus.MANIFEST)
+    manifest = json.load(open(path))
+    manifest["tasks"]["asr_recorded"] = dict(manifest["tasks"].pop("instruct_count"), family="asr")
+    del manifest["tasks"]["asr_es"]
+    json.dump(manifest, open(path, "w"))
+    try:
+        names = tasks.corpus_tasks.register_corpus_tasks(root)
+        assert "asr_recorded" in names and "asr_es" in names
+        training = {t.name for t in seqio.get_mixture_or_task("asr_ast_instruct").tasks}
+        assert "asr_recorded" in training and not {"asr_es", "instruct_count"} & training
+        assert {t.name for t in seqio.get_mixture_or_task("asr").tasks} == {"asr_de", "asr_en", "asr_fr", "asr_recorded"}
+        assert seqio.get_mixture_or_task("asr_recorded").splits == tuple(
+            s for s in corpus.SPLITS if manifest["tasks"]["asr_recorded"]["splits"].get(s, {}).get("examples"))
+        with pytest.raises(DataNotPreparedError, match=r"task asr_es: the corpus in .* has no such task"):
+            SeqioData("asr_es", LENGTHS).task_dataset("train", shuffle=False, seed=0)
+    finally:
+        use_corpus(small_corpus())
+
+
+def test_corpus_source_examples_are_the_shard_records_in_order(registered):
+    from slm_jax.tasks import corpus_tasks
+
+    manifest = corpus.load_manifest(registered)
+    source = seqio.get_mixture_or_task("asr_en").source
+    got = list(source.examples("train"))
+    want = [ex for p in corpus.shard_paths(registered, manifest, "asr_en", "train") for ex in corpus.read_examples(p)]
+    assert len(got) == manifest["tasks"]["asr_en"]["splits"]["train"]["examples"] > 4  # several shards
+    for x, y in zip(got, want, strict=True):
+        assert x.keys() == y.keys() and np.array_equal(x["audio"], y["audio"]) and x["audio"].dtype == np.float32
+        assert all(x[k] == y[k] for k in x if k != "audio")
+    assert [e["id"] for e in corpus_tasks.corpus_examples(registered, ["train"], ["asr_en"])] == [e["id"] for e in want]
+
+
 def test_mixture_samples_tasks_at_their_rates(registered):
     data = SeqioData("asr_ast_instruct", LENGTHS)
     ds = data.task_dataset("train", shuffle=True, seed=0).take(600)
@@ -209,6 +269,18 @@ def test_corrupt_shards_are_named(tmp_path):
     open(path, "wb").write(data[:-50])
     with pytest.raises(CorruptShardError, match=rf"{path}: truncated in record"):
         next(SeqioData("asr_en", LENGTHS, corpus_dir=root).train_batches(2, seed=0))
+
+
+def test_corpus_source_examples_name_a_corrupt_record(tmp_path):
+    from slm_jax.tasks import corpus_tasks
+
+    root = copy_corpus(tmp_path)
+    path = corpus.shard_paths(root, corpus.load_manifest(root), "asr_en", "train")[1]
+    garbled = bytearray(open(path, "rb").read())
+    garbled[200:260] = bytes(60)
+    open(path, "wb").write(bytes(garbled))
+    with pytest.raises(CorruptShardError, match=rf"{path}: record 0 is unreadable"):
+        list(corpus_tasks.CorpusSource(root, "asr_en").examples("train"))
 
 
 def _rewrite_first_record(root: str, task: str, **changes) -> str:

@@ -37,7 +37,8 @@ def _list(args) -> int:
     from slm_jax import tasks
 
     real = set(tasks.real_task_names())
-    print(f"corpus: {tasks.corpus_tasks.registered_corpus_dir()}")
+    corpus_dir = tasks.corpus_tasks.registered_corpus_dir()
+    print(f"corpus: {corpus_dir}")
     print("mixtures:")
     for name in sorted(seqio.MixtureRegistry.names()):
         members = [t.name for t in seqio.MixtureRegistry.get(name).tasks]
@@ -51,7 +52,9 @@ def _list(args) -> int:
             from slm_jax.data.corpus import builder as corpus
 
             info = corpus.ALL_TASKS.get(name)
-            kind = info.description if info else type(task.source).__name__
+            # A task of imported recordings: its manifest describes it.
+            described = info.description if info else tasks.corpus_tasks.task_description(corpus_dir, name)
+            kind = described or type(task.source).__name__
         print(f"  {name:<28s} [{','.join(task.splits)}] {kind}")
     return 0
 

@@ -1,11 +1,16 @@
 """Training data for a frozen-encoder SLM from a generated corpus, with the encoder run once.
 
-``CachedCorpusData`` reads a corpus written by ``slm-make-corpus`` (every task's train split,
-zero-shot tasks excluded), computes log-mel features, runs the frozen speech encoder once over
-every clip (``encoder_cache.py``) and then serves batches of cached encoder outputs + prompt and
-target tokens. It is gin-configurable; ``train()`` hands it the frozen encoder through
-``attach_model`` before the first batch. Vocabulary and prompt format are available without
-touching the corpus, so ``slm-infer`` can use the same config cheaply.
+``CachedCorpusData`` trains on the SeqIO registry's corpus mixture (``asr_ast_instruct`` by
+default, tasks/corpus_tasks.py): it registers the corpus tasks over ``corpus_dir``, reads the
+examples of the mixture's tasks through their own data sources (``CorpusSource.examples``, the
+train split and ``eval_split``), computes log-mel features, runs the frozen speech encoder once
+over every clip (``encoder_cache.py``, keyed by example id) and then serves batches of cached
+encoder outputs + prompt and target tokens. The mixture's rates are its sampling rates: each
+training example is listed rate / size times in the epoch that ``CachedSpeechData`` permutes
+(1 under the paper's proportional mixing; ``task_repeats`` are the registry's rate multipliers).
+It is gin-configurable; ``train()`` hands it the frozen encoder through ``attach_model`` before
+the first batch. Vocabulary and prompt format are available without touching the corpus, so
+``slm-infer`` can use the same config cheaply.
 """
 
 from __future__ import annotations
@@ -14,16 +19,17 @@ import logging
 import os
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-import numpy as np
-
 from slm_jax.data import audio as audio_lib
 from slm_jax.data.cached.encoder_cache import (CachedSpeechData, EncoderCache, adopt_cache, build_cache, encoder_fingerprint,
-                                   reusable_cache)
+                                               reusable_cache)
+from slm_jax.data.errors import DataError
 from slm_jax.data.prompting import PromptFormat
 from slm_jax.data.vocabularies import load_vocabulary
 from slm_jax.models.front_end import writes_tokens
 
 log = logging.getLogger(__name__)
+
+TRAINING_MIXTURE = "asr_ast_instruct"  # tasks/corpus_tasks.py (not imported here: it loads seqio)
 
 
 def front_end_fingerprint(model_spec: Any) -> str:
@@ -38,21 +44,25 @@ def front_end_fingerprint(model_spec: Any) -> str:
 
 def read_corpus(corpus_dir: str, splits: Sequence[str], tasks: Iterable[str] | None = None,
                 include_zero_shot: bool = False) -> list[dict]:
-    """Examples (id, task, split, text, instruction, target, audio) of the given splits."""
-    from slm_jax.data.corpus import builder as corpus
+    """Examples (id, task, split, lang, text, instruction, target, audio, num_samples) of the given
+    splits of the corpus's tasks in name order, read by the registry's data source
+    (``slm_jax.tasks.corpus_tasks.corpus_examples``)."""
+    from slm_jax.tasks.corpus_tasks import corpus_examples
 
-    manifest = corpus.load_manifest(corpus_dir)
-    wanted = set(tasks) if tasks is not None else None
-    out = []
-    for task, info in sorted(manifest["tasks"].items()):
-        if (wanted is not None and task not in wanted) or (info["zero_shot"] and not include_zero_shot):
-            continue
-        for split in splits:
-            if split not in info["splits"]:
-                continue
-            for path in corpus.shard_paths(corpus_dir, manifest, task, split):
-                out.extend(corpus.read_examples(path))
-    return out
+    return corpus_examples(corpus_dir, splits, tasks, include_zero_shot)
+
+
+def copies_per_example(rate: float, examples: int, task: str) -> int:
+    """How often each of a task's ``examples`` training examples is listed in an epoch so that the
+    task is sampled at ``rate`` (a mixture rate in examples): rate / examples, a whole number."""
+    if examples == 0:
+        return 0
+    copies = rate / examples
+    if copies < 0 or copies != int(copies):
+        raise DataError(f"task {task}: mixture rate {rate:g} is not a whole multiple of its {examples} training "
+                        f"examples; the cached-encoder source lists each example a whole number of times "
+                        f"(tasks/corpus_tasks.py: ExamplesRate)")
+    return int(copies)
 
 
 def corpus_lengths(vocabulary: Any, prompt_format: PromptFormat, examples: Sequence[Mapping[str, str]],
@@ -84,14 +94,19 @@ class CachedCorpusData:
         max_prompt_tokens: int = 64,
         max_target_tokens: int = 64,
         task_repeats: Mapping[str, int] | None = None,
+        mixture: str = TRAINING_MIXTURE,
     ):
         self.corpus_dir = corpus_dir
-        # The paper mixes tasks in proportion to their size; {'asr_en': 3} lists that task's training
-        # examples three times, tripling its share (a mixing rate for a task too small to be heard).
-        self.task_repeats = dict(task_repeats or {})
-        for task, times in self.task_repeats.items():
-            if not isinstance(times, int) or times < 1:
-                raise ValueError(f"task_repeats[{task!r}] must be a whole number >= 1, got {times!r}")
+        # The paper mixes tasks in proportion to their size; {'asr_en': 3} multiplies that task's
+        # rate in the registry's mixtures by 3 (each of its training examples is listed three times),
+        # for a task too small to be heard. Checked here, so a bad value fails with the config (the
+        # registry, and seqio with it, is imported only when there is something to check).
+        self.task_repeats = {}
+        if task_repeats:
+            from slm_jax.tasks.corpus_tasks import check_rate_multipliers
+
+            self.task_repeats = check_rate_multipliers(task_repeats, "task_repeats")
+        self.mixture = mixture
         self.vocabulary_spec = vocabulary
         self.prompt_format = prompt_format
         # None: corpus_dir/encoder_cache/<encoder fingerprint>, so two front ends (the encoder alone,
@@ -127,8 +142,7 @@ class CachedCorpusData:
         fingerprint = front_end_fingerprint(model_spec)
         if self._data is not None and self._data.cache.fingerprint == fingerprint:
             return
-        train = read_corpus(self.corpus_dir, ["train"], self.tasks)
-        evaluation = read_corpus(self.corpus_dir, [self.eval_split], self.tasks)
+        train, evaluation = self.read_examples()
         for ex in train + evaluation:
             audio_lib.check_audio(ex["audio"], audio_lib.SAMPLE_RATE, name=ex["id"], max_seconds=self.max_audio_seconds)
         ids = [ex["id"] for ex in train + evaluation]
@@ -141,15 +155,46 @@ class CachedCorpusData:
         if cache is None:  # log-mel features only when the encoder has to run
             features = ((ex["id"], audio_lib.log_mel_spectrogram(ex["audio"])) for ex in train + evaluation)
             cache = build_cache(cache_dir, slm, encoder_params, features, fingerprint)
-        self._data = self._make(cache, self._repeated(train), evaluation, writes_tokens(model_spec.speech_encoder))
+        self._data = self._make(cache, train, evaluation, writes_tokens(model_spec.speech_encoder))
 
-    def _repeated(self, train: list[dict]) -> list[dict]:
-        present = {ex["task"] for ex in train}
-        unknown = sorted(set(self.task_repeats) - present)
-        if unknown:
-            raise ValueError(f"task_repeats names tasks with no training examples in {self.corpus_dir}: {unknown}; "
-                             f"its training tasks are {sorted(present)}")
-        return [ex for ex in train for _ in range(self.task_repeats.get(ex["task"], 1))]
+    def registered_mixture(self) -> Any:
+        """The registry's ``mixture`` over ``corpus_dir`` (the corpus tasks registered again with
+        this source's vocabulary, prompt layout and ``task_repeats`` as rate multipliers)."""
+        import seqio
+
+        from slm_jax.tasks.corpus_tasks import register_corpus_tasks
+
+        register_corpus_tasks(self.corpus_dir, self.vocabulary, self.prompt_format,
+                              rate_multipliers=self.task_repeats)
+        mixture = seqio.get_mixture_or_task(self.mixture)
+        if not isinstance(mixture, seqio.Mixture):
+            raise DataError(f"CachedCorpusData.mixture: {self.mixture} is a task, not a mixture")
+        return mixture
+
+    def read_examples(self) -> tuple[list[dict], list[dict]]:
+        """(training epoch, evaluation examples) from the mixture's tasks (``tasks`` of them, if
+        given) in name order: each training example listed as often as the task's rate asks
+        (``copies_per_example``), then the ``eval_split`` examples, each once."""
+        mixture = self.registered_mixture()
+        members = sorted(mixture.tasks, key=lambda t: t.name)
+        if self.tasks is not None:
+            unknown = sorted(set(self.tasks) - {t.name for t in members})
+            if unknown:
+                raise DataError(f"CachedCorpusData.tasks names tasks that are not in the mixture {self.mixture}: "
+                                f"{unknown}; its tasks are {[t.name for t in members]}")
+            members = [t for t in members if t.name in set(self.tasks)]
+        train, evaluation = [], []
+        for task in members:
+            source = task.source
+            if not hasattr(source, "examples"):
+                raise DataError(f"task {task.name} of {self.mixture} is not a task of the generated corpus "
+                                f"({type(source).__name__}); the cached-encoder source reads corpus tasks only")
+            copies = copies_per_example(mixture.get_rate(task), source.num_input_examples("train"), task.name)
+            if copies:
+                train.extend(ex for ex in source.examples("train") for _ in range(copies))
+            if self.eval_split in source.splits:
+                evaluation.extend(source.examples(self.eval_split))
+        return train, evaluation
 
     def _make(self, cache: EncoderCache, train: list[dict], evaluation: list[dict],
               with_tokens: bool = False) -> CachedSpeechData:

@@ -250,8 +250,9 @@ class CachedSpeechData:
 
     Each example is a dict with ``id``, ``instruction`` and ``target``. Batches are drawn from one
     seeded permutation per epoch over all training examples, so every task is sampled in
-    proportion to its size (the paper's mixing rule); batch ``k`` depends only on (seed, k), which
-    makes the data position a single integer.
+    proportion to how often its examples are listed (``CachedCorpusData`` lists each one as its
+    task's rate in the registry's mixture asks: once under the paper's proportional mixing);
+    batch ``k`` depends only on (seed, k), which makes the data position a single integer.
 
     Length grouping (``group_batches`` > 1): the stream is cut into windows of ``group_batches``
     batches; inside a window examples are sorted by sequence length, cut into batches and the
