@@ -55,6 +55,8 @@ def _check_out(out: str, probe: bool = True) -> None:
         if os.path.exists(os.path.join(target, "config.gin")) or os.path.isdir(os.path.join(target, "checkpoints")) \
                 or any(e.isdigit() for e in entries):
             raise common.UserError(f"--out {out} is a training run's model directory; give a new directory")
+        if "slm_convert.json" in entries:
+            raise common.UserError(f"--out {out} already holds a converted checkpoint; choose another --out")
         if entries:
             raise common.UserError(f"--out {out} already exists and is not empty; give a new directory")
     if not probe:

@@ -191,31 +191,30 @@ class SpeechLanguageModel:
 
 def load_trained(checkpoint: str, model: ModelSpec, data: Any) -> tuple[SpeechLanguageModel, int]:
     """The SLM of a training run: frozen weights from their sources, the adapter from ``checkpoint``
-    (a model directory, for its latest step, or one step directory). Returns (model, step)."""
-    from slm_jax.training import checkpointing
-    from slm_jax.parallel import partitioning
+    (a model directory, for its latest step, or one step directory). Returns (model, step). Only
+    the adapter is read from the checkpoint (no optimizer state): any optimizer's run serves."""
     from slm_jax.models.spec import sample_batch
+    from slm_jax.parallel import partitioning
+    from slm_jax.parallel.placement import ModelPlacement
+    from slm_jax.training import checkpointing
     from slm_jax.weights.frozen import load_frozen_params
-    from slm_jax.training.optimizers import make_optimizer
-    from slm_jax.training.step import Trainer
 
     for attribute in ("vocabulary", "prompt_format", "feature_lengths"):
         if not hasattr(data, attribute):
             raise ValueError(f"the configured data source {type(data).__name__} has no {attribute}; "
                              "inference needs a corpus/task data source (e.g. gin/runs/tiny.gin)")
-    optimizer, schedule = make_optimizer(name=_optimizer_name())
-    mesh = partitioning.make_mesh(data=1, devices=jax.devices()[:1])
-    trainer = Trainer(model.build(), optimizer, schedule, mesh)
+    placement = ModelPlacement(model.build(), partitioning.make_mesh(data=1, devices=jax.devices()[:1]))
     example = sample_batch(1, data.feature_lengths)
-    restored = checkpointing.restore_checkpoint(checkpoint, trainer.abstract_state(example), model.frozen_sources,
-                                               model.speech_front_end)
-    frozen = load_frozen_params(trainer, model, example)
+    restored = checkpointing.restore_adapter(checkpoint, placement.abstract_params("adapter", example),
+                                             model.frozen_sources, model.speech_front_end,
+                                             frozen_configs=checkpointing.frozen_configs(model))
+    frozen = load_frozen_params(placement, model, example)
     metadata = restored.metadata
     retired = [key for key in ("ctc_compression", "alignment_centered") if metadata.get(key)]
     if retired:  # options this version no longer has: reading the adapter without them would mislead
         raise ValueError(f"{checkpoint} was trained with {', '.join(retired)}, which this version of slm-jax does "
                          "not support (see docs/experiments/2026-12-01-ctc-compression.md)")
-    return SpeechLanguageModel(model, frozen, restored.state.adapter_params, data.vocabulary, data.prompt_format,
+    return SpeechLanguageModel(model, frozen, restored.state, data.vocabulary, data.prompt_format,
                                alignment_token_ids=metadata.get("alignment_token_ids")), restored.step
 
 

@@ -381,6 +381,30 @@ def restore_checkpoint(checkpoint: str, abstract_state: Any, frozen_sources: Map
     return Restored(state, position, metadata, step, directory)
 
 
+def restore_adapter(checkpoint: str, abstract_adapter: Any, frozen_sources: Mapping[str, str],
+                    front_end: str = "encoder", **describe: Any) -> Restored:
+    """The adapter parameters alone of ``checkpoint`` (a model or step directory), onto the
+    shardings of ``abstract_adapter`` (ShapeDtypeStructs): what inference reads. No optimizer
+    state is restored, so reading an adapter needs neither the optimizer nor its settings. The
+    same checks as ``restore_checkpoint`` (metadata, integrity) come first. ``Restored.state``
+    is the adapter tree."""
+    directory, step = find_checkpoint_dir(checkpoint)
+    metadata = read_metadata(directory, step)
+    check_compatible(metadata, describe_state(abstract_adapter, frozen_sources, front_end, **describe), directory)
+    verify_integrity(os.path.join(directory, str(step)))
+    target = {"adapter_params": abstract_adapter}
+    try:
+        restored = ocp.PyTreeCheckpointer().restore(
+            os.path.join(directory, str(step), "state"),
+            args=ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                        partial_restore=True))
+    except Exception as e:  # noqa: BLE001 - TensorStore raises bare Exception for damaged files
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise CheckpointError(f"checkpoint step {step} in {directory} cannot be restored ({type(e).__name__}: "
+                              f"{first})") from None
+    return Restored(restored["adapter_params"], {}, metadata, step, directory)
+
+
 def find_checkpoint_dir(path: str) -> tuple[str, int]:
     """Accepts a model directory (latest step) or a step directory; returns (model dir, step)."""
     path = os.path.abspath(path)

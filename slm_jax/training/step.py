@@ -37,6 +37,7 @@ from jax.sharding import Mesh
 from slm_jax.models.front_end import as_rows
 from slm_jax.models.slm import SLM, merge_params
 from slm_jax.parallel import partitioning
+from slm_jax.parallel.placement import ModelPlacement, batch_shapes, zeros_like_batch
 from slm_jax.training.augment import SpeechMasking, mask_speech
 from slm_jax.training.objectives import NextToken
 from slm_jax.training.optimizers import update_count
@@ -63,16 +64,6 @@ class TrainState:
     nonfinite_total: jax.Array
 
 
-def _shapes(batch: Batch) -> dict[str, jax.ShapeDtypeStruct]:
-    """Shape-only view of a batch. Parameter shapes never depend on batch size, so one row is
-    enough, which keeps planning a paper-scale batch free of host allocations."""
-    return {k: jax.ShapeDtypeStruct((1,) + tuple(v.shape[1:]), v.dtype) for k, v in batch.items()}
-
-
-def _zeros(batch: Batch) -> dict[str, jax.Array]:
-    return {k: jnp.zeros(s.shape, s.dtype) for k, s in _shapes(batch).items()}
-
-
 class Trainer:
     """Builds the sharded initialisation, train step and eval step for one model and mesh."""
 
@@ -97,33 +88,17 @@ class Trainer:
         self._train_steps: dict[Any, Any] = {}  # objective -> its compiled step
         self._frozen_shardings = None
         self._eval_step = None
-        self._abstract_variables: dict[tuple, Any] = {}
+        self.placement = ModelPlacement(model, mesh, self.rules)
 
-    # --- shapes and shardings ------------------------------------------------------------
+    # --- shapes and shardings (the model's own: ModelPlacement) ------------------------------
     def abstract_variables(self, sample_batch: Batch) -> Any:
-        """Boxed (logically named) abstract parameters of the whole SLM; nothing is allocated.
-
-        Cached per batch signature: tracing a paper-scale model takes seconds, and shardings,
-        restore targets and planning all ask for it.
-        """
-        shapes = _shapes(sample_batch)
-        key = tuple(sorted((k, v.shape, str(v.dtype)) for k, v in shapes.items()))
-        if key not in self._abstract_variables:
-            self._abstract_variables[key] = jax.eval_shape(lambda b: self.model.init(jax.random.key(0), b), shapes)
-        return self._abstract_variables[key]
+        return self.placement.abstract_variables(sample_batch)
 
     def param_shardings(self, sample_batch: Batch) -> Any:
-        with nn.logical_axis_rules(self.rules):
-            return partitioning.shardings_for_tree(self.abstract_variables(sample_batch)["params"], self.mesh, self.rules)
+        return self.placement.param_shardings(sample_batch)
 
     def init_frozen_randomly(self, name: str, seed: int, sample_batch: Batch) -> Any:
-        """Random weights for one frozen part (tiny configs and tests), created in place sharded."""
-        shardings = self.param_shardings(sample_batch)[name]
-
-        def init(batch):
-            return nn.unbox(self.model.init(jax.random.key(seed), batch))["params"][name]
-
-        return jax.jit(init, out_shardings=shardings)(_zeros(sample_batch))
+        return self.placement.init_frozen_randomly(name, seed, sample_batch)
 
     def _boxed_state(self, rng: jax.Array, sample_batch: Batch) -> TrainState:
         adapter = self.model.init(rng, dict(sample_batch))["params"]["adapter"]  # traced: batch is abstract
@@ -141,19 +116,19 @@ class Trainer:
 
     def state_shardings(self, sample_batch: Batch) -> TrainState:
         # Optimizer moments mirror the boxed adapter tree, so they inherit its logical names.
-        abstract = jax.eval_shape(lambda b: self._boxed_state(jax.random.key(0), b), _shapes(sample_batch))
+        abstract = jax.eval_shape(lambda b: self._boxed_state(jax.random.key(0), b), batch_shapes(sample_batch))
         return partitioning.shardings_for_tree(abstract, self.mesh, self.rules)
 
     def abstract_state(self, sample_batch: Batch) -> TrainState:
         """ShapeDtypeStructs with shardings: the restore target for checkpoints."""
-        abstract = nn.unbox(jax.eval_shape(lambda b: self._boxed_state(jax.random.key(0), b), _shapes(sample_batch)))
+        abstract = nn.unbox(jax.eval_shape(lambda b: self._boxed_state(jax.random.key(0), b), batch_shapes(sample_batch)))
         shardings = self.state_shardings(sample_batch)
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
     def init_state(self, seed: int, sample_batch: Batch) -> TrainState:
         shardings = self.state_shardings(sample_batch)
         init = lambda rng, batch: nn.unbox(self._boxed_state(rng, batch))  # noqa: E731
-        return jax.jit(init, out_shardings=shardings)(jax.random.key(seed), _zeros(sample_batch))
+        return jax.jit(init, out_shardings=shardings)(jax.random.key(seed), zeros_like_batch(sample_batch))
 
     def warm_start_state(self, adapter_params: Any, sample_batch: Batch) -> TrainState:
         """Step 0 with the given adapter weights and a fresh optimizer state (fine-tuning)."""

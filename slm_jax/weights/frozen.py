@@ -151,8 +151,10 @@ def _from_converted(name: str, source: str, config: Any, directory: str, abstrac
         raise FrozenSourceError(f"{name} weights from {source!r} do not fit the configured model: {first}") from None
 
 
-def load_frozen_params(trainer, model: ModelSpec, example: Mapping[str, Any]) -> dict[str, Any]:
-    """{'speech_encoder': params, 'llm': params}, each placed with its NamedShardings."""
+def load_frozen_params(placement, model: ModelSpec, example: Mapping[str, Any]) -> dict[str, Any]:
+    """{'speech_encoder': params, 'llm': params}, each placed with its NamedShardings.
+    ``placement``: a ModelPlacement (slm_jax/parallel/placement.py) or a Trainer, which has one."""
+    trainer = placement
     shardings = trainer.param_shardings(example)
     abstract = nn.unbox(trainer.abstract_variables(example)["params"])
     configs = {"speech_encoder": model.speech_encoder, "llm": model.llm}
