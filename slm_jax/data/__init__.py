@@ -1,13 +1,13 @@
-"""The data layer: synthetic multilingual corpus, vocabulary, SeqIO preprocessing and batches.
-
-Modules (imported on demand; only ``errors`` is light, the others pull in TensorFlow/SeqIO):
-  grammar            the seeded four-language grammar the corpus speaks
-  corpus             corpus generation (espeak-ng), TFRecord shards, manifest, shard checks
-  vocab              SentencePiece vocabulary trained on the corpus text
-  preprocessors      SeqIO preprocessors: decode PCM, log-mel, prompt and target tokens
-  feature_converter  SpeechFeatureConverter: task features -> the model's padded batch
-  seqio_data         SeqioData, the gin-configurable training DataSource over a task or mixture
-The SeqIO tasks and mixtures themselves are registered in ``tasks/`` (``slm_jax.tasks``).
+"""The data layer (modules imported on demand; only ``errors`` is light):
+  corpus/      the generated corpus (builder: synthesis, shards, manifest; grammar; voices; its
+               SentencePiece vocabulary) and imported recordings (recorded)
+  seqio/       SeqIO preprocessors, the feature converter and SeqioData, the DataSource over a task
+               or mixture
+  cached/      the frozen front end's cache and CachedCorpusData, which trains on it
+  vocabularies, audio, batching, prompting, synthetic: spec-string vocabularies, log-mel features,
+               padding and bucketing, prompt layouts, random batches
+The SeqIO tasks and mixtures, the one source of examples and rates, are registered in ``tasks/``
+(``slm_jax.tasks``).
 """
 
 from slm_jax.data.errors import CorruptShardError, DataError, DataNotPreparedError

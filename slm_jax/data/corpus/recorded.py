@@ -762,9 +762,6 @@ def import_collection(collection: Collection, spec: SourceSpec, out_dir: str, op
         raise DataError(f"need 0 < min_seconds <= max_seconds, got {options.min_seconds}, {options.max_seconds}")
     if not spec.licence:
         raise DataError(f"{spec.name}: no licence given; every imported file records its licence (--licence)")
-    if options.task not in builder.ALL_TASKS:
-        log.warning("task %s is not one of the corpus tasks %s: CachedCorpusData reads it, the SeqIO registry "
-                    "(tasks/corpus_tasks.py) does not", options.task, sorted(builder.ALL_TASKS))
     start = time.time()
     licence_file = None
     if spec.licence_file:
