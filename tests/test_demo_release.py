@@ -1,7 +1,7 @@
 """The shipped release adapter (release/whisper_base_smollm2) still fits the default config.
 
 Cheap: reads the checkpoint metadata and compares it with the adapter shapes of
-gin/whisper_base_smollm2.gin (eval_shape only; no weights are loaded). A change to the default
+gin/runs/whisper_base_smollm2.gin (eval_shape only; no weights are loaded). A change to the default
 adapter that would make `slm-infer --checkpoint=release/...` fail is caught here.
 """
 
@@ -24,7 +24,8 @@ def test_release_fits_the_default_config():
     from slm_jax.parallel import partitioning
     from slm_jax.cli import common
     from slm_jax.models.spec import sample_batch
-    from slm_jax.training.step import Trainer, make_optimizer
+    from slm_jax.training.optimizers import make_optimizer
+    from slm_jax.training.step import Trainer
 
     gin.clear_config()
     common.parse_gin(["whisper_base_smollm2.gin"], [])
@@ -102,7 +103,7 @@ def test_release_adapter_transcribes_held_out_synthetic_english():
     assert wer < HELD_OUT_WER_BOUND, list(zip([s.text for s in specs], hypotheses))
 
 
-# The release adapter of the Whisper-transcriber front end (gin/whisper_base_transcriber_smollm2.gin)
+# The release adapter of the Whisper-transcriber front end (gin/cascade/whisper_base_transcriber_smollm2.gin)
 # must transcribe real human speech: the recordings of release/real_speech (CMU Arctic, LibriVox,
 # LibriSpeech, CMU Sphinx, JFK; none of them synthetic, none heard in training).
 TRANSCRIBER_RELEASE = RELEASE.parent / "whisper_base_transcriber_smollm2"
