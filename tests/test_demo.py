@@ -145,7 +145,10 @@ def test_summary_ends_on_what_each_model_reached():
     report = _with_release(_report(0.9), 0.1)
     line = demo.summary(report, {"steps": 40})
     assert line.startswith("In short: on held-out synthetic English the shipped release has WER 10.0%")
-    assert "90.0% for the run trained just now, 40 steps" in line
+    assert line.startswith("In short: on held-out synthetic English the shipped release has WER 10.0% "
+                           "(usable transcripts) and the run trained just now (40 steps) 90.0%")
+    alone = demo.summary(_report(0.9), {"steps": 40})
+    assert alone == "In short: on held-out synthetic English the run trained just now (40 steps) has WER 90.0%."
     report["real_speech"] = {"speech_system": "shipped release",
                              "scores": {"shipped release": {"wer": 1.08}, demo.WHISPER_ALONE: {"wer": 0.03}}}
     assert "on real human speech the shipped release has WER 108.0% and Whisper-base alone 3.0%" in demo.summary(

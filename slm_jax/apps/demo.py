@@ -455,11 +455,13 @@ def summary(report: Mapping[str, Any], run: Mapping[str, Any]) -> str:
     parts = []
     release, live = report.get("release", {}).get("tasks", {}), report["slm"]["tasks"]
     if "asr_en" in live:
-        held_out = f"on held-out synthetic English, WER {100 * live['asr_en']['wer']:.1f}% for the run {live_label(run)}"
+        live_run = f"the run trained just now ({run['steps']} steps)"
+        wer = f"{100 * live['asr_en']['wer']:.1f}%"
         if "asr_en" in release:
-            held_out = (f"on held-out synthetic English the shipped release has WER {100 * release['asr_en']['wer']:.1f}% "
-                        f"({_asr_verdict(release['asr_en']['wer'])}), " + held_out.replace("on held-out synthetic English, ", ""))
-        parts.append(held_out)
+            parts.append(f"on held-out synthetic English the shipped release has WER {100 * release['asr_en']['wer']:.1f}% "
+                         f"({_asr_verdict(release['asr_en']['wer'])}) and {live_run} {wer}")
+        else:
+            parts.append(f"on held-out synthetic English {live_run} has WER {wer}")
     scores = (report.get("real_speech") or {}).get("scores") or {}
     if scores:
         speech = report["real_speech"]["speech_system"]
