@@ -369,7 +369,8 @@ def test_llm_token_table_spells_whisper_tokens_in_smollm2_tokens():
 
 def test_load_params_compares_the_architecture_not_the_run_time_choices(hf_model, tmp_path):
     hf_model.save_pretrained(tmp_path)
-    cfg = tiny_config(hf_model, llm_vocabulary="package:smollm2-135m-instruct", trailing_silence_frames=50,
+    cfg = tiny_config(hf_model, llm_vocabulary="package:smollm2-135m-instruct", llm_token_rows=24,
+                      trailing_silence_frames=50,
                       encoder=dataclasses.replace(tiny_config(hf_model).encoder, mask_padding=False,
                                                   dtype="bfloat16"))
     params = hf_whisper_transcriber.load_params(str(tmp_path), cfg)
