@@ -33,6 +33,7 @@ def register_all() -> None:
     _register(augment.SpeechMasking, "slm_jax.training.augment")
     for objective in (objectives.NextToken, objectives.CtcAlignment, objectives.NextTokenWithAlignment):
         _register(objective, "slm_jax.training.objectives")
+    _register(importlib.import_module("slm_jax.training.distillation").Distillation, "slm_jax.training.distillation")
     _register(synthetic_data.SyntheticData, "slm_jax.data.synthetic")
     _register(cached_corpus.CachedCorpusData, "slm_jax.data.cached.corpus_data")
     _register(prompting.PromptFormat, "slm_jax.data.prompting")

@@ -79,6 +79,14 @@ class SLM(nn.Module):
     def logits_from_speech(self, rows: SpeechRows, batch: Mapping[str, jax.Array]) -> jax.Array:
         """Teacher-forced logits over the target block [B, Lt, V], from the front end's rows."""
         speech_embeds, speech_mask = self.adapt(rows)
+        return self.logits_from_embeddings(speech_embeds, speech_mask, batch)
+
+    def logits_from_embeddings(
+        self, speech_embeds: jax.Array, speech_mask: jax.Array, batch: Mapping[str, jax.Array]
+    ) -> jax.Array:
+        """Teacher-forced logits over the target block [B, Lt, V] with ``speech_embeds`` [B, N, D_llm]
+        in the speech slot: the adapter's outputs, or anything else in the LLM's embedding space
+        (the distillation objective's teacher puts the transcript's token embeddings there)."""
         embeds, mask = self.prompt_embeddings(speech_embeds, speech_mask, batch)
         decoder_input, target_mask = batch["decoder_input_tokens"], batch["target_mask"]
         if is_encoder_decoder(self.llm):
