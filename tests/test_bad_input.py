@@ -33,6 +33,8 @@ CASES = [
     ("train-missing-gin-file", "slm-train", ["--gin_file={F}/nope.gin", "--model_dir={F}/new"], ("error", "gin file not found")),
     ("train-non-utf8-gin-file", "slm-train", ["--gin_file={F}/non_utf8.gin", "--model_dir={F}/new"],
      ("error", "bad gin configuration")),
+    ("train-zero-mesh-axis", "slm-train", ["--gin_file={F}/infer.gin", "--model_dir={F}/new",
+                                          "--gin.train.mesh_shape='data=0'"], ("error", "train.mesh_shape: bad mesh spec")),
     ("train-zero-steps", "slm-train", ["--gin_file={F}/infer.gin", "--model_dir={F}/new", "--gin.TRAIN_STEPS=0"],
      ("error", "train.steps must be at least 1")),
     ("train-checkpoint-of-another-config", "slm-train",

@@ -67,7 +67,11 @@ def parse_mesh_spec(spec: str) -> dict[str, int]:
         name, _, value = part.partition("=")
         if name not in MESH_AXES or not value.lstrip("-").isdigit():
             raise ValueError(f"bad mesh spec {spec!r}: expected e.g. 'data=2,fsdp=1,model=4'")
-        out[name] = int(value)
+        size = int(value)
+        if size < 1 and not (name == "data" and size == -1):
+            raise ValueError(f"bad mesh spec {spec!r}: axis {name} has size {size} (sizes are >= 1; data=-1 "
+                             "takes the remaining devices)")
+        out[name] = size
     return out
 
 
