@@ -47,12 +47,15 @@ def _check_out(out: str, probe: bool = True) -> None:
     write (and remove) a file where the first write will go (a read-only location)."""
     import tempfile
 
-    target = os.path.abspath(out)
-    if os.path.exists(target) and not os.path.isdir(target):
+    from slm_jax.training import paths
+
+    paths.check_bucket(out, "--out")
+    target = paths.absolute(out)
+    if paths.exists(target) and not paths.isdir(target):
         raise common.UserError(f"--out {out} is a file; give a new directory")
-    if os.path.isdir(target):
-        entries = os.listdir(target)
-        if os.path.exists(os.path.join(target, "config.gin")) or os.path.isdir(os.path.join(target, "checkpoints")) \
+    if paths.isdir(target):
+        entries = paths.listdir(target)
+        if paths.exists(paths.join(target, "config.gin")) or paths.isdir(paths.join(target, "checkpoints")) \
                 or any(e.isdigit() for e in entries):
             raise common.UserError(f"--out {out} is a training run's model directory; give a new directory")
         if "slm_convert.json" in entries:
@@ -60,6 +63,12 @@ def _check_out(out: str, probe: bool = True) -> None:
         if entries:
             raise common.UserError(f"--out {out} already exists and is not empty; give a new directory")
     if not probe:
+        return
+    if paths.is_remote(target):  # a bucket has no folders to create: write where the files will go
+        try:
+            paths.probe_write(target)
+        except OSError as e:
+            raise common.UserError(f"cannot write --out {out}: {e.strerror or e}") from None
         return
     parent = target
     while not os.path.isdir(parent):  # the nearest folder that exists: where the first write goes
@@ -143,9 +152,11 @@ def main(argv=None) -> int:
         converted.save(args.out, family, cfg, params, source=os.path.abspath(args.hf_dir))
         count = sum(x.size for x in jax.tree.leaves(params))
         slot = "speech_encoder_source" if family == "whisper" else "llm_source"
-        out = os.path.abspath(args.out)
+        from slm_jax.training import paths
+
+        out = paths.absolute(args.out)
         print(f"converted {family} ({type(cfg).__name__}, {count:,} parameters, {args.dtype}) to {out}")
-        print(f"use it with: include '{os.path.join(out, converted.GIN)}' and "
+        print(f"use it with: include '{paths.join(out, converted.GIN)}' and "
               f"--gin.ModelSpec.{slot}=\"'converted:{out}'\"")
         return 0
 

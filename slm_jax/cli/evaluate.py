@@ -206,7 +206,9 @@ def main(argv=None) -> int:
                 except OSError as e:  # a cache that cannot be written must not cost the report
                     print(f"slm-eval: warning: the front end's outputs were not kept in {memo.directory}: {e}",
                           file=sys.stderr)
-        report.update({"checkpoint": os.path.abspath(args.checkpoint), "step": step, "split": args.split,
+        from slm_jax.training import paths
+
+        report.update({"checkpoint": paths.absolute(args.checkpoint), "step": step, "split": args.split,
                        **source, "num_beams": args.num_beams, "decoder": args.decoder,
                        "no_repeat_ngram_size": args.no_repeat_ngram_size,
                        "stop_on_repeated_ngram": args.stop_on_repeated_ngram,

@@ -67,6 +67,9 @@ def main(argv=None) -> int:
         if not args.gin_file:
             raise common.UserError("give at least one --gin_file (e.g. gin/runs/tiny.gin)")
         common.setup_logging(args.verbose)
+        from slm_jax.training import paths
+
+        paths.check_bucket(args.model_dir, "--model_dir")  # gs://: the bucket answers and exists (one line if not)
         common.parse_gin(args.gin_file, args.gin_bindings + overrides)
         if args.multihost or args.coordinator_address:
             import jax

@@ -10,6 +10,10 @@ checkpoint cut off by SIGKILL is never picked up by ``latest_step``. After the r
 ``integrity.json`` records the size and SHA-256 of every file of the step; a restore checks them
 first, so a damaged step is refused with the name of the damaged file before Orbax reads it (a
 restore that fails inside TensorStore leaves background work behind that outlives the error).
+
+The model directory may be a bucket (``gs://...``): every path goes through
+``slm_jax.training.paths``, and Orbax marks a step committed there with a ``commit_success.txt``
+instead of a rename.
 """
 
 from __future__ import annotations
@@ -18,15 +22,14 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import shutil
-import tempfile
 from typing import Any, Mapping, NamedTuple
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from slm_jax.training import paths
 
 log = logging.getLogger("slm_jax.training.checkpointing")
 
@@ -172,19 +175,18 @@ def ensure_writable(directory: str, min_free_bytes: int = 0) -> None:
     """Fails before training starts if the model directory cannot take checkpoints: read-only,
     not a directory, or less free space than ``min_free_bytes`` (a full disk found after an hour
     of training would lose that hour). The first write of a run: where a ``run_lock.RunLock`` is
-    held for ``directory``, it is claimed here (another run's lock refuses this one)."""
+    held for ``directory``, it is claimed here (another run's lock refuses this one). A bucket
+    (``gs://``) must answer and exist; it has no free-space figure to check."""
     from slm_jax.training import run_lock
 
+    paths.check_bucket(directory)
     try:
-        os.makedirs(directory, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write_test_") as probe:
-            probe.write(b"\0" * 4096)
-            probe.flush()
-            os.fsync(probe.fileno())
+        paths.makedirs(directory)
+        paths.probe_write(directory)
     except OSError as e:
         raise CheckpointError(f"model directory {directory} is not writable: {e.strerror or e}") from None
-    free = shutil.disk_usage(directory).free
-    if free < min_free_bytes:
+    free = None if paths.is_remote(directory) else shutil.disk_usage(directory).free
+    if free is not None and free < min_free_bytes:
         raise CheckpointError(
             f"model directory {directory} has {free / 2**20:.1f} MiB free; checkpoints need about "
             f"{min_free_bytes / 2**20:.1f} MiB (free some space or choose another --model_dir)"
@@ -198,16 +200,17 @@ def ensure_writable(directory: str, min_free_bytes: int = 0) -> None:
 def complete_steps(directory: str) -> list[int]:
     """The complete (committed) checkpoint steps in ``directory``, oldest first, read without
     creating or changing anything there: a refused run must leave a model directory untouched."""
-    if not os.path.isdir(directory):
+    paths.check_bucket(directory)
+    if not paths.isdir(directory):
         return []
     # Orbax's own listing: it leaves out the temporary directories of uncommitted saves.
-    return sorted(ocp.path.step.checkpoint_steps(os.path.abspath(directory)))
+    return sorted(ocp.path.step.checkpoint_steps(paths.absolute(directory)))
 
 
 def read_metadata(directory: str, step: int) -> dict[str, Any]:
-    path = os.path.join(directory, str(step), "meta", "metadata")
+    path = paths.join(directory, str(step), "meta", "metadata")
     try:
-        with open(path) as f:
+        with paths.open(path) as f:
             return json.load(f)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot read checkpoint metadata {path}: {e}") from None
@@ -218,19 +221,12 @@ INTEGRITY_FILE = "integrity.json"
 
 def _step_files(step_dir: str) -> dict[str, str]:
     """Relative path -> absolute path of every file under a step directory, but the manifest."""
-    files = {}
-    for root, _, names in os.walk(step_dir):
-        for name in names:
-            path = os.path.join(root, name)
-            rel = os.path.relpath(path, step_dir)
-            if rel != INTEGRITY_FILE:
-                files[rel] = path
-    return files
+    return {rel: path for rel, path in paths.files_under(step_dir).items() if rel != INTEGRITY_FILE}
 
 
 def _sha256(path: str) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with paths.open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -238,12 +234,9 @@ def _sha256(path: str) -> str:
 
 def write_integrity(step_dir: str) -> None:
     """Records size and SHA-256 of every file of a committed step (written atomically)."""
-    table = {rel: {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
+    table = {rel: {"bytes": paths.getsize(path), "sha256": _sha256(path)}
              for rel, path in sorted(_step_files(step_dir).items())}
-    tmp = os.path.join(step_dir, f".{INTEGRITY_FILE}.tmp")
-    with open(tmp, "w") as f:
-        json.dump({"files": table}, f, indent=1)
-    os.replace(tmp, os.path.join(step_dir, INTEGRITY_FILE))
+    paths.write_file(paths.join(step_dir, INTEGRITY_FILE), json.dumps({"files": table}, indent=1))
 
 
 # Recorded in the metadata of every step this module saves (inside Orbax's commit): such a step
@@ -253,7 +246,7 @@ INTEGRITY_KEY = "integrity_manifest"
 
 def _promises_manifest(step_dir: str) -> bool:
     try:
-        with open(os.path.join(step_dir, "meta", "metadata")) as f:
+        with paths.open(paths.join(step_dir, "meta", "metadata")) as f:
             return bool(json.load(f).get(INTEGRITY_KEY))
     except (OSError, ValueError, AttributeError):
         return False
@@ -264,8 +257,8 @@ def verify_integrity(step_dir: str) -> bool:
     file. A step whose metadata promises a manifest but has none (killed between Orbax's commit and
     the manifest, or the file was removed) cannot be verified and is refused. Returns False
     (nothing checked) for steps written before manifests existed (older checkpoints, releases)."""
-    manifest = os.path.join(step_dir, INTEGRITY_FILE)
-    if not os.path.exists(manifest):
+    manifest = paths.join(step_dir, INTEGRITY_FILE)
+    if not paths.exists(manifest):
         if _promises_manifest(step_dir):
             raise CheckpointError(
                 f"checkpoint {step_dir} cannot be verified: it has no {INTEGRITY_FILE} (its save was cut off "
@@ -273,16 +266,16 @@ def verify_integrity(step_dir: str) -> bool:
                 "delete that step directory to resume from an earlier one")
         return False
     try:
-        with open(manifest) as f:
+        with paths.open(manifest) as f:
             table = json.load(f)["files"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint {step_dir} is damaged: its {INTEGRITY_FILE} is unreadable ({e})") from None
     for rel, expected in table.items():
-        path = os.path.join(step_dir, rel)
-        if not os.path.isfile(path):
+        path = paths.join(step_dir, rel)
+        if not paths.isfile(path):
             problem = "is missing"
-        elif os.path.getsize(path) != expected["bytes"]:
-            problem = f"is {os.path.getsize(path)} bytes, {expected['bytes']} were written"
+        elif paths.getsize(path) != expected["bytes"]:
+            problem = f"is {paths.getsize(path)} bytes, {expected['bytes']} were written"
         elif _sha256(path) != expected["sha256"]:
             problem = "has changed since it was written (SHA-256 differs)"
         else:
@@ -292,16 +285,33 @@ def verify_integrity(step_dir: str) -> bool:
     return True
 
 
+def _remove_uncommitted_steps(directory: str) -> None:
+    """In a bucket, Orbax writes a step in place and commits it with ``commit_success.txt``: step
+    folders without one were cut off (never picked by ``latest_step``) and are removed."""
+    if not paths.isdir(directory):
+        return
+    for name in paths.listdir(directory):
+        step_dir = paths.join(directory, name)
+        if name.isdigit() and not paths.exists(paths.join(step_dir, "commit_success.txt")):
+            log.warning("removing %s: a save cut off before Orbax committed it", step_dir)
+            paths.rmtree(step_dir)
+
+
 class Checkpointer:
     """Saves and restores {state, data position, metadata} under ``directory``."""
 
     def __init__(self, directory: str, max_to_keep: int = 3, async_save: bool = False, read_only: bool = False):
-        self.directory = os.path.abspath(directory)
+        self.directory = paths.absolute(directory)
+        remote = paths.is_remote(self.directory)
+        if remote and not read_only:
+            _remove_uncommitted_steps(self.directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
             enable_async_checkpointing=async_save,
             # Remove the temporary directories of saves cut off by a crash (never picked anyway).
-            cleanup_tmp_directories=not read_only,
+            # Not Orbax's in a bucket: there it takes every folder without a commit_success.txt
+            # for a cut-off save, the TensorBoard folders train/ and eval/ included.
+            cleanup_tmp_directories=not read_only and not remote,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
         self.last_saved: int | None = self._manager.latest_step()
@@ -321,7 +331,7 @@ class Checkpointer:
         )
         self._manager.wait_until_finished()
         if jax.process_index() == 0:  # one writer; the step is committed (all hosts) by now
-            write_integrity(os.path.join(self.directory, str(step)))
+            write_integrity(paths.join(self.directory, str(step)))
         self.last_saved = step
 
     def read_metadata(self, step: int) -> dict[str, Any]:
@@ -329,7 +339,7 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
         """Restores onto the shardings carried by ``abstract_state`` (ShapeDtypeStructs)."""
-        verify_integrity(os.path.join(self.directory, str(step)))
+        verify_integrity(paths.join(self.directory, str(step)))
         try:
             restored = self._manager.restore(
                 step,
@@ -391,11 +401,11 @@ def restore_adapter(checkpoint: str, abstract_adapter: Any, frozen_sources: Mapp
     directory, step = find_checkpoint_dir(checkpoint)
     metadata = read_metadata(directory, step)
     check_compatible(metadata, describe_state(abstract_adapter, frozen_sources, front_end, **describe), directory)
-    verify_integrity(os.path.join(directory, str(step)))
+    verify_integrity(paths.join(directory, str(step)))
     target = {"adapter_params": abstract_adapter}
     try:
         restored = ocp.PyTreeCheckpointer().restore(
-            os.path.join(directory, str(step), "state"),
+            paths.join(directory, str(step), "state"),
             args=ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                         partial_restore=True))
     except Exception as e:  # noqa: BLE001 - TensorStore raises bare Exception for damaged files
@@ -407,13 +417,14 @@ def restore_adapter(checkpoint: str, abstract_adapter: Any, frozen_sources: Mapp
 
 def find_checkpoint_dir(path: str) -> tuple[str, int]:
     """Accepts a model directory (latest step) or a step directory; returns (model dir, step)."""
-    path = os.path.abspath(path)
-    if not os.path.isdir(path):
+    paths.check_bucket(path, "checkpoint")
+    path = paths.absolute(path)
+    if not paths.isdir(path):
         raise CheckpointError(f"no checkpoint at {path}: directory does not exist")
-    base = os.path.basename(path)
-    if base.isdigit() and os.path.isdir(os.path.join(path, "state")):
-        return os.path.dirname(path), int(base)
-    steps = [int(d) for d in os.listdir(path) if d.isdigit() and os.path.isdir(os.path.join(path, d, "state"))]
+    base = paths.basename(path)
+    if base.isdigit() and paths.isdir(paths.join(path, "state")):
+        return paths.dirname(path), int(base)
+    steps = [int(d) for d in paths.listdir(path) if d.isdigit() and paths.isdir(paths.join(path, d, "state"))]
     if not steps:
         raise CheckpointError(f"no checkpoint in {path}: it holds no completed step directories")
     return path, max(steps)

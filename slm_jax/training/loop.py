@@ -12,7 +12,6 @@ steps only.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import time
 from typing import Any, Iterator, Mapping, Protocol, Sequence
@@ -24,7 +23,7 @@ import numpy as np
 from slm_jax.errors import UserError
 from slm_jax.models.spec import ModelSpec, sample_batch
 from slm_jax.parallel import partitioning
-from slm_jax.training import checkpointing, objectives
+from slm_jax.training import checkpointing, objectives, paths
 from slm_jax.training.augment import SpeechMasking
 from slm_jax.training.optimizers import make_optimizer
 from slm_jax.training.step import Trainer, count_params, tree_bytes
@@ -97,7 +96,7 @@ class _Writers:
         if jax.process_index() == 0:
             from slm_jax.training.event_files import EventFile
 
-            self._files = {s: EventFile(os.path.join(model_dir, s)) for s in ("train", "eval")}
+            self._files = {s: EventFile(paths.join(model_dir, s)) for s in ("train", "eval")}
 
     def scalars(self, split: str, step: int, values: Mapping[str, float]) -> None:
         if split in self._files:
@@ -302,7 +301,7 @@ def _loop(model_dir, preemption, trainer, checkpointer, frozen, example, metadat
         tree_bytes(state.opt_state) / 2**20, dict(trainer.mesh.shape),
     )
     if jax.process_index() == 0:
-        with open(os.path.join(model_dir, "config.gin"), "w") as f:
+        with paths.open(paths.join(model_dir, "config.gin"), "w") as f:
             f.write(gin.operative_config_str() or gin.config_str())
 
     frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)

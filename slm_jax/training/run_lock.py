@@ -15,6 +15,10 @@ locked.
 
 Local file systems only: on a network file system ``flock`` may be emulated or missing, and the
 lock is then skipped with a warning (jobs on shared storage need their scheduler's exclusion).
+A model directory in a bucket (``gs://...``) has no lock at all: an object store has no
+``flock``, and nothing there is dropped when a writer dies. Such a run says in the log that the
+one-writer lock is not available and goes on; keeping to one run per bucket directory is then
+the launcher's job (one job name per model directory).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import time
 from typing import Any
 
 from slm_jax.errors import UserError
+from slm_jax.training import paths
 
 LOCK_FILE = ".run.lock"
 
@@ -51,6 +56,8 @@ def _describe(holder: dict[str, Any] | None) -> str:
 
 def read_holder(model_dir: str) -> dict[str, Any] | None:
     """What the lock file says about its last holder (None: no file, or nothing readable)."""
+    if paths.is_remote(model_dir):
+        return None
     try:
         with open(os.path.join(model_dir, LOCK_FILE)) as f:
             holder = json.load(f)
@@ -63,8 +70,9 @@ class RunLock:
     """``with RunLock(model_dir):`` around a training run (a no-op on processes other than 0)."""
 
     def __init__(self, model_dir: str, process_index: int | None = None):
-        self.model_dir = os.path.abspath(model_dir)
-        self.path = os.path.join(self.model_dir, LOCK_FILE)
+        self.model_dir = paths.absolute(model_dir)
+        self.path = paths.join(self.model_dir, LOCK_FILE)
+        self.remote = paths.is_remote(self.model_dir)
         self._process_index = process_index
         self._fd: int | None = None
         self._claimed = False
@@ -108,6 +116,11 @@ class RunLock:
     def __enter__(self) -> "RunLock":
         if not self._is_writer():
             return self
+        if self.remote:
+            log.warning("model directory %s is in a bucket, which has no file locks: the one-training-run-per-"
+                        "directory lock is not available there; make sure no other run writes into it",
+                        self.model_dir)
+            return self
         if os.path.isdir(self.model_dir):
             self._lock(create=False)  # an existing lock file: taken now, without changing anything
         _ACTIVE[self.model_dir] = self
@@ -150,6 +163,6 @@ class RunLock:
 def claim(model_dir: str) -> None:
     """Called before the first write into ``model_dir``: the RunLock this process entered for it
     (if any) takes and records the lock. Without one (library use, tests) nothing happens."""
-    lock = _ACTIVE.get(os.path.abspath(model_dir))
+    lock = _ACTIVE.get(paths.absolute(model_dir))
     if lock is not None:
         lock.claim()

@@ -7,15 +7,17 @@ A converted directory holds
   model.gin          gin bindings of that config, to ``include`` in a training config
 
 Converting once on one big host and restoring on every worker of a pod avoids each worker
-re-reading and re-transposing the Hugging Face files.
+re-reading and re-transposing the Hugging Face files. The directory may be in a bucket
+(``gs://...``): its paths go through ``slm_jax.training.paths``, the arrays through TensorStore.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any
+
+from slm_jax.training import paths
 
 from slm_jax.weights.convert import hf_families
 from slm_jax.weights.convert.errors import ConversionError
@@ -43,24 +45,25 @@ def save(out_dir: str, family: str, cfg: Any, params: Any, source: str) -> None:
     """Writes ``params`` (numpy or jax arrays) with the config they belong to."""
     import orbax.checkpoint as ocp
 
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(os.path.join(out_dir, PARAMS)):
+    out_dir = paths.absolute(out_dir)
+    if paths.exists(paths.join(out_dir, PARAMS)):
         raise ConversionError(f"{out_dir} already holds a converted checkpoint; choose another --out")
-    os.makedirs(out_dir, exist_ok=True)
+    paths.makedirs(out_dir)
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(os.path.join(out_dir, PARAMS), params)
-    with open(os.path.join(out_dir, METADATA), "w") as f:
+        checkpointer.save(paths.join(out_dir, PARAMS), params)
+    with paths.open(paths.join(out_dir, METADATA), "w") as f:
         json.dump({"family": family, "config_class": type(cfg).__name__, "config": _architecture(family, cfg),
                    "source": source}, f, indent=1)
-    with open(os.path.join(out_dir, GIN), "w") as f:
+    with paths.open(paths.join(out_dir, GIN), "w") as f:
         f.write(_gin_bindings(family, cfg))
 
 
 def read_metadata(directory: str) -> dict:
-    path = os.path.join(directory, METADATA)
-    if not os.path.exists(path):
+    paths.check_bucket(directory, "converted checkpoint")
+    path = paths.join(directory, METADATA)
+    if not paths.exists(path):
         raise ConversionError(f"{directory} is not a converted checkpoint: it has no {METADATA} (run slm-convert)")
-    with open(path) as f:
+    with paths.open(path) as f:
         return json.load(f)
 
 
@@ -76,7 +79,7 @@ def restore(directory: str, config: Any, abstract_params: Any) -> Any:
     shardings and dtypes). ``config`` must describe the saved architecture (run-time fields aside)."""
     import orbax.checkpoint as ocp
 
-    directory = os.path.abspath(directory)
+    directory = paths.absolute(directory)
     family = hf_families.family_of_config(config)
     saved_family = read_metadata(directory)["family"]
     if saved_family != family:
@@ -84,4 +87,4 @@ def restore(directory: str, config: Any, abstract_params: Any) -> Any:
     module = hf_families.converter(family)
     check_config_matches(config, saved_config(directory), module.RUNTIME_FIELDS, directory)
     with ocp.StandardCheckpointer() as checkpointer:
-        return checkpointer.restore(os.path.join(directory, PARAMS), abstract_params)
+        return checkpointer.restore(paths.join(directory, PARAMS), abstract_params)
