@@ -209,7 +209,10 @@ def _train(model_dir, preemption, *, model, data, steps, batch_size, seed, mesh_
            weight_decay, clip_norm, optimizer, log_every, eval_every, eval_batches, checkpoint_every, max_to_keep,
            max_nonfinite_streak, spans, restart_schedule_each_phase, speech_masking,
            init_checkpoint) -> dict[str, Any]:
-    mesh = partitioning.make_mesh(**partitioning.parse_mesh_spec(mesh_shape))
+    try:
+        mesh = partitioning.make_mesh(**partitioning.parse_mesh_spec(mesh_shape))
+    except ValueError as e:  # a configuration mistake, named in one line
+        raise UserError(f"train.mesh_shape: {e}") from None
     restarts = tuple(start for start, _, _ in spans[1:]) if restart_schedule_each_phase else ()
     tx, schedule = make_optimizer(
         learning_rate=learning_rate, warmup_steps=warmup_steps, total_steps=steps,
