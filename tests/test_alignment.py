@@ -33,6 +33,7 @@ def test_vocabulary_maps_ids_to_classes_and_refuses_unknown_tokens():
         alignment.AlignmentVocabulary([3, 16], vocab_size=16)
 
 
+@pytest.mark.slow
 def test_rows_whose_transcript_cannot_fit_their_frames_are_left_out():
     labels = jnp.array([[1, 2, 0], [1, 1, 2], [1, 2, 3]])
     label_mask = jnp.array([[1, 1, 0], [1, 1, 1], [1, 1, 1]])
@@ -66,6 +67,7 @@ def _trainer(data, llm="llama"):
 
 
 @pytest.mark.parametrize("llm", ["llama", "t5"])
+@pytest.mark.slow
 def test_alignment_steps_learn_the_transcript_and_leave_frozen_weights_alone(llm):
     from slm_jax.models.spec import sample_batch
 
@@ -105,6 +107,7 @@ def test_next_token_batches_carry_no_transcripts():
     assert not {"transcript_tokens", "transcript_mask"} & set(trainer.place_batch(batch, NextToken()))
 
 
+@pytest.mark.slow
 def test_joint_next_token_step_adds_the_weighted_ctc_loss():
     """alignment_weight w: a next-token step's loss and gradients are the next-token ones plus w
     times the alignment step's, on the same batch and parameters."""
@@ -130,6 +133,7 @@ def test_joint_next_token_step_adds_the_weighted_ctc_loss():
                  grads, nt_grads, ctc_grads)
 
 
+@pytest.mark.slow
 def test_train_with_the_joint_objective_logs_both_losses(tmp_path):
     result = train(str(tmp_path / "run"), model=model_spec(llm="llama"), data=toy_source(), steps=3, batch_size=8,
                    phases=[(1, CtcAlignment()), (None, NextTokenWithAlignment(0.3))], eval_every=0, log_every=1,
@@ -139,6 +143,7 @@ def test_train_with_the_joint_objective_logs_both_losses(tmp_path):
         NextTokenWithAlignment(-1.0)
 
 
+@pytest.mark.slow
 def test_train_runs_the_alignment_steps_first_then_the_next_token_loss(tmp_path, monkeypatch):
     objectives = []
     original = Trainer.train_step
@@ -200,6 +205,7 @@ def test_schedule_restarts_after_alignment():
         make_optimizer(total_steps=300, restarts=(300,))
 
 
+@pytest.mark.slow
 def test_train_restarts_the_schedule_at_each_phase_when_asked(tmp_path, monkeypatch):
     from slm_jax.training import loop as train_module
 

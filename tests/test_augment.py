@@ -22,6 +22,7 @@ def _hidden(b=3, t=60, d=32, lengths=(60, 40, 17)):
     return hidden * mask[..., None], mask
 
 
+@pytest.mark.slow
 def test_masks_are_bounded_inside_each_utterance_and_deterministic():
     hidden, mask = _hidden()
     config = SpeechMasking(time_masks=2, max_time_frames=10, max_time_fraction=0.2, feature_masks=1, max_features=5)
@@ -66,6 +67,7 @@ def _trainer(data, masking):
     return Trainer(spec.build(), tx, schedule, mesh, speech_masking=masking, masking_seed=0)
 
 
+@pytest.mark.slow
 def test_train_step_masks_from_the_step_number_only():
     data = toy_source()
     example = sample_batch(4, data.feature_lengths)

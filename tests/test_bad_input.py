@@ -20,6 +20,9 @@ import soundfile
 
 import reliability_support as rs
 
+pytestmark = pytest.mark.slow  # a module-scoped fixture or every test here takes seconds
+
+
 RUNNER = os.path.join(rs.ROOT, "tests", "bad_input_runner.py")
 NOT_UTF8_INSTRUCTION = "caf\udce9"  # what Python makes of the Latin-1 bytes b"caf\xe9" in argv
 

@@ -12,6 +12,7 @@ from bench import __main__ as bench_main
 from bench import report
 
 
+@pytest.mark.slow
 def test_toy_run_matches_the_reference_and_writes_results(tmp_path, capsys):
     out = tmp_path / "results.json"
     assert bench_main.main(["--weights", "toy", "--only", "bare,decode", "--out", str(out)]) == 0
@@ -64,6 +65,7 @@ def test_unknown_section_is_a_usage_error(capsys):
     assert e.value.code == 2 and "nope" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_padding_section_runs_both_sides_on_the_same_examples():
     from bench import padding
 
@@ -76,6 +78,7 @@ def test_padding_section_runs_both_sides_on_the_same_examples():
     assert rows[0][0].startswith("train step, length-grouped") and rows[0][4].endswith("x")
 
 
+@pytest.mark.slow
 def test_scaling_section_times_the_variant_on_the_same_losses():
     """The scaling rows carry the default step against the same step with another attention
     blocking (toy plan: blocks of 4), which must compute the same loss."""

@@ -18,6 +18,7 @@ def test_matmul_flops_are_two_n_cubed():
     assert peak["flops_per_s"] == pytest.approx(peak["flops_per_call"] / peak["median_s"])
 
 
+@pytest.mark.slow
 def test_model_flops_ignore_remat_while_the_configured_step_recomputes():
     spec = model_spec("llama")
     full = dataclasses.replace(spec, llm=dataclasses.replace(spec.llm, remat_policy="full"))
@@ -33,6 +34,7 @@ def test_model_flops_ignore_remat_while_the_configured_step_recomputes():
     assert remat_result["losses"][0] == pytest.approx(plain_result["losses"][0], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_command_line_prints_the_table_and_writes_json(tmp_path, capsys):
     out = tmp_path / "mfu.json"
     assert mfu.main(["--gin_file=gin/runs/tiny.gin", "--batch_size=8", "--audio_frames=64", "--repeats=1",

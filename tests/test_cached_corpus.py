@@ -27,6 +27,9 @@ from slm_jax.data.errors import DataError  # noqa: E402
 from slm_jax.data.prompting import PromptFormat  # noqa: E402
 from slm_jax.data.vocabularies import load_vocabulary  # noqa: E402
 
+pytestmark = pytest.mark.slow  # a module-scoped fixture or every test here takes seconds
+
+
 FINGERPRINT = "test-front-end"
 
 

@@ -197,6 +197,7 @@ def test_converted_weights_in_a_bucket(emulator):
     assert converted.saved_config(f"gs://{BUCKET}/conv") == cfg
 
 
+@pytest.mark.slow
 def test_missing_or_unreachable_bucket_is_one_line(emulator, tmp_path):
     gin_file = rs.write_config(tmp_path / "run.gin")
     missing = _run("slm_jax.cli.train", emulator, f"--gin_file={gin_file}", "--model_dir=gs://no-such-bucket/run",

@@ -15,7 +15,10 @@ from slm_jax.models.encoders.conformer import (
     ConformerConfig,
     conformer_tiny,
     conformer_usm_2b,
+
 )
+
+pytestmark = pytest.mark.slow  # a module-scoped fixture or every test here takes seconds
 
 TINY = conformer_tiny()
 

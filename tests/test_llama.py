@@ -98,6 +98,7 @@ def test_param_count_matches_hf(pair):
     assert cfg.num_params() == hf_count == sum(x.size for x in jax.tree.leaves(params))
 
 
+@pytest.mark.slow
 def test_cached_incremental_decoding_equals_full_forward(llama_pair):
     _, cfg, params = llama_pair
     model = Llama(cfg)
@@ -142,6 +143,7 @@ def _blocks_with_padding(rng, lengths_per_row, block_widths):
     return ids, mask, compact
 
 
+@pytest.mark.slow
 def test_padding_between_blocks_equals_compacted_sequence(llama_pair):
     """text | speech | text with each block right-padded == the same tokens without padding."""
     _, cfg, params = llama_pair
@@ -193,6 +195,7 @@ def test_greedy_generation_matches_hf(pair):
     assert lengths[0] < 12 and got[0, lengths[0] - 1] == eos_id and np.all(got[0, lengths[0]:] == 0)
 
 
+@pytest.mark.slow
 def test_greedy_generation_without_repeated_ngrams_matches_hf(llama_pair):
     """no_repeat_ngram_size against transformers' logits processor of the same name. HF gets the
     prompt as inputs_embeds, so (like ours) it bans n-grams of the generated tokens only."""
@@ -216,6 +219,7 @@ def test_greedy_generation_without_repeated_ngrams_matches_hf(llama_pair):
     assert any(repeats), "the free run repeats no bigram: the test would not test the ban"
 
 
+@pytest.mark.slow
 def test_generation_with_padding_between_blocks_equals_compacted_prompt(llama_pair):
     _, cfg, params = llama_pair
     model = Llama(cfg)
@@ -230,6 +234,7 @@ def test_generation_with_padding_between_blocks_equals_compacted_prompt(llama_pa
         np.testing.assert_array_equal(padded.tokens[b], alone.tokens[0])
 
 
+@pytest.mark.slow
 def test_prefill_in_causal_query_blocks_generates_the_same_tokens(llama_pair):
     """A prefill writes the cache from the static index 0, so it runs in query blocks too
     (blocks of 3 over an 11-slot prompt with padding); generation must not change."""
@@ -244,6 +249,7 @@ def test_prefill_in_causal_query_blocks_generates_the_same_tokens(llama_pair):
     np.testing.assert_array_equal(tokens[3], tokens[0])
 
 
+@pytest.mark.slow
 def test_remat_policies_give_the_same_values_and_gradients(llama_pair):
     _, cfg, params = llama_pair
     embeds = jax.random.normal(jax.random.PRNGKey(0), (2, 6, cfg.hidden_size))
@@ -261,6 +267,7 @@ def test_remat_policies_give_the_same_values_and_gradients(llama_pair):
         assert relative_error(value, base_value) < 1e-5 and relative_error(grad, base_grad) < 1e-5
 
 
+@pytest.mark.slow
 def test_causal_query_blocks_match_hf_and_the_unblocked_gradients(pair):
     """Blocked causal self-attention (``causal_query_block``; the parity tests above run
     sequences shorter than the default block, so unblocked) against HF on an uneven split

@@ -30,6 +30,7 @@ def five_hundred() -> list[str]:
 # --------------------------------------------------------------------------------------------
 # Sentences
 # --------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_sentences_are_deterministic_per_seed():
     a = open_text.sentence(np.random.default_rng(7))
     assert a == open_text.sentence(np.random.default_rng(7))

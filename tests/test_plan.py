@@ -55,6 +55,7 @@ def test_paper_config_plans_on_v4_64_and_8_devices():
     assert "DOES NOT FIT" not in out and "activations not counted" in out and "  fits" not in out
 
 
+@pytest.mark.slow
 def test_compiled_plan_reports_the_step_memory():
     shape = {"data": 2, "fsdp": 1, "model": 4}
     p = planning.plan(model_spec("t5"), shape, 8, FEATURE_LENGTHS)

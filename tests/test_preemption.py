@@ -13,6 +13,9 @@ import pytest
 
 import reliability_support as rs
 
+pytestmark = pytest.mark.slow  # a module-scoped fixture or every test here takes seconds
+
+
 STEPS = 6
 CONFIG = f"TRAIN_STEPS = {STEPS}\nCHECKPOINT_EVERY = 2\n"
 

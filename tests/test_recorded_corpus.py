@@ -258,6 +258,7 @@ def test_pseudo_labels_are_marked_with_their_confidence(tmp_path):
     assert texts <= {"Hello george.", "Hello jackson.", "Hello lucas."}
 
 
+@pytest.mark.slow
 def test_whisper_labeller_transcribes_one_short_recording():
     from slm_jax.weights import assets
 

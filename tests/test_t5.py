@@ -127,6 +127,7 @@ def test_cached_decoding_equals_teacher_forcing(v1_1_pair):
     assert relative_error(np.concatenate(steps, axis=1), full) < 1e-5
 
 
+@pytest.mark.slow
 def test_padding_between_blocks_equals_compacted_prompt(v1_1_pair):
     """Encoder input text | speech | text, each block right-padded == the compacted prompt."""
     _, cfg, params = v1_1_pair
@@ -157,6 +158,7 @@ def _hf_greedy(reference, ids, mask, max_new_tokens, eos_id):
     return pad_generated(out[:, 1:].numpy(), max_new_tokens, 0)  # drop the decoder start token
 
 
+@pytest.mark.slow
 def test_greedy_generation_matches_hf(pair):
     _, reference, cfg, params = pair
     ids, mask, _ = _batch(3)
@@ -182,6 +184,7 @@ def _abstract_param_count(cfg: T5Config) -> int:
     return sum(x.size for x in jax.tree.leaves(jax.eval_shape(init)))
 
 
+@pytest.mark.slow
 def test_mt0_xxl_has_12_9b_parameters():
     """mT0-XXL = mT5-XXL shape: d_model 4096, 24 + 24 layers, 64 heads, vocab 250112, untied."""
     cfg = t5.mt0_xxl()

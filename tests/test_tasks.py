@@ -37,6 +37,7 @@ def _examples(task, split, n=None):
     return list(ds.as_numpy_iterator())
 
 
+@pytest.mark.slow
 def test_every_corpus_task_yields_well_formed_examples(registered):
     from slm_jax import tasks
 
@@ -151,6 +152,7 @@ def test_corpus_source_examples_are_the_shard_records_in_order(registered):
     assert [e["id"] for e in corpus_tasks.corpus_examples(registered, ["train"], ["asr_en"])] == [e["id"] for e in want]
 
 
+@pytest.mark.slow
 def test_mixture_samples_tasks_at_their_rates(registered):
     data = SeqioData("asr_ast_instruct", LENGTHS)
     ds = data.task_dataset("train", shuffle=True, seed=0).take(600)

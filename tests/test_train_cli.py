@@ -105,6 +105,7 @@ def _refused_before_training(tmp_path, model_dir, expected, **env):
     assert rs.read_record(record) == [], "no step may run"
 
 
+@pytest.mark.slow
 def test_read_only_model_dir_is_refused_before_training(tmp_path):
     if os.geteuid() == 0:
         with _mounted_tmpfs(tmp_path / "ro", "ro,size=1m") as ro:
@@ -114,6 +115,7 @@ def test_read_only_model_dir_is_refused_before_training(tmp_path):
         _refused_before_training(tmp_path, tmp_path / "ro" / "run", "is not writable")
 
 
+@pytest.mark.slow
 def test_full_disk_is_refused_before_training(tmp_path):
     # The tiny run's checkpoints need about 4.5 MiB (4 checkpoints + margin): 256 KiB is too little.
     with _mounted_tmpfs(tmp_path / "small", "size=256k") as small:
@@ -121,6 +123,7 @@ def test_full_disk_is_refused_before_training(tmp_path):
         assert os.listdir(small / "run") == [], "the write probe is removed"
 
 
+@pytest.mark.slow
 def test_too_little_free_space_is_refused_before_training(tmp_path):
     """The same check without root: the harness reports 1 MiB free on every disk."""
     _refused_before_training(tmp_path, tmp_path / "run", "1.0 MiB free", SLM_HARNESS_FREE_BYTES=str(2**20))

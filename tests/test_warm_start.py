@@ -42,6 +42,7 @@ def _restored_adapter(model_dir):
         reader.close()
 
 
+@pytest.mark.slow
 def test_a_new_run_starts_from_the_given_adapter_with_fresh_optimizer_state(tmp_path, monkeypatch):
     source = str(tmp_path / "source")
     train(source, model=model_spec(llm="llama"), data=toy_source(), steps=3, phases=align_then_next(3),
@@ -68,6 +69,7 @@ def test_a_new_run_starts_from_the_given_adapter_with_fresh_optimizer_state(tmp_
     assert int(seen[1].step) == 2
 
 
+@pytest.mark.slow
 def test_a_missing_or_foreign_init_checkpoint_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(checkpointing.CheckpointError, match="no checkpoint at .*nowhere"):
         train(str(tmp_path / "a"), model=model_spec(llm="llama"), data=toy_source(), steps=1, phases=align_then_next(1),
@@ -82,6 +84,7 @@ def test_a_missing_or_foreign_init_checkpoint_is_refused_before_anything_is_writ
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.slow
 def test_an_adapter_of_another_front_end_may_initialise_a_run_but_not_resume_one(tmp_path, monkeypatch, caplog):
     """A warm start is only an initialisation: an adapter that read another front end's outputs
     (e.g. Whisper's LLM tokens laid out per Whisper token) may start a run on this one, with a

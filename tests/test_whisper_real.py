@@ -61,6 +61,7 @@ def whisper_base_checkpoint():
     return ctranslate2.load_whisper_encoder_hf(files.model_bin, files.config_json)
 
 
+@pytest.mark.slow
 def test_real_whisper_base_matches_hugging_face(whisper_base_checkpoint, tmp_path):
     whisper_base_state_dict, hf_config = whisper_base_checkpoint
     # The CTranslate2 file's fused QKV is split the Hugging Face way: float32, no key bias.

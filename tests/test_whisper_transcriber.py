@@ -92,6 +92,7 @@ def hf_greedy(hf_model, features: np.ndarray, cfg) -> tuple[list[int], np.ndarra
     return tokens, np.stack(states), np.asarray(log_probs)
 
 
+@pytest.mark.slow
 def test_decoder_matches_hugging_face_teacher_forced(hf_model):
     cfg = tiny_config(hf_model, encoder=dataclasses.replace(tiny_config(hf_model).encoder, mask_padding=False))
     params = hf_whisper_transcriber.params_from_state_dict(state_dict(hf_model), cfg)
@@ -113,6 +114,7 @@ def test_decoder_matches_hugging_face_teacher_forced(hf_model):
     assert relative_error(logits, ref.logits.numpy()) < 1e-5
 
 
+@pytest.mark.slow
 def test_greedy_transcript_and_states_match_hugging_face(hf_model):
     lengths = []
     # Pulling the end-of-text embedding towards the final LayerNorm's bias (a part of every
@@ -140,6 +142,7 @@ def test_greedy_transcript_and_states_match_hugging_face(hf_model):
     assert min(lengths) < cfg.max_new_tokens and max(lengths) == cfg.max_new_tokens, lengths
 
 
+@pytest.mark.slow
 def test_batch_rows_transcribe_as_they_do_alone(hf_model):
     cfg = tiny_config(hf_model, trailing_silence_frames=20)
     params = hf_whisper_transcriber.params_from_state_dict(state_dict(hf_model), cfg)
@@ -161,6 +164,7 @@ def test_batch_rows_transcribe_as_they_do_alone(hf_model):
         np.testing.assert_allclose(together.states[row, :k], alone.states[0, :k], atol=2e-5)
 
 
+@pytest.mark.slow
 def test_without_decoder_states_the_output_keeps_only_the_transcripts_mask(hf_model):
     """decoder_states=False (the shipped config): the same LLM tokens and mask, states zeroed."""
     from slm_jax.weights import assets
@@ -205,6 +209,7 @@ def test_converter_refuses_a_decoder_shape_the_config_does_not_have(hf_model):
         hf_whisper_transcriber.params_from_state_dict(state_dict(hf_model), cfg)
 
 
+@pytest.mark.slow
 def test_packaged_whisper_base_transcribes_a_real_recording():
     """Smoke test on the real weights: a CMU Arctic recording of a real speaker."""
     from slm_jax.weights import assets
@@ -255,6 +260,7 @@ def test_repeated_ngram_detection():
     assert [repeats_an_earlier_ngram(tokens, jnp.asarray(k), 4).tolist()[0] for k in range(10)].index(True) == 6
 
 
+@pytest.mark.slow
 def test_a_looping_transcript_stops_at_its_first_repeat(hf_model):
     """Random weights loop readily; with n=2 the transcript must equal the reference's greedy
     tokens cut before the first repeated bigram, with the repeated copy's states dropped."""
@@ -274,6 +280,7 @@ def test_a_looping_transcript_stops_at_its_first_repeat(hf_model):
     assert cut >= 1  # the rule was exercised
 
 
+@pytest.mark.slow
 def test_llm_tokens_reach_the_adapter_as_the_llms_own_embeddings():
     """Rows that spell LLM tokens: with a zero-initialised output layer the adapter adds nothing,
     so an untrained adapter hands the LLM the transcript's own token embeddings (none where a row
@@ -311,6 +318,7 @@ def test_llm_tokens_reach_the_adapter_as_the_llms_own_embeddings():
     assert np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_spelled_out_rows_hold_each_llm_token_once_in_transcript_order():
     from slm_jax.contrib.whisper_cascade.front_end import spell_out_rows
 
@@ -399,6 +407,7 @@ def test_the_speeds_config_differs_from_the_one_speed_config_only_in_speeds_and_
 
 
 @pytest.mark.parametrize("front_end,speeds", [(False, ""), (True, ""), (True, "1.0,0.9,1.1")])
+@pytest.mark.slow
 def test_whisper_reference_wer_transcribes_a_tsv_both_ways_into_a_report(tmp_path, load_script, front_end, speeds):
     """scripts/whisper_reference_wer.py: transformers' plain greedy decoding, or this project's
     transcriber front end (what the SLM reads), at one speed or several; on a real recording,
@@ -430,6 +439,7 @@ def test_whisper_reference_wer_refuses_speeds_without_the_front_end(load_script,
     assert "--speeds needs --front_end" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_change_speed_moves_a_tones_pitch_and_length_as_playing_it_faster_does():
     """The log-mel speed change against audio.change_speed (the audio resampled, then its log-mel):
     the same number of frames and the tone in the same mel bin."""
@@ -456,6 +466,7 @@ def test_change_speed_moves_a_tones_pitch_and_length_as_playing_it_faster_does()
             np.abs(ours - theirs).mean(), np.abs(unchanged - theirs).mean())
 
 
+@pytest.mark.slow
 def test_several_speeds_keep_each_utterances_most_confident_transcript(hf_model):
     speeds = (1.0, 0.8, 1.25)
     cfg = tiny_config(hf_model)

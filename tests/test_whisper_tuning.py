@@ -73,6 +73,7 @@ def greedy_tokens(cfg, params, audio_samples):
 
 # --- the factors ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_untrained_factors_leave_the_decoder_exactly_as_it_was(tokenizer_json):
     params = init_params(tiny_config(tokenizer_json))["decoder"]
     paths = lora.target_paths(params, "layers_", whisper_tuning.WhisperTuningConfig().modules)
@@ -104,6 +105,7 @@ def test_a_merged_kernel_computes_the_frozen_layer_plus_the_scaled_low_rank_path
     assert other not in factors
 
 
+@pytest.mark.slow
 def test_factors_save_and_load_and_bad_files_are_refused_by_name(tokenizer_json, tmp_path):
     params = init_params(tiny_config(tokenizer_json))["decoder"]
     paths = lora.target_paths(params, "layers_", ("self_attn/query", "mlp/wo"))
@@ -134,6 +136,7 @@ def test_factors_save_and_load_and_bad_files_are_refused_by_name(tokenizer_json,
 
 # --- training on transcripts and the front end that loads the result ------------------------------
 
+@pytest.mark.slow
 def test_tuning_teaches_a_frozen_decoder_the_transcripts_and_the_front_end_writes_them(tokenizer_json, tmp_path):
     cfg = tiny_config(tokenizer_json, speeds=(1.0, 0.9))
     params = init_params(cfg)
