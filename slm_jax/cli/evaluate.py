@@ -170,7 +170,7 @@ def main(argv=None) -> int:
         slm, step = inference.load_trained(args.checkpoint, model, data)
         if args.decoder == "ctc" and slm.alignment_vocabulary is None:
             raise common.UserError(f"--decoder=ctc: checkpoint {args.checkpoint} records no alignment vocabulary "
-                                   "(trained without train.alignment_steps, or before checkpoints kept it)")
+                                   "(trained without a CTC alignment phase in train.phases, or before checkpoints kept it)")
 
         memo = None
         if args.cache_front_end:

@@ -34,11 +34,6 @@ class SpeechRows:
     token_ids: Optional[jax.Array] = None  # [B, N] int32: the LLM token each row spells, NO_TOKEN for none
 
 
-def encoder_rows(hidden: jax.Array, mask: jax.Array) -> SpeechRows:
-    """The rows of a front end that writes no text (a speech encoder)."""
-    return SpeechRows(hidden, mask)
-
-
 def writes_tokens(front_end_config) -> bool:
     """Whether a front end's rows carry LLM token ids (its config says so by ``writes_llm_tokens``)."""
     return bool(getattr(front_end_config, "writes_llm_tokens", False))
