@@ -113,3 +113,17 @@ def test_an_output_on_a_full_disk_is_refused_before_the_work_and_leaves_nothing(
 def test_an_output_that_is_a_directory_is_refused(tmp_path):
     with pytest.raises(common.UserError, match="is a directory"):
         common.check_output_path("--out", str(tmp_path))
+
+
+def test_load_audio_refuses_a_long_file_from_its_header_before_reading_samples(tmp_path, monkeypatch):
+    """The library's own reader checks the length first too (not only the command-line tools)."""
+    import numpy as np
+    import soundfile
+
+    from slm_jax.data import audio
+
+    path = tmp_path / "long.wav"
+    soundfile.write(path, np.zeros(16000 * 12, np.float32), 16000)
+    monkeypatch.setattr(soundfile, "read", lambda *a, **k: (_ for _ in ()).throw(AssertionError("samples read")))
+    with pytest.raises(audio.AudioError, match=r"12\.00 s long, longer than the maximum of 10 s"):
+        audio.load_audio(path, max_seconds=10)

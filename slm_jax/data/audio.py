@@ -54,6 +54,14 @@ def load_audio(
     path = os.fspath(path)
     if not os.path.exists(path):
         raise AudioError(f"{path}: no such audio file")
+    if max_seconds is not None:  # from the header, before a single sample is read (a long file would not fit)
+        try:
+            info = soundfile.info(path)
+        except Exception as e:  # noqa: BLE001 - as below
+            raise AudioError(f"{path}: not a readable audio file ({type(e).__name__}: {e})") from None
+        if info.samplerate > 0 and info.frames / info.samplerate > max_seconds:
+            raise AudioError(f"{path}: audio is {info.frames / info.samplerate:.2f} s long, longer than the maximum "
+                             f"of {max_seconds:g} s")
     try:
         audio, file_rate = soundfile.read(path, dtype="float32", always_2d=True)
     except Exception as e:  # soundfile raises LibsndfileError, RuntimeError, TypeError...
