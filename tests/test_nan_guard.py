@@ -22,18 +22,24 @@ def _leaves(tree):
     return [np.asarray(x) for x in jax.tree_util.tree_leaves(jax.device_get(tree))]
 
 
-@pytest.mark.slow
-def test_a_non_finite_step_leaves_parameters_and_optimizer_state_untouched():
+def _compiled_trainer(learning_rate: float):
+    """(trainer, frozen weights, example batch) of the tiny model, its steps compiled."""
     import jax
 
     spec = model_spec()
-    tx, schedule = make_optimizer(learning_rate=1e-2, warmup_steps=1, total_steps=10)
+    tx, schedule = make_optimizer(learning_rate=learning_rate, warmup_steps=1, total_steps=10)
     mesh = partitioning.make_mesh(data=1, devices=jax.devices()[:1])
     trainer = Trainer(spec.build(), tx, schedule, mesh)
     example = sample_batch(2, FEATURE_LENGTHS)
     frozen = {name: trainer.init_frozen_randomly(name, seed, example) for name, seed in
               (("speech_encoder", 0), ("llm", 1))}
     trainer.compile(example, jax.tree.map(lambda x: x.sharding, frozen))
+    return trainer, frozen, example
+
+
+@pytest.mark.slow
+def test_a_non_finite_step_leaves_parameters_and_optimizer_state_untouched():
+    trainer, frozen, example = _compiled_trainer(1e-2)
     # Batch 1 has NaN audio features, batch 2 inf ones.
     nan_data = faults.NonFiniteBatches(SyntheticData(FEATURE_LENGTHS, VOCAB), bad_batches=[1], value="nan")
     data = faults.NonFiniteBatches(nan_data, bad_batches=[2], value="inf")
@@ -60,34 +66,21 @@ def test_a_non_finite_step_leaves_parameters_and_optimizer_state_untouched():
 def test_an_update_that_would_poison_the_weights_is_skipped_though_its_loss_is_finite():
     """A learning rate of 1e30: the first update has a finite loss and gradient but would leave
     weights of ~1e29. It is skipped like a non-finite step, so no checkpoint can hold it."""
-    import jax
-
-    spec = model_spec()
-    tx, schedule = make_optimizer(learning_rate=1e30, warmup_steps=1, total_steps=10)
-    mesh = partitioning.make_mesh(data=1, devices=jax.devices()[:1])
-    trainer = Trainer(spec.build(), tx, schedule, mesh)
-    example = sample_batch(2, FEATURE_LENGTHS)
-    frozen = {name: trainer.init_frozen_randomly(name, seed, example) for name, seed in
-              (("speech_encoder", 0), ("llm", 1))}
-    trainer.compile(example, jax.tree.map(lambda x: x.sharding, frozen))
+    trainer, frozen, example = _compiled_trainer(1e30)
     batches = SyntheticData(FEATURE_LENGTHS, VOCAB).train_batches(2, seed=0)
     state = trainer.init_state(0, example)
-    before = _leaves((state.adapter_params, state.opt_state))
     for _ in range(2):  # warm-up step 0 has rate 0; step 1 has the full rate
         state, metrics = trainer.train_step(state, frozen, trainer.place_batch(next(batches)))
     assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
     assert not bool(metrics["finite"]) and int(state.nonfinite_total) == 1
     assert max(np.abs(x).max() for x in _leaves(state.adapter_params)) < 1e3
-    # The same step with a sane rate is taken: the bound does not skip ordinary updates.
-    tx, schedule = make_optimizer(learning_rate=1e-2, warmup_steps=1, total_steps=10)
-    sane = Trainer(spec.build(), tx, schedule, mesh)
-    sane.compile(example, jax.tree.map(lambda x: x.sharding, frozen))
+    # The same steps with a sane rate are taken: the bound does not skip ordinary updates.
+    sane, frozen, example = _compiled_trainer(1e-2)
     state = sane.init_state(0, example)
     batches = SyntheticData(FEATURE_LENGTHS, VOCAB).train_batches(2, seed=0)
     for _ in range(2):
         state, metrics = sane.train_step(state, frozen, sane.place_batch(next(batches)))
     assert bool(metrics["finite"]) and int(state.nonfinite_total) == 0
-    del before
 
 
 NAN_CONFIG = """

@@ -18,6 +18,7 @@ instead of a rename.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -340,27 +341,34 @@ class Checkpointer:
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
         """Restores onto the shardings carried by ``abstract_state`` (ShapeDtypeStructs)."""
         verify_integrity(paths.join(self.directory, str(step)))
-        try:
+        with _restore_errors(self.directory, step):
             restored = self._manager.restore(
                 step,
                 args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
                 ),
             )
-        except FileNotFoundError as e:
-            raise CheckpointError(f"checkpoint step {step} in {self.directory} is incomplete: {e}") from None
-        except Exception as e:  # noqa: BLE001 - TensorStore raises bare Exception for damaged files
-            # The metadata was already checked against this model (check_compatible), so a failure
-            # here means damaged files (truncated, overwritten) rather than another configuration.
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-            raise CheckpointError(
-                f"checkpoint step {step} in {self.directory} is damaged and cannot be restored "
-                f"({type(e).__name__}: {first}); delete that step directory to resume from an earlier one"
-            ) from None
         return restored["state"], dict(restored["data"])
 
     def close(self) -> None:
         self._manager.close()
+
+
+@contextlib.contextmanager
+def _restore_errors(directory: str, step: int):
+    """Orbax's failures while reading step ``step`` as one CheckpointError line. The metadata was
+    already checked against this model (check_compatible), so a failure here means missing or
+    damaged files (truncated, overwritten) rather than another configuration."""
+    try:
+        yield
+    except FileNotFoundError as e:
+        raise CheckpointError(f"checkpoint step {step} in {directory} is incomplete: {e}") from None
+    except Exception as e:  # noqa: BLE001 - TensorStore raises bare Exception for damaged files
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise CheckpointError(
+            f"checkpoint step {step} in {directory} is damaged and cannot be restored "
+            f"({type(e).__name__}: {first}); delete that step directory to resume from an earlier one"
+        ) from None
 
 
 class Restored(NamedTuple):
@@ -403,15 +411,11 @@ def restore_adapter(checkpoint: str, abstract_adapter: Any, frozen_sources: Mapp
     check_compatible(metadata, describe_state(abstract_adapter, frozen_sources, front_end, **describe), directory)
     verify_integrity(paths.join(directory, str(step)))
     target = {"adapter_params": abstract_adapter}
-    try:
+    with _restore_errors(directory, step):
         restored = ocp.PyTreeCheckpointer().restore(
             paths.join(directory, str(step), "state"),
             args=ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                         partial_restore=True))
-    except Exception as e:  # noqa: BLE001 - TensorStore raises bare Exception for damaged files
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise CheckpointError(f"checkpoint step {step} in {directory} cannot be restored ({type(e).__name__}: "
-                              f"{first})") from None
     return Restored(restored["adapter_params"], {}, metadata, step, directory)
 
 

@@ -66,15 +66,19 @@ class NextToken:
     def inputs(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in batch.items() if k not in TRANSCRIPT_KEYS}
 
-    def loss(self, slm: SLM, params: Any, rows: SpeechRows, batch: Mapping[str, jax.Array]):
+    @staticmethod
+    def _scored(slm: SLM, params: Any, rows: SpeechRows, batch: Mapping[str, jax.Array]):
+        """(logits, summed cross entropy, target tokens) of the teacher-forced answers."""
         logits = slm.apply({"params": params}, rows, batch, method=SLM.logits_from_speech)
-        loss_sum, num_tokens = masked_cross_entropy(logits, batch["target_tokens"], batch["target_mask"])
+        return (logits, *masked_cross_entropy(logits, batch["target_tokens"], batch["target_mask"]))
+
+    def loss(self, slm: SLM, params: Any, rows: SpeechRows, batch: Mapping[str, jax.Array]):
+        _, loss_sum, num_tokens = self._scored(slm, params, rows, batch)
         return _mean(loss_sum, num_tokens), {"loss": _mean(loss_sum, num_tokens), "num_target_tokens": num_tokens}
 
     def evaluate(self, slm: SLM, params: Any, rows: SpeechRows, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
         """Sums for a teacher-forced evaluation: loss, target tokens and correctly predicted ones."""
-        logits = slm.apply({"params": params}, rows, batch, method=SLM.logits_from_speech)
-        loss_sum, num_tokens = masked_cross_entropy(logits, batch["target_tokens"], batch["target_mask"])
+        logits, loss_sum, num_tokens = self._scored(slm, params, rows, batch)
         correct = (jnp.argmax(logits, -1) == batch["target_tokens"]) * batch["target_mask"]
         return {"loss_sum": loss_sum, "num_target_tokens": num_tokens, "correct_tokens": jnp.sum(correct)}
 

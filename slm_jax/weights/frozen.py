@@ -154,9 +154,8 @@ def _from_converted(name: str, source: str, config: Any, directory: str, abstrac
 def load_frozen_params(placement, model: ModelSpec, example: Mapping[str, Any]) -> dict[str, Any]:
     """{'speech_encoder': params, 'llm': params}, each placed with its NamedShardings.
     ``placement``: a ModelPlacement (slm_jax/parallel/placement.py) or a Trainer, which has one."""
-    trainer = placement
-    shardings = trainer.param_shardings(example)
-    abstract = nn.unbox(trainer.abstract_variables(example)["params"])
+    shardings = placement.param_shardings(example)
+    abstract = nn.unbox(placement.abstract_variables(example)["params"])
     configs = {"speech_encoder": model.speech_encoder, "llm": model.llm}
     frozen = {}
     for name, source in model.frozen_sources.items():
@@ -164,7 +163,7 @@ def load_frozen_params(placement, model: ModelSpec, example: Mapping[str, Any]) 
         if scheme == "random":
             if not arg.isdigit():
                 raise FrozenSourceError(f"bad source {source!r} for {name}: expected 'random:SEED'")
-            loaded = trainer.init_frozen_randomly(name, int(arg), example)
+            loaded = placement.init_frozen_randomly(name, int(arg), example)
         elif scheme == "converted" and arg:
             loaded = _from_converted(name, source, configs[name], arg, abstract[name], shardings[name])
         elif scheme in _SCHEMES and arg:
